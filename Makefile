@@ -1,0 +1,45 @@
+# marca — every command sets itself up on first use: a virtual environment in .venv with the project
+# installed in editable mode and its simulation and test dependencies (all from PyPI).
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+CONFIG  ?= default
+OUT     ?= build/verilog/$(CONFIG)
+JOBS    ?= 2
+
+.DEFAULT_GOAL := help
+.PHONY: help setup verilog lint sim test test-fast bench clean
+
+help:  ## list the commands
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: CONFIG=<preset or config.json> (default: default), OUT=<folder>, JOBS=<test workers>"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $@
+
+setup: $(STAMP)  ## create .venv and install marca with its dependencies
+
+verilog: $(STAMP)  ## emit the Verilog of CONFIG, with its config.json, into OUT
+	$(PY) -m marca verilog --config $(CONFIG) --out $(OUT)
+
+lint: verilog  ## verilator --lint-only -Wall on the emitted Verilog
+	$(PY) -m marca lint --dir $(OUT)
+
+sim: $(STAMP)  ## run the cocotb + Verilator simulations
+	$(PY) -m pytest -m verilator -n $(JOBS)
+
+test: $(STAMP)  ## run the whole test suite (what CI runs)
+	$(PY) -m pytest -n $(JOBS)
+
+test-fast: $(STAMP)  ## only the quick tests (no Verilator)
+	$(PY) -m pytest -m "not verilator" -n $(JOBS)
+
+bench: $(STAMP)  ## run the benchmarks; figures printed and written to build/bench/*.json
+	$(PY) -m marca bench --out build/bench
+
+clean:  ## remove build outputs (keeps .venv)
+	rm -rf build
