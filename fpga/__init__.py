@@ -1,1 +1,1 @@
-"""placeholder"""
+"""FPGA flow: board tops, the UART host bridge and the host tool."""

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Amaranth gateware of the accelerator, one module per block."""

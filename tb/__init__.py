@@ -1,1 +1,1 @@
-"""placeholder"""
+"""cocotb testbenches: TB classes, drivers and coroutines run inside Verilator by tests/."""
