@@ -74,7 +74,7 @@ def _build(verilog_text: str, toplevel: str, build_dir: Path, args: tuple[str, .
     from cocotb_tools.runner import get_runner
     runner = get_runner("verilator")
     print(f"[marca] building {build_dir.name} with Verilator ...", file=sys.stderr, flush=True)
-    runner.build(verilog_sources=[source], hdl_toplevel=toplevel, build_dir=build_dir,
+    runner.build(sources=[source], hdl_toplevel=toplevel, build_dir=build_dir,
                  build_args=list(args), log_file=build_dir / "build.log")
     if not binary.exists():
         raise RuntimeError(f"Verilator build failed; see {build_dir / 'build.log'}")
