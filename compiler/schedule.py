@@ -1,0 +1,119 @@
+"""Barrier placement and memory-image building shared by the compilers.
+
+The machine runs DMA and compute instructions as two concurrent in-order streams (docs/isa.md); a
+``BARRIER`` is needed exactly where an instruction of one stream touches a buffer element that the other
+stream touched since the last barrier, one of them writing. :func:`insert_barriers` places the fewest
+barriers that rule needs by tracking the touched elements, so a compiler writes its program as if it were
+sequential and still gets all the DMA/compute overlap the rule allows.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from marca import isa
+from marca.config import MarcaConfig
+from marca.golden.iss import access_indices, pack_elements
+
+__all__ = ["insert_barriers", "MemoryImage", "Region"]
+
+_DMA = (isa.Load, isa.Store)
+_COMPUTE = (isa.Linear, isa.Elementwise, isa.Nonlinear)
+
+
+def insert_barriers(instructions, config: MarcaConfig) -> list[isa.Instruction]:
+    """``instructions`` with a ``BARRIER`` added before every instruction that would otherwise race with
+    the other stream; existing barriers are kept, ``HALT`` needs none.
+
+    Each stream's accesses since the last barrier are kept as (buffer, first, last, element indices);
+    a new access conflicts when its bounding interval meets one of the other stream's and the exact
+    element sets intersect (the interval test keeps this fast on large buffers)."""
+    pending = {(s, k): [] for s in ("dma", "compute") for k in ("read", "write")}
+    out = []
+    for instruction in instructions:
+        if isinstance(instruction, isa.Barrier):
+            out.append(instruction)
+            pending = {key: [] for key in pending}
+            continue
+        if not isinstance(instruction, _DMA + _COMPUTE):
+            out.append(instruction)
+            continue
+        stream = "dma" if isinstance(instruction, _DMA) else "compute"
+        other = "compute" if stream == "dma" else "dma"
+        touched = [("write" if access.write else "read", _entry(access))
+                   for access in isa.buffer_accesses(instruction, config)]
+        if any(_intersects(entry, previous)
+               for kind, entry in touched
+               for other_kind in (("write",) if kind == "read" else ("read", "write"))
+               for previous in pending[(other, other_kind)]):
+            out.append(isa.Barrier())
+            pending = {key: [] for key in pending}
+        for kind, entry in touched:
+            pending[(stream, kind)].append(entry)
+        out.append(instruction)
+    return out
+
+
+def _entry(access: isa.BufferAccess):
+    """``(buffer, first, last, indices)``; ``indices`` is None when the access covers every element from
+    ``first`` to ``last`` (the common case, recognised from its loop structure without listing them)."""
+    span = access.extent
+    dense = True
+    for count, stride in sorted(access.loops, key=lambda loop: loop[1]):
+        if count == 1 or stride == 0:
+            continue
+        if stride == span:
+            span *= count
+        else:
+            dense = False
+            break
+    if dense:
+        return access.buffer, access.address, access.address + span - 1, None
+    indices = torch.unique(access_indices(access).flatten())
+    return access.buffer, int(indices[0]), int(indices[-1]), indices
+
+
+def _intersects(a, b) -> bool:
+    buffer_a, first_a, last_a, indices_a = a
+    buffer_b, first_b, last_b, indices_b = b
+    if buffer_a != buffer_b or last_a < first_b or last_b < first_a:
+        return False
+    if indices_a is None and indices_b is None:
+        return True
+    low, high = max(first_a, first_b), min(last_a, last_b)
+    if indices_a is None or indices_b is None:
+        indices = indices_b if indices_a is None else indices_a
+        return bool(((indices >= low) & (indices <= high)).any())
+    window_a = indices_a[(indices_a >= low) & (indices_a <= high)]
+    window_b = indices_b[(indices_b >= low) & (indices_b <= high)]
+    return bool(torch.isin(window_a, window_b).any())
+
+
+@dataclass
+class Region:
+    """A named block of the memory image."""
+
+    name: str
+    address: int
+    size: int
+
+
+@dataclass
+class MemoryImage:
+    """A memory image laid out block by block (each block aligned to ``alignment`` bytes)."""
+
+    alignment: int = 64
+    data: bytearray = field(default_factory=bytearray)
+    regions: dict = field(default_factory=dict)
+
+    def allocate(self, name: str, size: int) -> int:
+        address = -(-len(self.data) // self.alignment) * self.alignment
+        self.data.extend(bytes(address + size - len(self.data)))
+        self.regions[name] = Region(name, address, size)
+        return address
+
+    def place(self, name: str, bits, element_bytes: int) -> int:
+        payload = pack_elements(bits, element_bytes)
+        address = self.allocate(name, len(payload))
+        self.data[address:address + len(payload)] = payload
+        return address

@@ -1,0 +1,297 @@
+"""The Mamba-1 mixer compiler: compiled programs on the golden ISS against reference/mamba.py (tolerance),
+decode chains against prefill (bit for bit), and the buffer-management switches (same bits, less traffic)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from marca import isa
+from marca.compiler import CompileError, CompileOptions, compile_mixer
+from marca.config import DEFAULT, TINY
+from marca.golden import fp, iss, nonlinear
+from marca.reference import mamba as reference
+
+FP32_4x4 = dataclasses.replace(DEFAULT, name="fp32-4x4", storage_format="fp32", array_rows=4, array_cols=4)
+FP32_3x4 = dataclasses.replace(DEFAULT, name="fp32-3x4", storage_format="fp32", array_rows=3, array_cols=4)
+FP32_8x8 = dataclasses.replace(DEFAULT, name="fp32-8x8", storage_format="fp32")
+
+# Output tolerance for FP32 compute (relative, in the 2-norm over the whole output). The scan state is
+# looser: softplus's piecewise polynomial has up to ~10% relative error far left of 0 (docs/compiler.md),
+# where Mamba's step sizes live, and the state carries that error; the output barely feels it.
+OUT_TOLERANCE = 1e-3
+STATE_TOLERANCE = 3e-2
+
+
+def mixer(d_model, d_state, seed=1):
+    dims = reference.MambaDims(d_model=d_model, d_state=d_state)
+    return reference.random_mixer_weights(dims, seed=seed, dtype=torch.float64)
+
+
+def tokens(length, d_model, seed=0):
+    return torch.randn(length, d_model, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def relative(actual, expected):
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def reference_with_accelerator_functions(weights, hidden, conv_state, ssm_state, config):
+    """reference/mamba.py's prefill in float64, but with exp, SiLU and softplus replaced by the golden
+    models of the accelerator's nonlinear units (applied to compute-format roundings of their inputs).
+    What remains between this and the compiled program is only the compute format's rounding of every
+    other operation, so it pins the compiler's data movement and operation order down tightly."""
+    fmt = config.compute_format
+
+    def unit(function):
+        return lambda x: fp.decode(function(fp.encode(x, fmt), config), fmt)
+
+    silu, softplus, exp = unit(nonlinear.silu), unit(nonlinear.softplus), unit(nonlinear.exp)
+    x, z = reference.in_projection(weights, hidden[None])
+    conv_out, conv = reference.causal_conv(weights, x, conv_state[None])
+    x = silu(conv_out)
+    d_state, dt_rank = weights["A_log"].shape[-1], weights["dt_proj.weight"].shape[-1]
+    dt, B, C = (x @ weights["x_proj.weight"].T).split([dt_rank, d_state, d_state], dim=-1)
+    delta = softplus(dt @ weights["dt_proj.weight"].T + weights["dt_proj.bias"])
+    A = reference.state_matrix(weights)
+    h, ys = ssm_state[None], []
+    for t in range(x.shape[-2]):
+        h = exp(delta[:, t, :, None] * A) * h + (delta[:, t, :, None] * x[:, t, :, None]) * B[:, t, None, :]
+        ys.append((h @ C[:, t, :, None])[..., 0] + weights["D"] * x[:, t])
+    y = torch.stack(ys, dim=-2)
+    out = (y * silu(z)) @ weights["out_proj.weight"].T
+    return out[0], conv[0], h[0]
+
+
+@pytest.mark.parametrize("config, d_model, d_state, length", [
+    (FP32_4x4, 16, 4, 1),
+    (FP32_4x4, 16, 8, 5),
+    (FP32_3x4, 24, 16, 9),          # nothing divides the 3-row array: padding everywhere
+    (FP32_8x8, 64, 16, 32),
+], ids=lambda v: getattr(v, "name", str(v)))
+def test_prefill_matches_reference(config, d_model, d_state, length):
+    weights = mixer(d_model, d_state)
+    hidden = tokens(length, d_model)
+    conv0 = torch.randn(2 * d_model, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 0.5
+    ssm0 = torch.randn(2 * d_model, d_state, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    compiled = compile_mixer(weights, config, length=length)
+    # A fresh sequence: within tolerance of the float reference.
+    run = compiled.run(hidden)
+    out, conv, ssm = reference.mixer_prefill(weights, hidden)
+    assert relative(run.out, out) < OUT_TOLERANCE
+    assert relative(run.conv_state, conv) < 1e-6
+    assert relative(run.ssm_state, ssm) < STATE_TOLERANCE
+    # Continuing from random states: tightly equal to the reference run with the accelerator's functions.
+    run = compiled.run(hidden, conv0, ssm0)
+    out, conv, ssm = reference_with_accelerator_functions(weights, hidden, conv0, ssm0, config)
+    assert relative(run.out, out) < 1e-5
+    assert relative(run.conv_state, conv) < 1e-6
+    assert relative(run.ssm_state, ssm) < 1e-5
+
+
+def test_chained_decode_equals_prefill_bit_for_bit():
+    config, length = FP32_4x4, 6
+    weights = mixer(16, 8, seed=2)
+    hidden = tokens(length, 16, seed=3)
+    prefill = compile_mixer(weights, config, length=length).run(hidden)
+    decode = compile_mixer(weights, config, mode="decode")
+    conv, ssm, outs = None, None, []
+    for t in range(length):
+        step = decode.run(hidden[t:t + 1], conv, ssm)
+        outs.append(step.out[0])
+        conv, ssm = step.conv_state, step.ssm_state
+    assert torch.equal(torch.stack(outs), prefill.out)
+    assert torch.equal(ssm, prefill.ssm_state) and torch.equal(conv, prefill.conv_state)
+    # and the chain follows the float reference's own decode chain
+    ref_conv, ref_ssm = reference.zero_states(weights)
+    ref_outs = []
+    for t in range(length):
+        ref_out, ref_conv, ref_ssm = reference.mixer_decode(weights, hidden[t], ref_conv, ref_ssm)
+        ref_outs.append(ref_out)
+    assert relative(torch.stack(outs), torch.stack(ref_outs)) < OUT_TOLERANCE
+
+
+def test_chunked_prefill_equals_whole_prefill():
+    config = FP32_3x4
+    weights = mixer(16, 4, seed=4)
+    hidden = tokens(7, 16, seed=5)
+    whole = compile_mixer(weights, config, length=7).run(hidden)
+    first = compile_mixer(weights, config, length=3).run(hidden[:3])
+    second = compile_mixer(weights, config, length=4).run(hidden[3:], first.conv_state, first.ssm_state)
+    assert torch.equal(torch.cat([first.out, second.out]), whole.out)
+    assert torch.equal(second.ssm_state, whole.ssm_state)
+
+
+def test_buffer_management_switches_change_traffic_not_results():
+    config, length = FP32_4x4, 8
+    weights = mixer(16, 8, seed=6)
+    hidden = tokens(length, 16, seed=7)
+    variants = {
+        "both": CompileOptions(),
+        "no intra": CompileOptions(intra_operation=False),
+        "no inter": CompileOptions(inter_operation=False),
+        "neither": CompileOptions(intra_operation=False, inter_operation=False),
+        "streamed": CompileOptions(max_weight_lines=4, max_block_tokens=3),
+        "chunk split": CompileOptions(max_weight_lines=1, max_block_tokens=5),
+        "grouped scan": CompileOptions(max_scan_tiles=3, max_block_tokens=3),
+    }
+    runs, compiled = {}, {}
+    for name, options in variants.items():
+        compiled[name] = compile_mixer(weights, config, length=length, options=options)
+        runs[name] = compiled[name].run(hidden)
+    for name, run in runs.items():
+        assert torch.equal(run.out, runs["both"].out), name
+        assert torch.equal(run.ssm_state, runs["both"].ssm_state), name
+    read = {name: run.result.counters["dma_bytes_read"] for name, run in runs.items()}
+    written = {name: run.result.counters["dma_bytes_written"] for name, run in runs.items()}
+    assert compiled["both"].weights_resident and not compiled["streamed"].weights_resident
+    assert compiled["streamed"].block_tokens == 3
+    # intra-operation reuse: weights fetched once instead of once per token
+    assert read["no intra"] > 3 * read["both"]
+    # inter-operation: intermediates stay on chip instead of going out and back
+    assert written["no inter"] > 5 * written["both"] and read["no inter"] > read["both"]
+    assert read["neither"] > max(read["no intra"], read["no inter"])
+    # the same arithmetic work in every variant
+    beats = {name: run.result.counters["linear_beats"] for name, run in runs.items()}
+    assert len(set(beats.values())) == 1, beats
+    assert read["grouped scan"] > read["both"]     # the grouped scan fetches h and A per block
+    # chunk splitting accumulates through the bias path: more LINEAR instructions, same beats
+    assert runs["chunk split"].result.counters["linear_instructions"] > runs["streamed"].result.counters[
+        "linear_instructions"]
+
+
+def test_bf16_storage_matches_reference_on_rounded_weights():
+    config = dataclasses.replace(DEFAULT, name="default-4x4", array_rows=4, array_cols=4)   # bf16 storage
+    weights = mixer(16, 8, seed=9)
+    rounded = {name: fp.decode(fp.encode(value, config.storage_format), config.storage_format)
+               for name, value in weights.items() if name != "A_log"}
+    A = fp.decode(fp.encode(-torch.exp(weights["A_log"]), config.storage_format), config.storage_format)
+    rounded["A_log"] = torch.log(-A)
+    hidden = fp.decode(fp.encode(tokens(6, 16, seed=10), config.storage_format), config.storage_format)
+    run = compile_mixer(weights, config, length=6).run(hidden)
+    out, _, _ = reference.mixer_prefill(rounded, hidden)
+    assert relative(run.out, out) < 1e-2      # the output itself is rounded to bf16 (2^-9)
+
+
+def test_fp16_configuration_runs():
+    config = dataclasses.replace(TINY, name="tiny-fp16", weight_buffer_kib=4, activation_buffer_kib=4,
+                                 state_buffer_kib=2, scratch_buffer_kib=2)
+    weights = mixer(16, 4, seed=11)
+    hidden = tokens(4, 16, seed=12)
+    run = compile_mixer(weights, config, length=4).run(hidden)
+    out, _, _ = reference.mixer_prefill(weights, hidden)
+    assert relative(run.out, out) < 5e-2
+
+
+def test_the_reference_comparison_catches_a_broken_program():
+    """Drop the convolution-bias instruction from a correct program: the tolerance check must fail."""
+    config = FP32_4x4
+    weights = mixer(16, 4, seed=13)
+    hidden = tokens(3, 16, seed=14)
+    compiled = compile_mixer(weights, config, length=3)
+    out, _, _ = reference.mixer_prefill(weights, hidden)
+    assert relative(compiled.run(hidden).out, out) < OUT_TOLERANCE
+    bias_address = None
+    for instruction in compiled.instructions:
+        if isinstance(instruction, isa.Elementwise) and instruction.op == isa.ElementwiseOp.ADD:
+            bias_address = instruction
+            break
+    assert bias_address is not None
+    broken_program = [i for i in compiled.instructions if i is not bias_address]
+    memory = bytearray(compiled.write_inputs(None, hidden))
+    code = isa.encode_program(broken_program)
+    memory[compiled.program_address:compiled.program_address + len(code)] = code
+    result, machine = iss.run_program(config, memory, compiled.program_address)
+    assert result.error == isa.ErrorCode.NONE
+    broken_out, _, _ = compiled.read_outputs(machine.memory_bytes())
+    assert relative(broken_out, out) > 10 * OUT_TOLERANCE
+
+
+def test_barriers_are_needed_and_minimal():
+    config = FP32_4x4
+    weights = mixer(16, 4, seed=15)
+    compiled = compile_mixer(weights, config, length=4)
+    barriers = sum(isinstance(i, isa.Barrier) for i in compiled.instructions)
+    assert 0 < barriers < len(compiled.instructions) // 3
+    stripped = [i for i in compiled.instructions if not isinstance(i, isa.Barrier)]
+    memory = bytearray(compiled.write_inputs(None, tokens(4, 16)))
+    code = isa.encode_program(stripped)
+    memory[compiled.program_address:compiled.program_address + len(code)] = code
+    with pytest.raises(iss.ProgramError, match="barrier"):
+        iss.run_program(config, memory, compiled.program_address)
+
+
+def test_compile_errors():
+    weights = mixer(64, 16)
+    with pytest.raises(CompileError, match="per-channel parameters"):
+        compile_mixer(weights, TINY, length=2)       # 2 x 2 lines: A alone needs 512 of TINY's 128 lines
+    with pytest.raises(CompileError, match="state buffer"):
+        compile_mixer(mixer(16, 200), TINY, length=2)   # one channel tile's h and A: 200 of 128 lines
+    with pytest.raises(ValueError, match="mode"):
+        compile_mixer(weights, FP32_8x8, mode="train", length=2)
+    with pytest.raises(ValueError, match="length"):
+        compile_mixer(weights, FP32_8x8, mode="decode", length=2)
+    with pytest.raises(ValueError, match="length"):
+        compile_mixer(weights, FP32_8x8, length=0)
+    with pytest.raises(ValueError, match="max_block_tokens"):
+        CompileOptions(max_block_tokens=0)
+
+
+def test_layout_description():
+    compiled = compile_mixer(mixer(16, 4), FP32_3x4, length=2)
+    assert compiled.hidden.rows == 2 and compiled.hidden.row_elements == 16
+    assert compiled.conv_state.format == "compute" and compiled.ssm_state.format == "compute"
+    assert compiled.program_address % isa.INSTRUCTION_BYTES == 0
+    assert compiled.program_address >= max(r.address + r.size for name, r in compiled.regions.items()
+                                           if name != "program")
+    text = compiled.listing()
+    assert isa.assemble(text) == compiled.instructions
+
+
+@pytest.mark.parametrize("dims", [
+    reference.MambaDims(d_model=16, d_state=4, bias=True, conv_bias=False),      # biases, no conv bias
+    reference.MambaDims(d_model=20, d_state=6, d_conv=2, expand=1, dt_rank=3),   # odd sizes everywhere
+], ids=["biases", "odd-sizes"])
+def test_mixer_variants(dims):
+    weights = reference.random_mixer_weights(dims, seed=16, dtype=torch.float64)
+    hidden = tokens(5, dims.d_model, seed=17)
+    run = compile_mixer(weights, FP32_4x4, length=5).run(hidden)
+    out, conv, _ = reference.mixer_prefill(weights, hidden)
+    assert relative(run.out, out) < OUT_TOLERANCE
+    assert relative(run.conv_state, conv) < 1e-6
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_insert_barriers_makes_random_programs_legal(seed):
+    """Strip the barriers from a constrained-random program; insert_barriers must put back enough for the
+    ISS's race check (which lists exact elements) and never more than one per instruction."""
+    from marca.compiler import insert_barriers
+    from marca.golden.random_program import random_program
+    config = [TINY, FP32_3x4, FP32_4x4][seed % 3]
+    generated = random_program(config, seed=100 + seed, length=60)
+    stripped = [i for i in generated.instructions if not isinstance(i, isa.Barrier)]
+    rebuilt = insert_barriers(stripped, config)
+    assert [i for i in rebuilt if not isinstance(i, isa.Barrier)] == stripped
+    memory = bytearray(generated.memory)
+    code = isa.encode_program(rebuilt)
+    memory[:len(code)] = code
+    result, machine = iss.run_program(config, memory)
+    assert result.error == isa.ErrorCode.NONE
+    expected, reference_machine = iss.run_program(config, generated.memory)
+    data = slice(generated.data_address, None)        # the program regions differ by their barriers
+    assert machine.memory_bytes()[data] == reference_machine.memory_bytes()[data]
+
+
+def test_scan_in_channel_groups_when_the_state_does_not_fit():
+    """A 1 KiB state buffer holds 16 lines; 64 channels x 16 states need 128 for h and A together, so the
+    scan runs in groups of channel tiles that load and store their state every token block."""
+    config = dataclasses.replace(FP32_4x4, name="fp32-4x4-small-state", state_buffer_kib=1)
+    weights = mixer(32, 16, seed=18)
+    hidden = tokens(6, 32, seed=19)
+    compiled = compile_mixer(weights, config, length=6, options=CompileOptions(max_block_tokens=4))
+    run = compiled.run(hidden)
+    out, conv, ssm = reference.mixer_prefill(weights, hidden)
+    assert relative(run.out, out) < OUT_TOLERANCE
+    assert relative(run.ssm_state, ssm) < STATE_TOLERANCE
+    whole = compile_mixer(weights, FP32_4x4, length=6).run(hidden)
+    assert torch.equal(run.out, whole.out) and torch.equal(run.ssm_state, whole.ssm_state)
