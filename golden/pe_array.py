@@ -11,7 +11,7 @@ row-major: lane ``(r, c)`` is ``r·C + c``.
   the scoreboard model of the testbenches.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

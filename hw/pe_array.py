@@ -1,0 +1,483 @@
+"""The reduction-alternative PE array (MARCA idea 1): one grid of PEs for linear and element-wise work.
+
+``R`` rows × ``C`` columns of PEs. Each PE has one multiplier, one adder and one comparator in the compute
+format (``marca.hw.fp``). In **linear** mode the adders of a row are wired as that row's balanced pairwise
+adder tree over the row's ``C`` products (the contract's order, docs/numerics.md) plus the row's
+accumulator; in **element-wise** mode the same adders serve the ``R·C`` independent lanes. No adder is
+dedicated to the tree: a row has exactly ``C`` adders, ``C − 1`` tree nodes and one accumulator. See
+docs/pe_array.md for the design, the hazards this sharing creates and how they are resolved.
+
+Payload layouts are built in one place, :func:`pe_array_layouts`; the opcodes live in :mod:`marca.ops`.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from amaranth.hdl import Array, Const, Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from ..formats import FloatFormat
+from ..ops import ArrayMode, Broadcast, ElementwiseOp
+
+__all__ = ["PEArrayLayouts", "pe_array_layouts", "PEArray", "tree_node_column", "MAX_ROWS", "MAX_COLS"]
+
+MAX_ROWS = 64
+MAX_COLS = 64
+
+
+class PEArrayLayouts(NamedTuple):
+    """Payload layouts of the array's streams: ``operands`` (input beat) and ``results`` (output beat)."""
+
+    operands: data.StructLayout
+    results: data.StructLayout
+
+
+def pe_array_layouts(*, rows: int, cols: int, fmt: FloatFormat, function_bits: int = 0,
+                     slot_bits: int = 0) -> PEArrayLayouts:
+    """The array's payload layouts; every producer and consumer of the array's streams builds them here.
+
+    Operand beat (``operands``):
+
+    ``mode`` (:class:`~marca.ops.ArrayMode`), ``op`` (:class:`~marca.ops.ElementwiseOp`, element-wise
+    mode), ``function`` (``function_bits`` wide; only present when the array has a lane extension: the
+    extension's sub-operation for ``op = FUNCTION``), ``broadcast_a``/``broadcast_b``/``broadcast_c``
+    (:class:`~marca.ops.Broadcast`, one per operand), ``first``/``last`` (linear mode: start the
+    accumulators from the bias / send them out), ``slot`` (``slot_bits`` wide, only present when the
+    array has more than one accumulator per row: which of the rows' accumulators this linear beat
+    uses), ``hold_a`` (store this beat's lane ``a`` values in the array's held tile), ``use_held_a``
+    (lanes read ``a`` from the held tile instead of the beat; ignored when ``hold_a`` is set),
+    ``a``/``b``/``c`` (``R·C`` values each, row-major lane order).
+
+    Result beat (``results``): ``mode`` of the beat that produced it and ``result`` (``R·C`` values;
+    element-wise: lane results; linear: row ``r``'s accumulator in element ``r``, the rest +0).
+    """
+    lanes = rows * cols
+    values = data.ArrayLayout(unsigned(fmt.width), lanes)
+    fields = {"mode": ArrayMode, "op": ElementwiseOp}
+    if function_bits:
+        fields["function"] = unsigned(function_bits)
+    fields |= {"broadcast_a": Broadcast, "broadcast_b": Broadcast, "broadcast_c": Broadcast,
+               "first": unsigned(1), "last": unsigned(1)}
+    if slot_bits:
+        fields["slot"] = unsigned(slot_bits)
+    fields |= {"hold_a": unsigned(1), "use_held_a": unsigned(1), "a": values, "b": values, "c": values}
+    return PEArrayLayouts(operands=data.StructLayout(fields),
+                          results=data.StructLayout({"mode": ArrayMode, "result": values}))
+
+
+def tree_node_column(level: int, first_leaf: int) -> int:
+    """Column whose adder computes the tree node at ``level`` covering leaves from ``first_leaf``.
+
+    Level ``k`` node covering leaves ``[first_leaf, first_leaf + 2^(k+1))`` sits at the in-order position
+    ``first_leaf + 2^k − 1`` (between its two halves), so the ``C − 1`` nodes take columns ``0 .. C−2``
+    once each and column ``C − 1`` is left for the row's accumulator.
+    """
+    return first_leaf + (1 << level) - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _unit_latency(unit_class, fmt: FloatFormat) -> int:
+    """A float unit's latency: its class attribute, or a probe instance's where it depends on ``fmt``."""
+    latency = getattr(unit_class, "latency", None)
+    if not _is_int(latency):
+        probe = unit_class(fmt=fmt)
+        probe._MustUse__silence = True    # built only to read its latency, never elaborated
+        latency = probe.latency
+    return latency
+
+
+def _control_layout(slot_bits: int) -> data.StructLayout:
+    """Per-stage control: which beat (if any) occupies a pipeline stage."""
+    return data.StructLayout({"valid": 1, "mode": ArrayMode, "op": ElementwiseOp, "first": 1, "last": 1,
+                              "slot": max(slot_bits, 1)})
+
+
+class PEArray(wiring.Component):
+    """Reduction-alternative PE array: ``rows`` × ``cols`` PEs in the compute format ``fmt``.
+
+    Parameters
+    ----------
+    rows : int
+        PE rows ``R`` (output features in linear mode), 1 to ``MAX_ROWS``.
+    cols : int
+        PE columns ``C`` (a chunk of the input dimension in linear mode), a power of two, 1 to ``MAX_COLS``.
+    fmt : FloatFormat
+        Compute format of the PEs, trees and accumulators.
+    accumulators : int, optional
+        Accumulators per row (a power of two, 1 to 64; default: the adder latency rounded up to a power
+        of two). A linear beat names its accumulator in the payload's ``slot`` field, so up to
+        ``accumulators`` independent accumulation chains (e.g. row tiles of a GEMV) can be interleaved
+        at one beat per cycle.
+    lane_extension : callable, optional
+        Returns a new :class:`~amaranth.lib.wiring.Component` per lane with ports ``function``
+        (``In(function_bits)``), ``a``, ``b``, ``c`` (``In(width)``), ``enable`` (``In(1)``), ``result``
+        (``Out(width)``) and int attributes ``function_bits`` and ``latency``. Element-wise op
+        ``FUNCTION`` takes each lane's result from its extension (the nonlinear units, issue #4).
+
+    Ports
+    -----
+    i : In(stream.Signature(layouts.operands))
+        Operand beats (see :func:`pe_array_layouts`).
+    o : Out(stream.Signature(layouts.results))
+        One result beat per element-wise beat and per linear beat flagged ``last``, in input order.
+
+    Semantics (docs/pe_array.md, marca/ops.py)
+    ------------------------------------------
+    Lane ``(r, c)`` reads its operands through each operand's broadcast mode; ``a`` may come from the held
+    tile. Element-wise: ``result[r·C + c] = op(a, b, c)``. Linear: ``p[r, c] = mul(a, b)``; row ``r``
+    computes ``acc[s][r] = add(first ? bias[r] : acc[s][r], tree_sum(p[r, :]))`` (``s`` the beat's slot)
+    where ``bias[r]`` is lane ``(r, C−1)``'s ``c`` operand (give ``c`` with ``Broadcast.ROW`` for a
+    per-row bias or partial sum, ``Broadcast.SCALAR`` with +0 to start from zero); ``last`` sends
+    ``acc[s]`` out.
+
+    Timing
+    ------
+    ``linear_latency`` / ``elementwise_latency``: a beat accepted in cycle ``T`` (``i.valid & i.ready``)
+    has its result beat valid in cycle ``T + latency`` when the output is not stalled. Throughput: one
+    beat per cycle, with these exceptions (hazards of the shared adders, resolved by holding ``i.ready``
+    low, never by losing data):
+
+    * a linear beat that continues an accumulation (``first = 0``) waits until the previous linear beat
+      on the same slot is at least ``accumulator_interval`` (the adder latency) cycles ahead; chains of
+      ``first = 1`` beats (the bias carrying a partial sum) and round-robins over at least
+      ``accumulator_interval`` slots run at one beat per cycle;
+    * an element-wise beat waits until the last linear beat has left the adder tree
+      (``linear_to_elementwise_gap`` cycles after it, less than a pipeline drain);
+    * a linear beat waits ``elementwise_to_linear_gap`` cycles after an element-wise beat (0 unless the
+      lane extension is slower than the linear path).
+
+    Stream rules: ``o.valid`` depends only on registers (it never waits on ``o.ready``); ``i.ready``
+    depends on ``o.ready``, on the pipeline's contents and on ``i.payload`` (mode, ``first``, ``slot``).
+    The whole pipeline advances when ``o`` is empty or accepted (``enable = ~o.valid | o.ready``), so a stall
+    anywhere loses, duplicates and reorders nothing.
+    """
+
+    def __init__(self, *, rows: int, cols: int, fmt: FloatFormat, accumulators: int | None = None,
+                 lane_extension: Callable[[], wiring.Component] | None = None, _fault: str | None = None):
+        # An array whose parameters are rejected is not an unused design: no "never elaborated" warning.
+        self._MustUse__silence = True
+        if not _is_int(rows) or not 1 <= rows <= MAX_ROWS:
+            raise ValueError(f"rows must be an integer in [1, {MAX_ROWS}], not {rows!r}")
+        if not _is_int(cols) or not 1 <= cols <= MAX_COLS or cols & (cols - 1):
+            raise ValueError(f"cols must be a power of two in [1, {MAX_COLS}], not {cols!r}")
+        if not isinstance(fmt, FloatFormat):
+            raise ValueError(f"fmt must be a FloatFormat, not {fmt!r}")
+        if lane_extension is not None and not callable(lane_extension):
+            raise ValueError(f"lane_extension must be a callable returning a Component, "
+                             f"not {lane_extension!r}")
+        if _fault not in (None, "tree_order", "drop_beat", "no_stall"):
+            raise ValueError(f"_fault must be None, 'tree_order', 'drop_beat' or 'no_stall', not {_fault!r}")
+        from .fp import FloatAdder, FloatCompare, FloatMultiplier
+
+        self.rows, self.cols, self.fmt = rows, cols, fmt
+        self._fault = _fault
+        self._unit_classes = (FloatMultiplier, FloatAdder, FloatCompare)
+        self.multiplier_latency = _unit_latency(FloatMultiplier, fmt)
+        self.adder_latency = _unit_latency(FloatAdder, fmt)
+        self.compare_latency = _unit_latency(FloatCompare, fmt)
+
+        if accumulators is None:
+            accumulators = 1 << (max(self.adder_latency, 1) - 1).bit_length()
+        if not _is_int(accumulators) or not 1 <= accumulators <= 64 or accumulators & (accumulators - 1):
+            raise ValueError(f"accumulators must be a power of two in [1, 64], not {accumulators!r}")
+        self.accumulators = accumulators
+        self.slot_bits = (accumulators - 1).bit_length()
+
+        self._extensions = []
+        self.function_bits = 0
+        self.extension_latency = 0
+        if lane_extension is not None:
+            self._extensions = [lane_extension() for _ in range(rows * cols)]
+            probe = self._extensions[0]
+            for name in ("function_bits", "latency"):
+                if not _is_int(getattr(probe, name, None)) or getattr(probe, name) < 0:
+                    raise ValueError(f"lane_extension components must have a non-negative int attribute "
+                                     f"{name!r}, not {getattr(probe, name, None)!r}")
+            self.function_bits = probe.function_bits
+            self.extension_latency = probe.latency
+
+        self.layouts = pe_array_layouts(rows=rows, cols=cols, fmt=fmt, function_bits=self.function_bits,
+                                        slot_bits=self.slot_bits)
+
+        # Pipeline schedule (stage = enabled cycles since the beat was accepted).
+        self.depth = (cols - 1).bit_length()             # tree levels
+        self.adder_stage = max(self.multiplier_latency, self.compare_latency)   # "S": adders' inputs
+        self.accumulator_stage = self.adder_stage + self.depth * self.adder_latency   # "A"
+        self.linear_latency = max(self.accumulator_stage + self.adder_latency, 1)
+        self.elementwise_latency = max(self.adder_stage + self.adder_latency, self.extension_latency, 1)
+        self.accumulator_interval = max(self.adder_latency, 1)
+        self.linear_to_elementwise_gap = self.depth * self.adder_latency
+        self.elementwise_to_linear_gap = max(self.elementwise_latency - self.linear_latency, 0)
+
+        super().__init__({
+            "i": In(stream.Signature(self.layouts.operands)),
+            "o": Out(stream.Signature(self.layouts.results)),
+        })
+        self._MustUse__silence = False
+
+    @property
+    def lanes(self) -> int:
+        return self.rows * self.cols
+
+    def elaborate(self, platform):
+        m = Module()
+        rows, cols, fmt = self.rows, self.cols, self.fmt
+        width = fmt.width
+        FloatMultiplier, FloatAdder, FloatCompare = self._unit_classes
+        lat_mul, lat_add, lat_cmp = self.multiplier_latency, self.adder_latency, self.compare_latency
+        stage_s, stage_a = self.adder_stage, self.accumulator_stage
+        lat_lin, lat_ew, lat_ext = self.linear_latency, self.elementwise_latency, self.extension_latency
+        payload = self.i.payload
+
+        one = Const(fmt.one, width)
+        negative_zero = Const(fmt.sign_bit, width)   # add(x, −0) = x for every contract output x
+
+        enable = Signal()          # the whole pipeline advances
+        accept = Signal()          # a beat enters this cycle
+
+        def delayed(value, cycles, name):
+            """``value`` as it was ``cycles`` enabled cycles ago."""
+            for index in range(cycles):
+                register = Signal.like(value, name=f"{name}_d{index + 1}") if isinstance(value, Signal) \
+                    else Signal(value.shape(), name=f"{name}_d{index + 1}")
+                with m.If(enable):
+                    m.d.sync += register.eq(value)
+                value = register
+            return value
+
+        # Control pipeline -------------------------------------------------------------------------------
+        last_stage = max(lat_lin, lat_ew)
+        control_layout = _control_layout(self.slot_bits)
+        control = [Signal(control_layout, name="control_0")]
+        if self.slot_bits:
+            m.d.comb += control[0].slot.eq(payload.slot)
+        m.d.comb += [
+            control[0].valid.eq(accept),
+            control[0].mode.eq(payload.mode),
+            control[0].op.eq(payload.op),
+            control[0].first.eq(payload.first),
+            control[0].last.eq(payload.last),
+        ]
+        for stage in range(1, last_stage + 1):
+            register = Signal(control_layout, name=f"control_{stage}")
+            with m.If(enable):
+                m.d.sync += register.eq(control[stage - 1])
+            control.append(register)
+
+        def linear_at(stage):
+            return control[stage].valid & (control[stage].mode == ArrayMode.LINEAR)
+
+        def elementwise_at(stage):
+            return control[stage].valid & (control[stage].mode == ArrayMode.ELEMENTWISE)
+
+        def any_of(terms):
+            terms = list(terms)
+            result = Const(0, 1)
+            for term in terms:
+                result = result | term
+            return result
+
+        # Hazards of the shared adders (docs/pe_array.md, "Hazards").
+        accumulator_busy = any_of(linear_at(s) & (control[s].slot == control[0].slot)
+                                  for s in range(1, self.accumulator_interval))
+        tree_busy = any_of(linear_at(s) for s in range(1, self.linear_to_elementwise_gap + 1))
+        elementwise_ahead = any_of(elementwise_at(s) for s in range(1, self.elementwise_to_linear_gap + 1))
+        blocked = Signal()
+        with m.If(payload.mode == ArrayMode.LINEAR):
+            m.d.comb += blocked.eq((~payload.first & accumulator_busy) | elementwise_ahead)
+        with m.Else():
+            m.d.comb += blocked.eq(tree_busy)
+
+        m.d.comb += [
+            self.i.ready.eq(enable & ~blocked),
+            accept.eq(self.i.valid & self.i.ready),
+        ]
+        if self._fault == "no_stall":   # deliberately broken: ignores back-pressure
+            m.d.comb += enable.eq(1)
+        else:
+            m.d.comb += enable.eq(~self.o.valid | self.o.ready)
+
+        # Lane operands: broadcast, held tile ------------------------------------------------------------
+        def broadcast(field, mode, row, col, name):
+            lane = Signal(width, name=name)
+            with m.Switch(mode):
+                with m.Case(Broadcast.LANE):
+                    m.d.comb += lane.eq(field[row * cols + col])
+                with m.Case(Broadcast.ROW):
+                    m.d.comb += lane.eq(field[row])
+                with m.Case(Broadcast.COLUMN):
+                    m.d.comb += lane.eq(field[col])
+                with m.Case(Broadcast.SCALAR):
+                    m.d.comb += lane.eq(field[0])
+            return lane
+
+        op = payload.op
+        product_uses_b = Signal()
+        m.d.comb += product_uses_b.eq((payload.mode == ArrayMode.LINEAR)
+                                      | (op == ElementwiseOp.MUL) | (op == ElementwiseOp.MULADD))
+        op_s = control[stage_s].op
+
+        adders = [[None] * cols for _ in range(rows)]
+        products_s = [[None] * cols for _ in range(rows)]
+        elementwise_inputs = [[None] * cols for _ in range(rows)]
+        bias_a = [None] * rows
+        extension_results = [[None] * cols for _ in range(rows)]
+
+        for row in range(rows):
+            for col in range(cols):
+                tag = f"{row}_{col}"
+                a_beat = broadcast(payload.a, payload.broadcast_a, row, col, f"a_beat_{tag}")
+                b_lane = broadcast(payload.b, payload.broadcast_b, row, col, f"b_{tag}")
+                c_lane = broadcast(payload.c, payload.broadcast_c, row, col, f"c_{tag}")
+                held = Signal(width, name=f"held_a_{tag}")
+                with m.If(accept & payload.hold_a):
+                    m.d.sync += held.eq(a_beat)
+                a_lane = Signal(width, name=f"a_{tag}")
+                m.d.comb += a_lane.eq(Mux(payload.use_held_a & ~payload.hold_a, held, a_beat))
+
+                multiplier = m.submodules[f"multiplier_{tag}"] = FloatMultiplier(fmt=fmt)
+                comparator = m.submodules[f"comparator_{tag}"] = FloatCompare(fmt=fmt)
+                adder = m.submodules[f"adder_{tag}"] = FloatAdder(fmt=fmt)
+                adders[row][col] = adder
+                m.d.comb += [
+                    multiplier.enable.eq(enable), comparator.enable.eq(enable), adder.enable.eq(enable),
+                    multiplier.a.eq(a_lane),
+                    # ADD, SUB, PASS, CMP_SELECT run a through the multiplier as mul(a, 1) = read(a).
+                    multiplier.b.eq(Mux(product_uses_b, b_lane, one)),
+                    comparator.a.eq(a_lane),
+                    comparator.b.eq(b_lane),
+                    adder.subtract.eq(0),
+                ]
+                # The adder's second element-wise operand, chosen at entry and carried to stage S.
+                addend = Signal(width, name=f"addend_{tag}")
+                with m.Switch(op):
+                    with m.Case(ElementwiseOp.MULADD, ElementwiseOp.CMP_SELECT):
+                        m.d.comb += addend.eq(c_lane)
+                    with m.Case(ElementwiseOp.ADD):
+                        m.d.comb += addend.eq(b_lane)
+                    with m.Case(ElementwiseOp.SUB):
+                        m.d.comb += addend.eq(b_lane ^ fmt.sign_bit)
+                    with m.Default():
+                        m.d.comb += addend.eq(negative_zero)
+                addend_s = delayed(addend, stage_s, f"addend_{tag}")
+                product_s = delayed(multiplier.result, stage_s - lat_mul, f"product_{tag}")
+                products_s[row][col] = product_s
+                # min/max chosen as soon as the comparator answers; both travel to stage S.
+                chosen = Signal(width, name=f"min_max_{tag}")
+                m.d.comb += chosen.eq(Mux(control[lat_cmp].op == ElementwiseOp.MIN,
+                                          comparator.minimum, comparator.maximum))
+                chosen_s = delayed(chosen, stage_s - lat_cmp, f"min_max_{tag}")
+                less_s = delayed(comparator.lt, stage_s - lat_cmp, f"less_{tag}")
+
+                # Element-wise adder operands at stage S: every op is add(x, y), see docs/pe_array.md.
+                x_ew, y_ew = Signal(width, name=f"x_{tag}"), Signal(width, name=f"y_{tag}")
+                select_c = (op_s == ElementwiseOp.CMP_SELECT) & less_s
+                keep_a = (op_s == ElementwiseOp.CMP_SELECT) & ~less_s
+                m.d.comb += [
+                    x_ew.eq(Mux((op_s == ElementwiseOp.MIN) | (op_s == ElementwiseOp.MAX), chosen_s,
+                                Mux(select_c, negative_zero, product_s))),
+                    y_ew.eq(Mux(keep_a, negative_zero, addend_s)),
+                ]
+                elementwise_inputs[row][col] = (x_ew, y_ew)
+
+                if col == cols - 1:
+                    bias_a[row] = delayed(c_lane, stage_a, f"bias_{row}")
+
+                if self._extensions:
+                    extension = m.submodules[f"extension_{tag}"] = self._extensions[row * cols + col]
+                    m.d.comb += [
+                        extension.enable.eq(enable),
+                        extension.a.eq(a_lane), extension.b.eq(b_lane), extension.c.eq(c_lane),
+                    ]
+                    if self.function_bits:
+                        m.d.comb += extension.function.eq(payload.function)
+                    extension_results[row][col] = delayed(extension.result, lat_ew - lat_ext,
+                                                          f"extension_{tag}")
+
+        # Adder wiring: tree nodes, accumulators, element-wise lanes ------------------------------------
+        accumulator_results = []
+        for row in range(rows):
+            node_result = {}   # (level, first_leaf) -> adder result value
+
+            def operand(level, first_leaf, row=row, node_result=node_result):
+                if level < 0:
+                    return products_s[row][first_leaf]
+                return node_result[(level, first_leaf)]
+
+            for level in range(self.depth):
+                span = 1 << (level + 1)
+                for first_leaf in range(0, cols, span):
+                    column = tree_node_column(level, first_leaf)
+                    adder = adders[row][column]
+                    left = operand(level - 1, first_leaf)
+                    right = operand(level - 1, first_leaf + span // 2)
+                    if self._fault == "tree_order" and level == 0 and cols >= 4:
+                        # Deliberately broken order: pairs (p0 + p2), (p1 + p3) instead of (p0 + p1), ...
+                        base = first_leaf - first_leaf % 4
+                        offset = first_leaf % 4 // 2
+                        left = products_s[row][base + offset]
+                        right = products_s[row][base + offset + 2]
+                    x_ew, y_ew = elementwise_inputs[row][column]
+                    tree_turn = linear_at(stage_s + level * lat_add)
+                    m.d.comb += [
+                        adder.a.eq(Mux(tree_turn, left, x_ew)),
+                        adder.b.eq(Mux(tree_turn, right, y_ew)),
+                    ]
+                    node_result[(level, first_leaf)] = adder.result
+
+            tree_sum = operand(self.depth - 1, 0)
+            accumulator_adder = adders[row][cols - 1]
+            slots = Array(Signal(width, name=f"accumulator_{row}_{slot}")
+                          for slot in range(self.accumulators))
+            running = Signal(width, name=f"running_{row}")
+            slot_a = control[stage_a].slot
+            written = control[stage_a + lat_add]   # the linear beat whose sum leaves the adder now
+            with m.If(enable & linear_at(stage_a + lat_add)):
+                m.d.sync += slots[written.slot].eq(accumulator_adder.result)
+            if lat_add >= 1:
+                # The same slot's previous sum may be leaving the adder right now: forward it.
+                forward = linear_at(stage_a + lat_add) & (written.slot == slot_a)
+                m.d.comb += running.eq(Mux(forward, accumulator_adder.result, slots[slot_a]))
+            else:
+                m.d.comb += running.eq(slots[slot_a])
+            accumulate_turn = linear_at(stage_a)
+            x_ew, y_ew = elementwise_inputs[row][cols - 1]
+            m.d.comb += [
+                accumulator_adder.a.eq(Mux(accumulate_turn, tree_sum, x_ew)),
+                accumulator_adder.b.eq(Mux(accumulate_turn,
+                                           Mux(control[stage_a].first, bias_a[row], running), y_ew)),
+            ]
+            accumulator_results.append(delayed(accumulator_adder.result,
+                                               lat_lin - (stage_a + lat_add), f"row_result_{row}"))
+
+        # Output ----------------------------------------------------------------------------------------
+        linear_out = linear_at(lat_lin) & control[lat_lin].last
+        elementwise_out = elementwise_at(lat_ew)
+        if self._fault == "drop_beat":   # deliberately broken: loses every 8th element-wise result
+            dropped = Signal(3)
+            with m.If(enable & elementwise_out):
+                m.d.sync += dropped.eq(dropped + 1)
+            elementwise_out = elementwise_out & (dropped != 7)
+        m.d.comb += self.o.valid.eq(linear_out | elementwise_out)
+        op_e = control[lat_ew].op
+        lane_results = []
+        for row in range(rows):
+            for col in range(cols):
+                lane_sum = delayed(adders[row][col].result, lat_ew - (stage_s + lat_add),
+                                   f"lane_result_{row}_{col}")
+                if self._extensions:
+                    lane_sum = Mux(op_e == ElementwiseOp.FUNCTION, extension_results[row][col], lane_sum)
+                lane_results.append(lane_sum)
+        with m.If(linear_out):
+            m.d.comb += self.o.payload.mode.eq(ArrayMode.LINEAR)
+            for row in range(rows):
+                m.d.comb += self.o.payload.result[row].eq(accumulator_results[row])
+        with m.Else():
+            m.d.comb += self.o.payload.mode.eq(ArrayMode.ELEMENTWISE)
+            for lane, lane_sum in enumerate(lane_results):
+                m.d.comb += self.o.payload.result[lane].eq(lane_sum)
+        return m
