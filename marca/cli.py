@@ -55,10 +55,16 @@ def _verilog(args) -> int:
     return 0
 
 
-# Waivers for `verilator -Wall` on Amaranth's output, each explained in docs/verification.md.
+# Waivers for `verilator -Wall` on Amaranth's output, each explained in docs/verification.md: all are
+# idioms of the Verilog that Amaranth (through Yosys' write_verilog) emits, whose meaning Verilog defines.
 LINT_WAIVERS = (
-    "-Wno-DECLFILENAME",  # Amaranth emits every submodule into one file named after the top
-    "-Wno-UNUSEDSIGNAL",  # unused slices of packed payloads (e.g. the exponent bits a unit ignores)
+    "-Wno-DECLFILENAME",    # every submodule is written into one file named after the top
+    "-Wno-UNUSEDSIGNAL",    # whole ports and payloads are kept even where only some bits are read
+    "-Wno-WIDTHEXPAND",     # operands of different widths: Verilog zero/sign-extends them, as intended
+    "-Wno-WIDTHTRUNC",      # `!x` on a vector (logical not) and shifts assigned to narrower wires
+    "-Wno-PROCASSINIT",     # a register's initial value plus its procedural default assignment
+    "-Wno-CASEINCOMPLETE",  # `casez` after a default assignment: uncovered values keep the default
+    "-Wno-CMPCONST",        # comparisons that a parameter made constant (e.g. a full-range counter)
 )
 
 
