@@ -18,7 +18,6 @@ source of
 The design and its accuracy are described in docs/nonlinear.md.
 """
 
-import dataclasses
 import enum
 import functools
 import math
@@ -27,17 +26,42 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from marca.formats import FloatFormat
-from marca.golden import fp
-from marca.ops import ElementwiseOp
+from ..formats import FloatFormat
+from ..ops import ElementwiseOp
+from . import fp
 
 __all__ = [
-    "LOG2E", "FUNCTION_BITS", "MAX_DEGREE", "PIECEWISE_FUNCTIONS", "LaneFunction",
-    "Operand", "Pass", "Program", "INPUT", "result_of", "constant",
-    "SignLayout", "SegmentLayout", "PiecewiseTable", "FunctionConstants", "build_constants", "constants_for",
-    "exp_program", "silu_program", "softplus_program", "programs",
-    "lane_function", "floor", "exp_scale", "range_select", "run_program",
-    "exp", "silu", "softplus", "reference",
+    "FUNCTION_BITS",
+    "INPUT",
+    "LOG2E",
+    "MAX_DEGREE",
+    "PIECEWISE_FUNCTIONS",
+    "FunctionConstants",
+    "LaneFunction",
+    "Operand",
+    "Pass",
+    "PiecewiseTable",
+    "Program",
+    "SegmentLayout",
+    "SignLayout",
+    "build_constants",
+    "constant",
+    "constants_for",
+    "exp",
+    "exp_int_bits",
+    "exp_program",
+    "exp_scale",
+    "floor",
+    "lane_function",
+    "programs",
+    "range_select",
+    "reference",
+    "result_of",
+    "run_program",
+    "silu",
+    "silu_program",
+    "softplus",
+    "softplus_program",
 ]
 
 LOG2E = 1.0 / math.log(2.0)
@@ -533,8 +557,8 @@ def _check_degree(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be an integer in [{low}, {MAX_DEGREE}], not {value!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def build_constants(*, fmt: FloatFormat, exp_degree: int = 3, silu_segments: int = 16, silu_degree: int = 2,
+@functools.cache
+def build_constants(*, fmt: FloatFormat, exp_degree: int = 3, silu_segments: int = 32, silu_degree: int = 2,
                     softplus_segments: int = 16, softplus_degree: int = 2) -> FunctionConstants:
     """Fit and round every constant of the nonlinear functions for one compute format (cached)."""
     if not isinstance(fmt, FloatFormat):

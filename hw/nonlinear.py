@@ -1,0 +1,272 @@
+"""Per-PE logic of the nonlinear functions (issue #4): the PE array's lane extension.
+
+exp, SiLU and softplus run as programs of element-wise passes on the PE array
+(:mod:`marca.golden.nonlinear` holds the programs, the fitted constants and the bit-exact golden model).
+The arithmetic of those programs (x·log2 e, t − n, the Horner steps) runs on each PE's own multiplier and
+adder; what a PE cannot do with them is the bit logic in :class:`FunctionLane`, one per lane, selected by
+the beat's ``function`` field when the op is ``ElementwiseOp.FUNCTION``:
+
+* ``FLOOR``: round down to an integer-valued float (mask the fraction bits; for a negative non-integer,
+  add one unit at the integer position). Splits ``t = x·log2 e`` into ``n``.
+* ``EXP_SCALE``: ``a · 2^n`` for the integer value ``n`` of ``b`` (a small float-to-integer shift and an
+  add to the exponent field, with overflow to ±Inf and flush to zero): the "shift" of the fast exp.
+* ``*_COEFFICIENT_k``: coefficient ``k`` of the polynomial segment of ``a`` (segment index from the sign,
+  the exponent field and a few top mantissa bits; a constant ROM per function).
+* ``*_SELECT``: range select by sign and exponent field: ``a`` above the polynomial range, ``c`` below it,
+  ``b`` (the polynomial) inside, NaN for a NaN ``a``.
+
+Build it for the array with ``PEArray(..., lane_extension=FunctionLane.factory(config))``.
+"""
+
+from amaranth import Array, Cat, Const, Module, Mux, Signal, signed
+from amaranth.hdl import EnableInserter
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+from marca.golden.nonlinear import (
+    FUNCTION_BITS,
+    PIECEWISE_FUNCTIONS,
+    LaneFunction,
+    SegmentLayout,
+    build_constants,
+    exp_int_bits,
+)
+
+from marca.formats import FloatFormat
+
+__all__ = ["FAULTS", "FunctionLane"]
+
+FAULTS = (None, "floor_no_increment", "scale_no_overflow", "coefficient_off_by_one")
+"""Deliberately broken variants, kept so the tests can prove they catch each kind of mistake."""
+
+
+class _Fields:
+    """Sign, exponent field and mantissa of a bit pattern, with the contract's classification."""
+
+    def __init__(self, value, fmt: FloatFormat):
+        self.value = value
+        self.sign = value[fmt.width - 1]
+        self.exponent = value[fmt.man_bits:fmt.width - 1]
+        self.mantissa = value[:fmt.man_bits]
+        self.is_zero = self.exponent == 0                      # zeros and subnormals (read as zero)
+        self.is_special = self.exponent == fmt.exp_max
+        self.is_nan = self.is_special & (self.mantissa != 0)
+        self.is_inf = self.is_special & (self.mantissa == 0)
+
+
+def _pack(fmt: FloatFormat, sign, exponent, mantissa):
+    return Cat(mantissa[:fmt.man_bits], exponent[:fmt.exp_bits], sign)
+
+
+def _read(fmt: FloatFormat, operand: _Fields):
+    """The contract's read: canonical NaN; a subnormal as the zero of its sign; anything else as is."""
+    return Mux(operand.is_nan, fmt.canonical_nan,
+               Mux(operand.is_zero, Cat(Const(0, fmt.width - 1), operand.sign), operand.value))
+
+
+class FunctionLane(wiring.Component):
+    """The bit logic of one PE for exp, SiLU and softplus (see the module docstring).
+
+    Parameters
+    ----------
+    fmt : FloatFormat
+        Compute format of the PE.
+    exp_degree, silu_segments, silu_degree, softplus_segments, softplus_degree : int
+        As :class:`marca.config.MarcaConfig`; pick the fitted constants
+        (:func:`marca.golden.nonlinear.build_constants`). Only the piecewise tables end up in this unit; the
+        exp coefficients are broadcast constants of the program.
+    functions : tuple of str
+        Piecewise functions to include ("silu", "softplus"); leaving one out drops its ROM and select
+        (its codes then give +0). For cost measurements and builds that never run that function.
+    _fault : str or None
+        A deliberately broken variant (:data:`FAULTS`), for tests only.
+
+    Attributes
+    ----------
+    function : In(function_bits)
+        :class:`marca.golden.nonlinear.LaneFunction` code.
+    a, b, c : In(fmt.width)
+        Operands.
+    enable : In(1), init 1
+        Clock enable of the result register.
+    result : Out(fmt.width)
+        Registered result, ``latency`` enabled cycles after the operands.
+    function_bits : int
+        4.
+    latency : int
+        1.
+    """
+
+    function_bits = FUNCTION_BITS
+    latency = 1
+
+    def __init__(self, *, fmt: FloatFormat, exp_degree: int = 3, silu_segments: int = 32, silu_degree: int = 2,
+                 softplus_segments: int = 16, softplus_degree: int = 2,
+                 functions: tuple[str, ...] = PIECEWISE_FUNCTIONS, _fault: str | None = None):
+        if not isinstance(fmt, FloatFormat):
+            raise ValueError(f"fmt must be a FloatFormat, not {fmt!r}")
+        if not isinstance(functions, tuple) or any(name not in PIECEWISE_FUNCTIONS for name in functions):
+            raise ValueError(f"functions must be a tuple of names from {PIECEWISE_FUNCTIONS}, not {functions!r}")
+        if _fault not in FAULTS:
+            raise ValueError(f"_fault must be one of {FAULTS}, not {_fault!r}")
+        self.fmt = fmt
+        self.functions = functions
+        self._fault = _fault
+        self.constants = build_constants(fmt=fmt, exp_degree=exp_degree, silu_segments=silu_segments,
+                                         silu_degree=silu_degree, softplus_segments=softplus_segments,
+                                         softplus_degree=softplus_degree)
+        super().__init__({"function": In(FUNCTION_BITS), "a": In(fmt.width), "b": In(fmt.width),
+                          "c": In(fmt.width), "enable": In(1, init=1), "result": Out(fmt.width)})
+
+    @classmethod
+    def factory(cls, config, **options):
+        """A callable building one lane for ``config`` (a MarcaConfig): ``PEArray(lane_extension=...)``."""
+        def build():
+            return cls(fmt=config.compute_format, exp_degree=config.exp_degree,
+                       silu_segments=config.silu_segments, silu_degree=config.silu_degree,
+                       softplus_segments=config.softplus_segments, softplus_degree=config.softplus_degree,
+                       **options)
+        return build
+
+    # Sub-operations ---------------------------------------------------------------------------------------
+
+    def _floor(self, m: Module, a: _Fields):
+        fmt = self.fmt
+        man = fmt.man_bits
+        unbiased = Signal(signed(fmt.exp_bits + 2), name="floor_unbiased")
+        m.d.comb += unbiased.eq(a.exponent - fmt.bias)
+        # Fraction bits of the mantissa field: the low man - unbiased bits, for 0 <= unbiased < man.
+        fraction_mask = Signal(man, name="floor_fraction_mask")
+        m.d.comb += fraction_mask.eq(Const((1 << man) - 1, man) >> unbiased.as_unsigned()[:max(1, man.bit_length())])
+        has_fraction = (a.mantissa & fraction_mask) != 0
+        integer_part = Signal(man + 2, name="floor_integer_part")     # 1.M with the fraction cleared
+        m.d.comb += integer_part.eq(Cat(a.mantissa & ~fraction_mask, Const(1, 1)))
+        bumped = Signal(man + 2, name="floor_bumped")                 # + one unit at the integer position
+        m.d.comb += bumped.eq(integer_part + fraction_mask + 1)
+        carry = bumped[man + 1]                                       # reached the next power of two
+        round_up = a.sign & has_fraction
+        if self._fault == "floor_no_increment":
+            round_up = Const(0, 1)
+        mid_mantissa = Mux(round_up, Mux(carry, 0, bumped[:man]), integer_part[:man])
+        mid_exponent = a.exponent + (round_up & carry)
+        minus_one = _pack(fmt, Const(1, 1), Const(fmt.bias, fmt.exp_bits), Const(0, man))
+        result = Signal(fmt.width, name="floor_result")
+        with m.If(a.is_nan):
+            m.d.comb += result.eq(fmt.canonical_nan)
+        with m.Elif(a.is_zero):
+            m.d.comb += result.eq(Cat(Const(0, fmt.width - 1), a.sign))
+        with m.Elif(a.is_inf | (unbiased >= man)):
+            m.d.comb += result.eq(a.value)
+        with m.Elif(unbiased < 0):
+            m.d.comb += result.eq(Mux(a.sign, minus_one, Cat(Const(0, fmt.width - 1), Const(0, 1))))
+        with m.Else():
+            m.d.comb += result.eq(_pack(fmt, a.sign, mid_exponent, mid_mantissa))
+        return result
+
+    def _exp_scale(self, m: Module, a: _Fields, b: _Fields):
+        fmt = self.fmt
+        man, int_bits = fmt.man_bits, exp_int_bits(fmt)
+        # n = b rounded toward zero, saturated to int_bits (any |n| beyond it over- or underflows anyway).
+        b_unbiased = Signal(signed(fmt.exp_bits + 2), name="scale_b_unbiased")
+        m.d.comb += b_unbiased.eq(b.exponent - fmt.bias)
+        shift_width = max(1, (int_bits - 1).bit_length())
+        wide = Signal(man + int_bits + 1, name="scale_shifted")       # 1.M · 2^unbiased, fixed point
+        m.d.comb += wide.eq(Cat(b.mantissa, Const(1, 1)) << b_unbiased.as_unsigned()[:shift_width])
+        magnitude = wide[man:]                                        # the integer part
+        limit = 1 << (int_bits - 1)
+        n = Signal(signed(int_bits + 1), name="scale_n")
+        with m.If(b.is_zero | (b_unbiased < 0)):
+            m.d.comb += n.eq(0)
+        with m.Elif(b.is_special | (b_unbiased >= int_bits - 1)):
+            m.d.comb += n.eq(Mux(b.sign, -limit, limit - 1))
+        with m.Else():
+            m.d.comb += n.eq(Mux(b.sign, -magnitude, magnitude))
+        exponent = Signal(signed(fmt.exp_bits + int_bits + 2), name="scale_exponent")
+        m.d.comb += exponent.eq(a.exponent + n)
+        overflow = exponent >= fmt.exp_max
+        if self._fault == "scale_no_overflow":
+            overflow = Const(0, 1)
+        result = Signal(fmt.width, name="scale_result")
+        with m.If(b.is_nan):
+            m.d.comb += result.eq(fmt.canonical_nan)
+        with m.Elif(b.is_inf):
+            m.d.comb += result.eq(Mux(b.sign, 0, fmt.inf))
+        with m.Elif(a.is_nan):
+            m.d.comb += result.eq(fmt.canonical_nan)
+        with m.Elif(a.is_inf):
+            m.d.comb += result.eq(a.value)
+        with m.Elif(a.is_zero | (exponent <= 0)):
+            m.d.comb += result.eq(Cat(Const(0, fmt.width - 1), a.sign))
+        with m.Elif(overflow):
+            m.d.comb += result.eq(Cat(Const(fmt.inf, fmt.width - 1), a.sign))
+        with m.Else():
+            m.d.comb += result.eq(_pack(fmt, a.sign, exponent, a.mantissa))
+        return result
+
+    def _segment_index(self, m: Module, name: str, layout: SegmentLayout, a: _Fields):
+        fmt = self.fmt
+        index = Signal(range(max(layout.segments, 2)), name=f"{name}_segment")
+        for sign, side, first in ((0, layout.positive, 0), (1, layout.negative, layout.positive.segments)):
+            difference = Signal(signed(fmt.exp_bits + 2), name=f"{name}_octave_{sign}")
+            m.d.comb += difference.eq(a.exponent - side.base_field(fmt))
+            side_index = Signal.like(index, name=f"{name}_index_{sign}")
+            with m.If(difference < 0):
+                m.d.comb += side_index.eq(first)
+            for octave, (offset, bits) in enumerate(zip(side.offsets, side.parts_bits)):
+                top = a.mantissa[fmt.man_bits - bits:] if bits else Const(0, 1)
+                condition = (difference >= side.octaves - 1) if octave == side.octaves - 1 \
+                    else (difference == octave)
+                with m.Elif(condition):
+                    m.d.comb += side_index.eq(first + offset + top)
+            with m.If(a.sign == sign):
+                m.d.comb += index.eq(side_index)
+        if self._fault == "coefficient_off_by_one":
+            return Mux(index == 1, 2, index)
+        return index
+
+    def _coefficient(self, m: Module, name: str, a: _Fields, k):
+        fmt = self.fmt
+        table = self.constants.table(name)
+        index = self._segment_index(m, name, table.layout, a)
+        rows = [sum(row[j] << (j * fmt.width) for j in range(table.degree + 1)) for row in table.coefficients]
+        row_width = (table.degree + 1) * fmt.width
+        rom = Array(Const(row, row_width) for row in rows)
+        row = Signal(row_width, name=f"{name}_row")
+        m.d.comb += row.eq(rom[index])
+        coefficient = Signal(fmt.width, name=f"{name}_coefficient")
+        with m.Switch(k):
+            for j in range(table.degree + 1):
+                with m.Case(j):
+                    m.d.comb += coefficient.eq(row[j * fmt.width:(j + 1) * fmt.width])
+        return coefficient
+
+    def _range_select(self, layout: SegmentLayout, a: _Fields, b: _Fields, c: _Fields):
+        fmt = self.fmt
+        above = ~a.sign & (a.exponent >= layout.positive.threshold_field(fmt))
+        below = a.sign & (a.exponent >= layout.negative.threshold_field(fmt))
+        return Mux(a.is_nan, fmt.canonical_nan,
+                   Mux(above, _read(fmt, a), Mux(below, _read(fmt, c), _read(fmt, b))))
+
+    def elaborate(self, platform):
+        m = Module()
+        fmt = self.fmt
+        a, b, c = _Fields(self.a, fmt), _Fields(self.b, fmt), _Fields(self.c, fmt)
+        floor = self._floor(m, a)
+        scale = self._exp_scale(m, a, b)
+        outputs = {LaneFunction.FLOOR: floor, LaneFunction.EXP_SCALE: scale}
+        for name in self.functions:
+            first = LaneFunction.coefficient(name, 0)
+            k = Signal(range(8), name=f"{name}_k")
+            m.d.comb += k.eq(self.function - first)
+            coefficient = self._coefficient(m, name, a, k)
+            for j in range(self.constants.table(name).degree + 1):
+                outputs[LaneFunction.coefficient(name, j)] = coefficient
+            outputs[LaneFunction.select(name)] = self._range_select(self.constants.table(name).layout, a, b, c)
+        value = Signal(fmt.width, name="value")
+        with m.Switch(self.function):
+            for code, output in outputs.items():
+                with m.Case(int(code)):
+                    m.d.comb += value.eq(output)
+        registers = Module()
+        registers.d.sync += self.result.eq(value)
+        m.submodules.result_register = EnableInserter(self.enable)(registers)
+        return m
