@@ -5,20 +5,28 @@ PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
+FPGA_STAMP := $(VENV)/.installed-fpga
+BOARD   ?= ulx3s-85f
+FPGA_CONFIG ?= fpga-small
 CONFIG  ?= default
 OUT     ?= build/verilog/$(CONFIG)
 JOBS    ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup verilog lint sim test test-fast bench clean
+.PHONY: help setup verilog lint sim test test-fast bench bitstream clean
 
 help:  ## list the commands
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: CONFIG=<preset or config.json> (default: default), OUT=<folder>, JOBS=<test workers>"
+	@echo "  variables: CONFIG=<preset or config.json> (default: default), OUT=<folder>, JOBS=<test workers>,"
+	@echo "             FPGA_CONFIG=<preset or config.json> (default: fpga-small), BOARD=ulx3s-85f"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $@
+
+$(FPGA_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,fpga]"
 	touch $@
 
 setup: $(STAMP)  ## create .venv and install marca with its dependencies
@@ -38,8 +46,11 @@ test: $(STAMP)  ## run the whole test suite (what CI runs)
 test-fast: $(STAMP)  ## only the quick tests (no Verilator)
 	$(PY) -m pytest -m "not verilator" -n $(JOBS)
 
-bench: $(STAMP)  ## run the benchmarks; figures printed and written to build/bench/*.json
+bench: $(FPGA_STAMP)  ## run the benchmarks; figures printed and written to build/bench/*.json
 	$(PY) -m marca bench --out build/bench
+
+bitstream: $(FPGA_STAMP)  ## build an FPGA bitstream (FPGA_CONFIG=fpga-small, BOARD=ulx3s-85f) with PyPI tools
+	$(PY) -m marca.fpga.build --config $(FPGA_CONFIG) --board $(BOARD)
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf build
