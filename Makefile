@@ -13,7 +13,7 @@ OUT     ?= build/verilog/$(CONFIG)
 JOBS    ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup verilog lint sim test test-fast bench bitstream clean
+.PHONY: help setup verilog lint sim test-sim test test-fast bench bitstream clean
 
 help:  ## list the commands
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,7 +37,10 @@ verilog: $(STAMP)  ## emit the Verilog of CONFIG, with its config.json, into OUT
 lint: verilog  ## verilator --lint-only -Wall on the emitted Verilog
 	$(PY) -m marca lint --dir $(OUT)
 
-sim: $(STAMP)  ## run the cocotb + Verilator simulations
+sim: $(STAMP)  ## demo: a Mamba block compiled and run end to end on the accelerator in Verilator (SIM_ARGS=...)
+	$(PY) -m marca.demo --out build/demo $(SIM_ARGS)
+
+test-sim: $(STAMP)  ## only the cocotb + Verilator tests
 	$(PY) -m pytest -m verilator -n $(JOBS)
 
 test: $(STAMP)  ## run the whole test suite (what CI runs)

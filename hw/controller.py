@@ -1,0 +1,1014 @@
+"""The controller: instruction fetch, decode and checks, dispatch to the DMA and the compute engine.
+
+* :class:`InstructionFetch` reads 256-bit instruction words over the AXI4 read channels (its own ARID) a
+  few instructions ahead of decode; a word whose read answered SLVERR/DECERR is tagged and faults only if
+  decode reaches it.
+* :class:`ComputeEngine` runs LINEAR, ELEMENTWISE and NONLINEAR instructions as streams of PE-array beats:
+  a three-level loop walks the beats, each operand is read from its buffer (one read port per operand per
+  buffer), cut down to its granule, and sent to :class:`marca.hw.pe_array.PEArray`; results are written
+  back in order. A table of the destinations of beats in flight is the scoreboard: a beat whose operand
+  line is still being computed waits, so instructions follow each other with no drain in between.
+* :class:`Controller` decodes with the bit positions of :func:`marca.isa.field_layout`, checks in the
+  ISA's order (illegal opcode, illegal field, misaligned, buffer range, memory range), dispatches DMA
+  instructions to the DMA and compute instructions to the compute engine so that both run at once, and
+  makes BARRIER and HALT wait for both. Errors halt cleanly: nothing more is dispatched, everything in
+  flight finishes (every AXI burst completes), then ``done`` with the error code and the faulting PC.
+
+Design notes, the overlap rules and the measured numbers are in docs/shell.md.
+"""
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, ResetInserter, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
+from marca.golden import nonlinear as golden_nonlinear
+
+from marca import isa
+from marca.config import MarcaConfig
+from marca.isa import Buffer, ErrorCode, LinearInit, NonlinearFunction, Opcode
+from marca.ops import ArrayMode, Broadcast, ElementwiseOp
+
+from .axi import AXI4Signature, AXIBurst, AXIResponse
+from .buffers import ReadPortSignature, WritePortSignature
+
+__all__ = ["InstructionFetch", "ComputeEngine", "Controller", "compute_command_layout", "SCRATCH_SOURCE",
+           "CONSTANT_SOURCE", "NONLINEAR_BATCH", "nonlinear_schedule"]
+
+ADDRESS_BITS = 24                  # buffer element addresses (marca.isa)
+SCRATCH_SOURCE = 4                 # operand source: the compute engine's private nonlinear scratch
+CONSTANT_SOURCE = 5                # operand source: a constant (element 0 of the operand field)
+NONLINEAR_BATCH = 16               # lines per NONLINEAR batch (each pass runs over a batch: no RAW stalls)
+_SOURCE_BITS = 3
+_KIND_LINEAR, _KIND_ELEMENTWISE, _KIND_NONLINEAR = 0, 1, 2
+
+
+def _check_config(config: MarcaConfig):
+    if not isinstance(config, MarcaConfig):
+        raise ValueError(f"config must be a MarcaConfig, not {config!r}")
+    isa.check_config(config)
+    if config.array_rows & (config.array_rows - 1):
+        raise ValueError(f"array_rows must be a power of two for the accelerator (buffer lines are addressed "
+                         f"by bit slicing), not {config.array_rows!r}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Nonlinear pass programs as ROM contents
+# ------------------------------------------------------------------------------------------------------
+
+def _describe_operand(operand, slot_of):
+    if operand is None:
+        return None
+    if operand.kind == "input":
+        return ("input", 0)
+    if operand.kind == "constant":
+        return ("constant", operand.bits)
+    return ("slot", slot_of[operand.index])
+
+
+def nonlinear_schedule(config: MarcaConfig):
+    """Per function: the passes of its golden program with scratch slots assigned.
+
+    Returns ``(slots, {function: [pass, ...]})``; each pass is a dict with ``op``, ``function`` and, for
+    ``a``/``b``/``c``, ``(kind, value)`` where kind is ``"input"``, ``"slot"`` (value: scratch slot) or
+    ``"constant"`` (value: bit pattern), or None; ``slot`` is where the pass writes (None for the last pass,
+    which writes the destination). Slots are reused once a result is dead.
+    """
+    schedules, most = {}, 1
+    programs = {NonlinearFunction.EXP: golden_nonlinear.exp_program(config),
+                NonlinearFunction.SILU: golden_nonlinear.silu_program(config),
+                NonlinearFunction.SOFTPLUS: golden_nonlinear.softplus_program(config)}
+    for function, program in programs.items():
+        passes = program.passes
+        last_use = {}
+        for number, step in enumerate(passes):
+            for operand in step.operands():
+                if operand.kind == "result":
+                    last_use[operand.index] = number
+        slot_of, free, used = {}, [], 0
+        out = []
+        for number, step in enumerate(passes):
+            entry = {"op": step.op, "function": int(step.function) if step.function is not None else 0,
+                     **{name: _describe_operand(getattr(step, name), slot_of) for name in "abc"}}
+            # Results whose last reader is this pass free their slot after it reads them.
+            for operand in step.operands():
+                if operand.kind == "result" and last_use.get(operand.index) == number:
+                    free.append(slot_of[operand.index])
+            if number == len(passes) - 1:
+                entry["slot"] = None
+            else:
+                if free:
+                    slot = free.pop(0)
+                else:
+                    slot, used = used, used + 1
+                slot_of[number] = slot
+                entry["slot"] = slot
+                if number not in last_use:        # never read: free at once
+                    free.append(slot)
+            out.append(entry)
+        schedules[function] = out
+        most = max(most, used)
+    return most, schedules
+
+
+# ------------------------------------------------------------------------------------------------------
+# Instruction fetch
+# ------------------------------------------------------------------------------------------------------
+
+class InstructionFetch(wiring.Component):
+    """Reads instruction words ahead of decode over an AXI4 read channel pair.
+
+    Ports
+    -----
+    start : In(1)
+        Begin fetching at ``address`` (a multiple of 32).
+    stop : In(1)
+        Stop issuing reads (the in-flight ones still complete); ``idle`` once they have.
+    address : In(addr_width)
+    ar/r : the AXI4 read channels (``axi`` with only AR and R used)
+    instruction : Out(stream.Signature(257))
+        Bits 255..0: the word; bit 256: its read answered an error.
+    idle : Out(1)
+        No read in flight.
+    """
+
+    def __init__(self, *, addr_width: int, data_width: int, axi_id: int = 1, queue_depth: int = 4):
+        self.addr_width = addr_width
+        self.data_width = data_width
+        self.axi_id = axi_id
+        self.queue_depth = queue_depth
+        super().__init__({
+            "start": In(1), "stop": In(1), "address": In(addr_width),
+            "axi": Out(AXI4Signature(addr_width=addr_width, data_width=data_width)),
+            "instruction": Out(stream.Signature(isa.INSTRUCTION_BITS + 1)),
+            "idle": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        axi = self.axi
+        beat_bytes = self.data_width // 8
+        word_bits = isa.INSTRUCTION_BITS
+        beats = max(1, word_bits // self.data_width)
+        # A start empties the queue of words prefetched for the previous program.
+        queue = SyncFIFO(width=word_bits + 1, depth=self.queue_depth)
+        m.submodules.queue = ResetInserter(self.start)(queue)
+
+        fetching = Signal()
+        next_address = Signal(self.addr_width)
+        in_flight = Signal(range(self.queue_depth + 1))       # instructions requested, not yet queued
+        with m.If(self.start):
+            m.d.sync += [fetching.eq(1), next_address.eq(self.address)]
+        with m.If(self.stop):
+            m.d.sync += fetching.eq(0)
+
+        issue = Signal()
+        pending = Signal()          # ARVALID stays high until accepted, even if a stop comes meanwhile
+        m.d.comb += [
+            axi.arid.eq(self.axi_id), axi.arsize.eq(exact_log2(beat_bytes)), axi.arburst.eq(AXIBurst.INCR),
+            axi.arlen.eq(beats - 1),
+            axi.araddr.eq(next_address & ~(beat_bytes - 1) if beat_bytes > 32 else next_address),
+            axi.arvalid.eq(pending | (fetching & ~self.stop & (in_flight + queue.level < self.queue_depth))),
+            issue.eq(axi.arvalid & axi.arready),
+        ]
+        m.d.sync += pending.eq(axi.arvalid & ~axi.arready)
+        # Which half/quarter of a wide beat holds the word: the low address bits of each request, in order.
+        offsets = None
+        if beat_bytes > 32:
+            offsets = SyncFIFO(width=exact_log2(beat_bytes // 32), depth=self.queue_depth)
+            m.submodules.offsets = ResetInserter(self.start)(offsets)
+            m.d.comb += [offsets.w_en.eq(issue), offsets.w_data.eq(next_address[5:exact_log2(beat_bytes)])]
+        with m.If(issue):
+            m.d.sync += next_address.eq(next_address + isa.INSTRUCTION_BYTES)
+
+        # Assemble words from beats.
+        assembled = Signal(word_bits)
+        failed = Signal()
+        beat_index = Signal(range(beats + 1))
+        m.d.comb += axi.rready.eq(1)     # the queue always has room: requests are credit-limited
+        take = axi.rvalid & (axi.rid == self.axi_id)
+        word = Signal(word_bits)
+        if beats > 1:
+            m.d.comb += word.eq(Cat(assembled[self.data_width:], axi.rdata))
+        elif offsets is not None:
+            m.d.comb += word.eq(axi.rdata.word_select(offsets.r_data, word_bits))
+        else:
+            m.d.comb += word.eq(axi.rdata[:word_bits])
+        error_now = axi.rresp != AXIResponse.OKAY
+        complete = Signal()
+        m.d.comb += complete.eq(take & (beat_index == beats - 1))
+        with m.If(take):
+            m.d.sync += [assembled.eq(word), beat_index.eq(Mux(complete, 0, beat_index + 1)),
+                         failed.eq(Mux(complete, 0, failed | error_now))]
+        m.d.comb += [queue.w_en.eq(complete), queue.w_data.eq(Cat(word, failed | error_now))]
+        if offsets is not None:
+            m.d.comb += offsets.r_en.eq(complete)
+        m.d.sync += in_flight.eq(in_flight + issue - complete)
+
+        m.d.comb += [self.instruction.valid.eq(queue.r_rdy & ~self.start), self.instruction.payload.eq(queue.r_data),
+                     queue.r_en.eq(self.instruction.ready)]
+        m.d.comb += self.idle.eq((in_flight == 0) & ~axi.arvalid)
+        return m
+
+
+# ------------------------------------------------------------------------------------------------------
+# Compute engine
+# ------------------------------------------------------------------------------------------------------
+
+def _operand_layout():
+    return data.StructLayout({
+        "source": _SOURCE_BITS, "broadcast": Broadcast, "address": ADDRESS_BITS,
+        "strides": data.ArrayLayout(ADDRESS_BITS, 3),
+    })
+
+
+def compute_command_layout(function_bits: int = 4) -> data.StructLayout:
+    """A compute instruction as the controller hands it to :class:`ComputeEngine` (loops and addresses
+    already scaled to elements)."""
+    return data.StructLayout({
+        "kind": 2,
+        "op": ElementwiseOp,
+        "function": NonlinearFunction,
+        "counts": data.ArrayLayout(24, 3),        # outer, middle, inner loop counts
+        "last_inner": 24,                         # inner count of the last outer step (NONLINEAR's last batch)
+        "a": _operand_layout(), "b": _operand_layout(), "c": _operand_layout(),
+        "bias": _operand_layout(),                # LINEAR: c of chunk 0 (or the constant +0)
+        "dst": _operand_layout(),
+        "uses": 3,                                # ELEMENTWISE: operands a, b, c read
+    })
+
+
+class _Affine:
+    """An address generator ``base + i0·s0 + i1·s1 + i2·s2`` stepped by the engine's three loops."""
+
+    def __init__(self, m, name):
+        self.level0 = Signal(ADDRESS_BITS, name=f"{name}_level0")
+        self.level1 = Signal(ADDRESS_BITS, name=f"{name}_level1")
+        self.current = Signal(ADDRESS_BITS, name=f"{name}_current")
+        self.m = m
+
+    def load(self, operand):
+        return [self.level0.eq(operand.address), self.level1.eq(operand.address),
+                self.current.eq(operand.address)]
+
+    def step(self, operand, level):
+        """Statements for advancing loop ``level`` (2 inner, 1 middle, 0 outer)."""
+        strides = operand.strides
+        if level == 2:
+            return [self.current.eq(self.current + strides[2])]
+        if level == 1:
+            return [self.level1.eq(self.level1 + strides[1]), self.current.eq(self.level1 + strides[1])]
+        return [self.level0.eq(self.level0 + strides[0]), self.level1.eq(self.level0 + strides[0]),
+                self.current.eq(self.level0 + strides[0])]
+
+
+class ComputeEngine(wiring.Component):
+    """Runs compute instructions on the PE array (see the module docstring).
+
+    Ports
+    -----
+    command : In(stream.Signature(compute_command_layout()))
+        Accepted when the previous instruction has issued all its beats.
+    reads[buffer][operand] : Out(ReadPortSignature)
+        Read ports ``a``, ``b``, ``c`` (index 0, 1, 2) of the four buffers.
+    writes[buffer] : Out(WritePortSignature)
+        Result writes (buffer 0, WEIGHT, is never written).
+    array_in : Out(stream.Signature(operands)) / array_out : In(stream.Signature(results))
+        To and from the PE array.
+    idle : Out(1)
+        No instruction issuing and no beat in flight.
+    abort : In(1)
+        Stop issuing beats (the ones in flight complete).
+    _fault : str or None
+        ``"no_scoreboard"``: a deliberately broken variant (beats never wait for their operands), for the
+        test that proves the program tests catch it.
+    events : Out(...)
+        One bit per cycle for the counters (see docs/shell.md).
+    """
+
+    def __init__(self, *, config: MarcaConfig, array_layouts, function_bits: int, array_latency: int,
+                 line_widths: dict, _fault: str | None = None):
+        _check_config(config)
+        if _fault not in (None, "no_scoreboard"):
+            raise ValueError(f"_fault must be None or 'no_scoreboard', not {_fault!r}")
+        self._fault = _fault
+        self.config = config
+        self.lanes = config.lanes
+        self.width = config.compute_format.width
+        self.function_bits = function_bits
+        self.array_layouts = array_layouts
+        self.line_widths = line_widths          # {Buffer: line address bits}
+        self.slots, self.schedule = nonlinear_schedule(config)
+        self.scratch_lines = self.slots * NONLINEAR_BATCH
+        self.in_flight_depth = max(16, 1 << (array_latency + 8).bit_length())
+        line_bits = self.lanes * self.width
+        reads = {}
+        for buffer in Buffer:
+            reads[f"reads_{buffer.name.lower()}"] = Out(ReadPortSignature(
+                addr_width=line_widths[buffer], data_width=line_bits)).array(3)
+        writes = {f"writes_{buffer.name.lower()}": Out(WritePortSignature(
+            addr_width=line_widths[buffer], data_width=line_bits, elements=self.lanes))
+            for buffer in Buffer if buffer != Buffer.WEIGHT}
+        super().__init__({
+            "command": In(stream.Signature(compute_command_layout())),
+            **reads, **writes,
+            "array_in": Out(stream.Signature(array_layouts.operands)),
+            "array_out": In(stream.Signature(array_layouts.results)),
+            "idle": Out(1), "abort": In(1),
+            "linear_beat": Out(1), "elementwise_beat": Out(1), "nonlinear_beat": Out(1),
+            "nonlinear_line": Out(1), "hazard_stall": Out(1), "array_stall": Out(1),
+            "write_stall": Out(1), "active": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        config = self.config
+        lanes, width = self.lanes, self.width
+        rows = config.array_rows
+        lane_shift = exact_log2(lanes)
+        line_bits = lanes * width
+        max_line_width = ADDRESS_BITS - lane_shift
+
+        command = Signal(compute_command_layout())
+        active = Signal()
+        m.d.comb += [self.command.ready.eq(~active), self.active.eq(active)]
+        accept = self.command.valid & ~active
+        with m.If(accept):
+            m.d.sync += [command.eq(self.command.payload), active.eq(1)]
+
+        index = [Signal(24, name=f"loop{level}") for level in range(3)]
+        names = ("a", "b", "c", "bias", "dst")
+        generators = {name: _Affine(m, f"address_{name}") for name in names}
+        with m.If(accept):
+            m.d.sync += [i.eq(0) for i in index]
+            for name in names:
+                m.d.sync += generators[name].load(getattr(self.command.payload, name))
+
+        kind = command.kind
+        counts = command.counts
+        last_outer = index[0] == counts[0] - 1
+        inner_count = Mux(last_outer, command.last_inner, counts[2])
+        last_middle = index[1] == counts[1] - 1
+        last_inner = index[2] == inner_count - 1
+
+        # ---- the beat at the loop position ------------------------------------------------------------
+        beat_op = Signal(ElementwiseOp)
+        beat_function = Signal(max(1, self.function_bits))
+        beat_mode = Signal(ArrayMode)
+        sources = {name: Signal(_SOURCE_BITS, name=f"{name}_source") for name in "abc"}
+        addresses = {name: Signal(ADDRESS_BITS, name=f"{name}_element") for name in "abc"}
+        broadcasts = {name: Signal(Broadcast, name=f"{name}_broadcast") for name in "abc"}
+        constants = {name: Signal(width, name=f"{name}_constant") for name in "abc"}
+        used = {name: Signal(name=f"{name}_used") for name in "abc"}
+        dst_source = Signal(_SOURCE_BITS)
+        dst_address = Signal(ADDRESS_BITS)
+        dst_partial = Signal()      # LINEAR: write R elements at the address, not the whole line
+
+        with m.Switch(kind):
+            with m.Case(_KIND_ELEMENTWISE):
+                m.d.comb += [beat_op.eq(command.op), beat_mode.eq(ArrayMode.ELEMENTWISE),
+                             dst_source.eq(command.dst.source), dst_address.eq(generators["dst"].current)]
+                for position, name in enumerate("abc"):
+                    operand = getattr(command, name)
+                    m.d.comb += [sources[name].eq(operand.source), addresses[name].eq(generators[name].current),
+                                 broadcasts[name].eq(operand.broadcast), used[name].eq(command.uses[position])]
+            with m.Case(_KIND_LINEAR):
+                m.d.comb += [beat_op.eq(ElementwiseOp.MUL), beat_mode.eq(ArrayMode.LINEAR),
+                             dst_source.eq(command.dst.source), dst_address.eq(generators["dst"].current),
+                             dst_partial.eq(1)]
+                for name in "ab":
+                    operand = getattr(command, name)
+                    m.d.comb += [sources[name].eq(operand.source), addresses[name].eq(generators[name].current),
+                                 broadcasts[name].eq(operand.broadcast), used[name].eq(1)]
+                # Chunk 0 starts from the bias (or +0); later chunks from the partial sum in the output.
+                first_chunk = index[0] == 0
+                m.d.comb += [
+                    sources["c"].eq(Mux(first_chunk, command.bias.source, command.dst.source)),
+                    addresses["c"].eq(Mux(first_chunk, generators["bias"].current, generators["dst"].current)),
+                    broadcasts["c"].eq(Mux(first_chunk & (command.bias.source == CONSTANT_SOURCE),
+                                           Broadcast.SCALAR, Broadcast.ROW)),
+                    constants["c"].eq(0), used["c"].eq(1),
+                ]
+            with m.Case(_KIND_NONLINEAR):
+                m.d.comb += beat_mode.eq(ArrayMode.ELEMENTWISE)
+                batch_line = index[2]
+                with m.Switch(command.function):
+                    for function, passes in self.schedule.items():
+                        with m.Case(function):
+                            with m.Switch(index[1]):
+                                for number, step in enumerate(passes):
+                                    with m.Case(number):
+                                        m.d.comb += [beat_op.eq(step["op"]), beat_function.eq(step["function"])]
+                                        for name in "abc":
+                                            described = step[name]
+                                            if described is None:
+                                                continue
+                                            what, value = described
+                                            m.d.comb += used[name].eq(1)
+                                            if what == "input":
+                                                m.d.comb += [sources[name].eq(command.a.source),
+                                                             addresses[name].eq(generators["a"].current),
+                                                             broadcasts[name].eq(Broadcast.LANE)]
+                                            elif what == "constant":
+                                                m.d.comb += [sources[name].eq(CONSTANT_SOURCE),
+                                                             constants[name].eq(value),
+                                                             broadcasts[name].eq(Broadcast.SCALAR)]
+                                            else:
+                                                m.d.comb += [sources[name].eq(SCRATCH_SOURCE),
+                                                             addresses[name].eq(
+                                                                 ((value * NONLINEAR_BATCH + batch_line)
+                                                                  << lane_shift)[:ADDRESS_BITS]),
+                                                             broadcasts[name].eq(Broadcast.LANE)]
+                                        if step["slot"] is None:
+                                            m.d.comb += [dst_source.eq(command.dst.source),
+                                                         dst_address.eq(generators["dst"].current)]
+                                        else:
+                                            m.d.comb += [dst_source.eq(SCRATCH_SOURCE),
+                                                         dst_address.eq(((step["slot"] * NONLINEAR_BATCH
+                                                                          + batch_line) << lane_shift)
+                                                                        [:ADDRESS_BITS])]
+        for name in "abc":
+            with m.If(~used[name]):
+                m.d.comb += sources[name].eq(CONSTANT_SOURCE)
+
+        # ---- scoreboard: destinations of beats in flight -----------------------------------------------
+        depth = self.in_flight_depth
+        flight_valid = Signal(depth)
+        flight_source = Array(Signal(_SOURCE_BITS, name=f"flight_source{i}") for i in range(depth))
+        flight_line = Array(Signal(max_line_width, name=f"flight_line{i}") for i in range(depth))
+        flight_position = Array(Signal(lane_shift + 1, name=f"flight_position{i}") for i in range(depth))
+        flight_partial = Signal(depth)
+        head = Signal(range(depth))
+        tail = Signal(range(depth))
+        count = Signal(range(depth + 1))
+
+        # A read waits for an in-flight write to its line, except where both are R-element groups (ROW
+        # reads, LINEAR result writes) at different positions: LINEAR's partial sums of neighbouring row
+        # tiles share a line and must not wait for each other.
+        hazard = Signal()
+        hazard_terms = []
+        for name in "abc":
+            line = addresses[name][lane_shift:]
+            position = addresses[name][:lane_shift] if lane_shift else Const(0, 1)
+            row_read = broadcasts[name] == Broadcast.ROW
+            for entry in range(depth):
+                overlaps = ~flight_partial[entry] | ~row_read | (flight_position[entry] == position)
+                hazard_terms.append(flight_valid[entry] & (sources[name] == flight_source[entry]) &
+                                    (line == flight_line[entry]) & (sources[name] != CONSTANT_SOURCE) &
+                                    overlaps)
+        if self._fault != "no_scoreboard":       # the deliberately broken variant ignores dependencies
+            m.d.comb += hazard.eq(Cat(*hazard_terms).any())
+
+        # ---- issue -------------------------------------------------------------------------------------
+        queue_depth = 4
+        m.submodules.operand_queue = queue = SyncFIFO(width=self.array_layouts.operands.size,
+                                                      depth=queue_depth)
+        fetch_valid = Signal()
+        issue = Signal()
+        room = (queue.level + fetch_valid < queue_depth) & (count < depth - 1)
+        m.d.comb += issue.eq(active & ~self.abort & room & ~hazard)
+        m.d.comb += [self.hazard_stall.eq(active & room & hazard),
+                     self.array_stall.eq(active & ~room)]
+
+        with m.If(issue):
+            with m.If(~last_inner):
+                m.d.sync += index[2].eq(index[2] + 1)
+                for name in names:
+                    m.d.sync += generators[name].step(getattr(command, name), 2)
+            with m.Elif(~last_middle):
+                m.d.sync += [index[2].eq(0), index[1].eq(index[1] + 1)]
+                for name in names:
+                    m.d.sync += generators[name].step(getattr(command, name), 1)
+            with m.Elif(~last_outer):
+                m.d.sync += [index[2].eq(0), index[1].eq(0), index[0].eq(index[0] + 1)]
+                for name in names:
+                    m.d.sync += generators[name].step(getattr(command, name), 0)
+            with m.Else():
+                m.d.sync += active.eq(0)
+        with m.If(active & self.abort):
+            m.d.sync += active.eq(0)
+        m.d.comb += [
+            self.linear_beat.eq(issue & (kind == _KIND_LINEAR)),
+            self.elementwise_beat.eq(issue & (kind == _KIND_ELEMENTWISE)),
+            self.nonlinear_beat.eq(issue & (kind == _KIND_NONLINEAR)),
+            self.nonlinear_line.eq(issue & (kind == _KIND_NONLINEAR) & last_middle),
+        ]
+
+        # Read the operand lines.
+        buffer_reads = {buffer: getattr(self, f"reads_{buffer.name.lower()}") for buffer in Buffer}
+        scratch = None
+        from amaranth.lib.memory import Memory
+        m.submodules.scratch = scratch = Memory(shape=line_bits, depth=max(2, self.scratch_lines), init=[])
+        scratch_reads = [scratch.read_port() for _ in range(3)]
+        scratch_write = scratch.write_port()
+        scratch_width = max(1, (max(2, self.scratch_lines) - 1).bit_length())
+        for position, name in enumerate("abc"):
+            line = addresses[name][lane_shift:]
+            for buffer in Buffer:
+                port = buffer_reads[buffer][position]
+                m.d.comb += [port.addr.eq(line[:self.line_widths[buffer]]),
+                             port.en.eq(issue & (sources[name] == int(buffer)))]
+            m.d.comb += [scratch_reads[position].addr.eq(line[:scratch_width]),
+                         scratch_reads[position].en.eq(issue & (sources[name] == SCRATCH_SOURCE))]
+
+        # Fetch stage: registered beat description, read data arrives.
+        fetched = {name: {"source": Signal(_SOURCE_BITS, name=f"fetched_{name}_source"),
+                          "position": Signal(lane_shift + 1, name=f"fetched_{name}_position"),
+                          "broadcast": Signal(Broadcast, name=f"fetched_{name}_broadcast"),
+                          "constant": Signal(width, name=f"fetched_{name}_constant")} for name in "abc"}
+        fetched_op = Signal(ElementwiseOp)
+        fetched_function = Signal(max(1, self.function_bits))
+        fetched_mode = Signal(ArrayMode)
+        m.d.sync += fetch_valid.eq(issue)
+        with m.If(issue):
+            m.d.sync += [fetched_op.eq(beat_op), fetched_function.eq(beat_function), fetched_mode.eq(beat_mode)]
+            for name in "abc":
+                f = fetched[name]
+                m.d.sync += [f["source"].eq(sources[name]), f["broadcast"].eq(broadcasts[name]),
+                             f["constant"].eq(constants[name]),
+                             f["position"].eq(addresses[name][:lane_shift] if lane_shift else 0)]
+
+        payload = Signal(self.array_layouts.operands)
+        m.d.comb += [payload.mode.eq(fetched_mode), payload.op.eq(fetched_op),
+                     payload.first.eq(1), payload.last.eq(1)]
+        if self.function_bits:
+            m.d.comb += payload.function.eq(fetched_function)
+        for position, name in enumerate("abc"):
+            f = fetched[name]
+            line = Signal(line_bits, name=f"{name}_line_data")
+            with m.Switch(f["source"]):
+                for buffer in Buffer:
+                    with m.Case(int(buffer)):
+                        m.d.comb += line.eq(buffer_reads[buffer][position].data)
+                with m.Case(SCRATCH_SOURCE):
+                    m.d.comb += line.eq(scratch_reads[position].data)
+                with m.Case(CONSTANT_SOURCE):
+                    m.d.comb += line.eq(f["constant"])
+            field = getattr(payload, name)
+            # The granule starts at `position` in its line: shift it down to element 0.
+            shifted = Signal(line_bits, name=f"{name}_field")
+            m.d.comb += shifted.eq(line >> (f["position"] * width))
+            m.d.comb += [field.as_value().eq(shifted), getattr(payload, f"broadcast_{name}").eq(f["broadcast"])]
+        m.d.comb += [queue.w_en.eq(fetch_valid), queue.w_data.eq(payload.as_value())]
+        m.d.comb += [self.array_in.valid.eq(queue.r_rdy), self.array_in.payload.eq(queue.r_data),
+                     queue.r_en.eq(self.array_in.ready)]
+
+        # ---- scoreboard push (at issue) and writeback (in order) ---------------------------------------
+        pop = Signal()
+        with m.If(issue):
+            m.d.sync += [flight_source[tail].eq(dst_source), flight_line[tail].eq(dst_address[lane_shift:]),
+                         flight_position[tail].eq(dst_address[:lane_shift] if lane_shift else 0),
+                         flight_partial.bit_select(tail, 1).eq(dst_partial),
+                         tail.eq(Mux(tail == depth - 1, 0, tail + 1))]
+        for entry in range(depth):
+            set_entry = issue & (tail == entry)
+            clear_entry = pop & (head == entry)
+            with m.If(set_entry):
+                m.d.sync += flight_valid[entry].eq(1)
+            with m.Elif(clear_entry):
+                m.d.sync += flight_valid[entry].eq(0)
+        with m.If(pop):
+            m.d.sync += head.eq(Mux(head == depth - 1, 0, head + 1))
+        m.d.sync += count.eq(count + issue - pop)
+
+        out = self.array_out
+        result = out.payload.result.as_value()
+        target = flight_source[head]
+        target_line = flight_line[head]
+        target_position = flight_position[head]
+        partial = flight_partial.bit_select(head, 1)
+        write_data = Signal(line_bits)
+        write_enable = Signal(lanes)
+        with m.If(partial):
+            m.d.comb += [write_data.eq(result << (target_position * width)),
+                         write_enable.eq(Const((1 << rows) - 1, lanes) << target_position)]
+        with m.Else():
+            m.d.comb += [write_data.eq(result), write_enable.eq(Const((1 << lanes) - 1, lanes))]
+        ready = Signal()
+        with m.Switch(target):
+            for buffer in Buffer:
+                if buffer == Buffer.WEIGHT:
+                    continue
+                port = getattr(self, f"writes_{buffer.name.lower()}")
+                with m.Case(int(buffer)):
+                    m.d.comb += [port.addr.eq(target_line[:self.line_widths[buffer]]), port.data.eq(write_data),
+                                 port.en.eq(Mux(out.valid, write_enable, 0)), ready.eq(port.ready)]
+                m.d.comb += port.addr.eq(target_line[:self.line_widths[buffer]])
+            with m.Case(SCRATCH_SOURCE):
+                m.d.comb += [scratch_write.addr.eq(target_line[:scratch_width]), scratch_write.data.eq(write_data),
+                             scratch_write.en.eq(out.valid), ready.eq(1)]
+            with m.Default():
+                m.d.comb += ready.eq(1)
+        m.d.comb += [out.ready.eq(ready), pop.eq(out.valid & ready),
+                     self.write_stall.eq(out.valid & ~ready)]
+        m.d.comb += self.idle.eq(~active & (count == 0) & ~fetch_valid)
+        return m
+
+
+# ------------------------------------------------------------------------------------------------------
+# Controller: fetch, decode, checks, dispatch
+# ------------------------------------------------------------------------------------------------------
+
+COUNTERS = {
+    # name: increment width. The first group are the ISS's deterministic counters (docs/isa.md).
+    "instructions": 1, "load_instructions": 1, "store_instructions": 1, "linear_instructions": 1,
+    "elementwise_instructions": 1, "nonlinear_instructions": 1, "barrier_instructions": 1,
+    "fetch_bytes": 6, "dma_bytes_read": 8, "dma_bytes_written": 8,
+    "linear_beats": 1, "elementwise_beats": 1, "nonlinear_lines": 1, "nonlinear_beats": 1,
+    # The hardware's own.
+    "cycles": 1, "compute_busy_cycles": 1, "dma_read_busy_cycles": 1, "dma_write_busy_cycles": 1,
+    "array_linear_cycles": 1, "array_elementwise_cycles": 1,
+    "stall_fetch_cycles": 1, "stall_dispatch_cycles": 1, "stall_hazard_cycles": 1,
+    "stall_array_cycles": 1, "stall_write_cycles": 1,
+}
+"""Counters in CSR order (:mod:`marca.hw.csr`), with the width of their per-cycle increments."""
+__all__.append("COUNTERS")
+
+
+class _Fields:
+    """The fields of one opcode's format, sliced from the instruction word by :func:`isa.field_layout`."""
+
+    def __init__(self, word, opcode):
+        self.layout = isa.field_layout(opcode)
+        for field in self.layout:
+            setattr(self, field.name, word[field.lsb:field.lsb + field.width])
+        self.end = self.layout[-1].lsb + self.layout[-1].width if self.layout else isa.OPCODE_BITS
+
+
+def _any(terms):
+    terms = list(terms)
+    return Cat(*terms).any() if terms else Const(0, 1)
+
+
+class Controller(wiring.Component):
+    """Decode, checks and dispatch (see the module docstring).
+
+    Ports
+    -----
+    start, soft_reset : In(1)
+        From the CSRs.
+    program_address : In(addr_width)
+    busy, done : Out(1)
+    error_code : Out(4)
+    error_pc : Out(addr_width)
+    instruction : In(stream.Signature(257))
+        From :class:`InstructionFetch`.
+    fetch_start, fetch_stop : Out(1)
+    fetch_idle : In(1)
+    dma_command : Out(stream.Signature(dma_command_layout))
+    dma_busy, dma_done, dma_error : In(1)
+    dma_abort : Out(1)
+    compute_command : Out(stream.Signature(compute_command_layout()))
+    compute_idle : In(1)
+    compute_abort : Out(1)
+    counter events : Out(1) each (see :data:`COUNTERS`)
+    """
+
+    def __init__(self, *, config: MarcaConfig, dma_layout):
+        _check_config(config)
+        self.config = config
+        self.addr_width = config.axi_addr_width
+        self.dma_layout = dma_layout
+        super().__init__({
+            "start": In(1), "soft_reset": In(1), "program_address": In(self.addr_width),
+            "busy": Out(1), "done": Out(1), "error_code": Out(ErrorCode), "error_pc": Out(self.addr_width),
+            "instruction": In(stream.Signature(isa.INSTRUCTION_BITS + 1)),
+            "fetch_start": Out(1), "fetch_stop": Out(1), "fetch_idle": In(1),
+            "dma_command": Out(stream.Signature(dma_layout)),
+            "dma_busy": In(1), "dma_done": In(1), "dma_error": In(1), "dma_abort": Out(1),
+            "compute_command": Out(stream.Signature(compute_command_layout())),
+            "compute_idle": In(1), "compute_abort": Out(1),
+            "retired": Out(isa.OPCODE_BITS), "retire": Out(1), "fetched": Out(1),
+            "stall_fetch": Out(1), "stall_dispatch": Out(1), "running": Out(1),
+        })
+
+    # -- checks, generated from marca.isa --------------------------------------------------------------
+
+    def _illegal_field(self, m, word, opcode):
+        """ILLEGAL_FIELD for ``opcode`` (enum values, reserved bits, zero counts, WEIGHT destinations,
+        FUNCTION)."""
+        fields = _Fields(word, opcode)
+        terms = []
+        for field in fields.layout:
+            if field.kind is not None:
+                legal = {int(member) for member in field.kind}
+                if len(legal) < 1 << field.width:
+                    value = getattr(fields, field.name)
+                    terms.append(~_any(value == v for v in sorted(legal)))
+        if fields.end < isa.INSTRUCTION_BITS:
+            terms.append(word[fields.end:].any())
+        for name in isa._COUNT_FIELDS.get(opcode, ()):
+            terms.append(getattr(fields, name) == 0)
+        destination = isa._DESTINATION_FIELDS.get(opcode)
+        if destination is not None:
+            terms.append(getattr(fields, destination) == int(Buffer.WEIGHT))
+        if opcode == Opcode.ELEMENTWISE:
+            terms.append(fields.op == int(ElementwiseOp.FUNCTION))
+        return _any(terms)
+
+    def _accesses(self, m, fields, opcode):
+        """Hardware mirror of :func:`marca.isa.buffer_accesses`: (buffer, address, last, alignment,
+        enabled) per access; alignment is a power-of-two granule as a Value."""
+        config = self.config
+        R, C, lanes = config.array_rows, config.array_cols, config.lanes
+        f = fields
+        wide = 48
+
+        def last(address, loops, extent):
+            total = address + extent - 1
+            for count, stride in loops:
+                total = total + (count - 1) * stride
+            result = Signal(wide)
+            m.d.comb += result.eq(total)
+            return result
+
+        out = []
+        if opcode in (Opcode.LOAD, Opcode.STORE):
+            out.append((f.buffer, f.buffer_address, last(f.buffer_address, [(f.row_count, f.buffer_row_stride)],
+                                                         f.row_elements), 1, Const(1, 1)))
+        elif opcode == Opcode.LINEAR:
+            jk = Signal(32)
+            m.d.comb += jk.eq(f.row_tile_count * f.chunk_count)
+            out.append((f.matrix_buffer, f.matrix_address, last(f.matrix_address, [(jk, lanes)], lanes), lanes,
+                        Const(1, 1)))
+            out.append((f.vector_buffer, f.vector_address,
+                        last(f.vector_address, [(f.token_count, f.vector_token_stride * C), (f.chunk_count, C)], C),
+                        C, Const(1, 1)))
+            out.append((f.bias_buffer, f.bias_address,
+                        last(f.bias_address, [(f.token_count, f.bias_token_stride * R), (f.row_tile_count, R)], R),
+                        R, f.init == int(LinearInit.BIAS)))
+            out.append((f.output_buffer, f.output_address,
+                        last(f.output_address, [(f.token_count, f.output_token_stride * R),
+                                                (f.row_tile_count, R)], R), R, Const(1, 1)))
+        elif opcode == Opcode.ELEMENTWISE:
+            for name in "abc":
+                users = [int(op) for op in ElementwiseOp if op != ElementwiseOp.FUNCTION
+                         and name in isa.operands_used(op)]
+                enabled = _any(f.op == op for op in users)
+                broadcast = getattr(f, f"{name}_broadcast")
+                granule = Signal(range(lanes + 1), name=f"check_{name}_granule")
+                shift = Signal(range(exact_log2(lanes) + 1), name=f"check_{name}_shift")
+                with m.Switch(broadcast):
+                    for value in Broadcast:
+                        g = isa.granule(config, value)
+                        with m.Case(value):
+                            m.d.comb += [granule.eq(g), shift.eq(exact_log2(g))]
+                address = getattr(f, f"{name}_address")
+                outer = Signal(32, name=f"check_{name}_outer")
+                inner = Signal(32, name=f"check_{name}_inner")
+                m.d.comb += [outer.eq((f.outer_count - 1) * getattr(f, f"{name}_outer_stride")),
+                             inner.eq((f.inner_count - 1) * getattr(f, f"{name}_inner_stride"))]
+                total = Signal(wide, name=f"check_{name}_last")
+                m.d.comb += total.eq(address + ((outer + inner) << shift) + granule - 1)
+                out.append((getattr(f, f"{name}_buffer"), address, total, granule, enabled))
+            out.append((f.dst_buffer, f.dst_address,
+                        last(f.dst_address, [(f.outer_count, f.dst_outer_stride * lanes),
+                                             (f.inner_count, f.dst_inner_stride * lanes)], lanes), lanes, Const(1, 1)))
+        elif opcode == Opcode.NONLINEAR:
+            out.append((f.src_buffer, f.src_address, last(f.src_address, [(f.line_count, lanes)], lanes), lanes,
+                        Const(1, 1)))
+            out.append((f.dst_buffer, f.dst_address, last(f.dst_address, [(f.line_count, lanes)], lanes), lanes,
+                        Const(1, 1)))
+        return out
+
+    def _check(self, m, word, opcode):
+        """(misaligned, buffer_range, memory_range) for a decoded ``opcode``."""
+        config = self.config
+        f = _Fields(word, opcode)
+        misaligned, out_of_range, memory_range = [], [], []
+        if opcode in (Opcode.LOAD, Opcode.STORE):
+            compute = f.memory_format == int(isa.MemoryFormat.COMPUTE)
+            size = Mux(compute, config.compute_bytes, config.storage_bytes)
+            mask = size - 1
+            misaligned.append(((f.memory_address & mask) != 0) | ((f.memory_row_stride & mask) != 0))
+            last_byte = Signal(self.addr_width + 70)
+            m.d.comb += last_byte.eq(f.memory_address + (f.row_count - 1) * f.memory_row_stride
+                                     + f.row_elements * size - 1)
+            memory_range.append(last_byte[self.addr_width:].any())
+        limits = {int(b): isa.buffer_elements(config, b) for b in Buffer}
+        for buffer, address, last, alignment, enabled in self._accesses(m, f, opcode):
+            if isinstance(alignment, int):
+                misaligned.append(enabled & ((address & (alignment - 1)) != 0))
+            else:
+                misaligned.append(enabled & ((address & (alignment - 1)) != 0))
+            limit = Signal(32)
+            with m.Switch(buffer):
+                for value, elements in limits.items():
+                    with m.Case(value):
+                        m.d.comb += limit.eq(elements)
+            out_of_range.append(enabled & (last >= limit))
+        return _any(misaligned), _any(out_of_range), _any(memory_range)
+
+    # -- elaborate -------------------------------------------------------------------------------------
+
+    def elaborate(self, platform):
+        m = Module()
+        config = self.config
+        lanes, R, C = config.lanes, config.array_rows, config.array_cols
+        lane_shift = exact_log2(lanes)
+
+        running = Signal()          # between start and done
+        stopping = Signal()         # no more dispatch: wait for the units, then done
+        error_code = Signal(ErrorCode)
+        error_pc = Signal(self.addr_width)
+        done = Signal()
+        pc = Signal(self.addr_width)
+        dma_pc = Signal(self.addr_width)
+        m.d.comb += [self.busy.eq(running), self.done.eq(done), self.error_code.eq(error_code),
+                     self.error_pc.eq(error_pc), self.running.eq(running)]
+
+        def fail(code, at):
+            m.d.sync += [error_code.eq(code), error_pc.eq(at), stopping.eq(1)]
+
+        with m.If(self.start & ~running):
+            m.d.sync += [running.eq(1), stopping.eq(0), done.eq(0), error_code.eq(ErrorCode.NONE),
+                         error_pc.eq(0), pc.eq(self.program_address)]
+            with m.If(self.program_address[:5] != 0):
+                fail(ErrorCode.MISALIGNED, self.program_address)
+            with m.Else():
+                m.d.comb += self.fetch_start.eq(1)
+
+        # Decode stage: the instruction at the head of the fetch queue, checked over two cycles.
+        word = self.instruction.payload[:isa.INSTRUCTION_BITS]
+        fetch_failed = self.instruction.payload[isa.INSTRUCTION_BITS]
+        opcode = word[:isa.OPCODE_BITS]
+        checked = Signal()              # check results below are for the head instruction
+        verdict = Signal(ErrorCode)
+        legal_opcodes = [int(op) for op in Opcode]
+        verdict_now = Signal(ErrorCode)
+        with m.If(fetch_failed):
+            m.d.comb += verdict_now.eq(ErrorCode.BUS_ERROR)
+        with m.Elif(~_any(opcode == op for op in legal_opcodes)):
+            m.d.comb += verdict_now.eq(ErrorCode.ILLEGAL_OPCODE)
+        with m.Else():
+            with m.Switch(opcode):
+                for op in Opcode:
+                    with m.Case(int(op)):
+                        illegal = self._illegal_field(m, word, op)
+                        misaligned, buffer_range, memory_range = self._check(m, word, op)
+                        with m.If(illegal):
+                            m.d.comb += verdict_now.eq(ErrorCode.ILLEGAL_FIELD)
+                        with m.Elif(misaligned):
+                            m.d.comb += verdict_now.eq(ErrorCode.MISALIGNED)
+                        with m.Elif(buffer_range):
+                            m.d.comb += verdict_now.eq(ErrorCode.BUFFER_RANGE)
+                        with m.Elif(memory_range):
+                            m.d.comb += verdict_now.eq(ErrorCode.MEMORY_RANGE)
+
+        dispatch_ready = Signal()
+        consume = Signal()
+        have = running & ~stopping & self.instruction.valid
+        with m.If(have & ~checked):
+            m.d.sync += [checked.eq(1), verdict.eq(verdict_now)]
+        with m.If(consume):
+            m.d.sync += checked.eq(0)
+        with m.If(~running):
+            m.d.sync += checked.eq(0)
+
+        # Dispatch.
+        dma_idle = ~self.dma_busy & ~self.dma_command.valid
+        compute_free = self.compute_command.ready
+        all_idle = dma_idle & self.compute_idle & ~self.compute_command.valid
+        is_dma = (opcode == int(Opcode.LOAD)) | (opcode == int(Opcode.STORE))
+        is_compute = _any(opcode == int(op) for op in (Opcode.LINEAR, Opcode.ELEMENTWISE, Opcode.NONLINEAR))
+        with m.If(is_dma):
+            m.d.comb += dispatch_ready.eq(dma_idle)
+        with m.Elif(is_compute):
+            m.d.comb += dispatch_ready.eq(compute_free & ~self.compute_command.valid)
+        with m.Else():
+            m.d.comb += dispatch_ready.eq(all_idle)
+
+        m.d.comb += [self.fetched.eq(consume), self.stall_fetch.eq(running & ~stopping & ~self.instruction.valid),
+                     self.stall_dispatch.eq(have & checked & (verdict == ErrorCode.NONE) & ~dispatch_ready)]
+        go = have & checked
+        with m.If(go):
+            with m.If(verdict != ErrorCode.NONE):
+                # An earlier DMA may still fault (BUS_ERROR); it came first, so wait for it.
+                with m.If(dma_idle):
+                    m.d.comb += consume.eq(1)
+                    fail(verdict, pc)
+            with m.Elif(dispatch_ready):
+                m.d.comb += [consume.eq(1), self.retire.eq(1), self.retired.eq(opcode)]
+                m.d.sync += pc.eq(pc + isa.INSTRUCTION_BYTES)
+                with m.If(opcode == int(Opcode.HALT)):
+                    m.d.sync += stopping.eq(1)
+                with m.If(is_dma):
+                    m.d.sync += dma_pc.eq(pc)
+        m.d.comb += self.instruction.ready.eq(consume)
+
+        # DMA command from LOAD / STORE fields.
+        dma_valid = Signal()
+        dma_payload = Signal(self.dma_layout)
+        load = _Fields(word, Opcode.LOAD)
+        with m.If(go & (verdict == ErrorCode.NONE) & dispatch_ready & is_dma):
+            m.d.sync += [
+                dma_valid.eq(1),
+                dma_payload.store.eq(opcode == int(Opcode.STORE)),
+                dma_payload.memory_format.eq(load.memory_format),
+                dma_payload.buffer.eq(load.buffer),
+                dma_payload.address.eq(load.memory_address[:self.addr_width]),
+                dma_payload.row_stride.eq(load.memory_row_stride),
+                dma_payload.rows.eq(load.row_count),
+                dma_payload.row_elements.eq(load.row_elements),
+                dma_payload.line.eq(load.buffer_address[lane_shift:]),
+                dma_payload.row_step_lines.eq(load.buffer_row_stride[lane_shift:]),
+            ]
+            if lane_shift:
+                m.d.sync += [dma_payload.position.eq(load.buffer_address[:lane_shift]),
+                             dma_payload.row_step_position.eq(load.buffer_row_stride[:lane_shift])]
+        with m.If(self.dma_command.valid & self.dma_command.ready):
+            m.d.sync += dma_valid.eq(0)
+        m.d.comb += [self.dma_command.valid.eq(dma_valid), self.dma_command.payload.eq(dma_payload)]
+        with m.If(self.dma_done & self.dma_error & (error_code == ErrorCode.NONE)):
+            fail(ErrorCode.BUS_ERROR, dma_pc)
+
+        # Compute command from LINEAR / ELEMENTWISE / NONLINEAR fields.
+        compute_valid = Signal()
+        command = Signal(compute_command_layout())
+        linear = _Fields(word, Opcode.LINEAR)
+        elementwise = _Fields(word, Opcode.ELEMENTWISE)
+        nonlinear = _Fields(word, Opcode.NONLINEAR)
+
+        def operand(target, source, address, strides, broadcast=Broadcast.LANE):
+            stmts = [target.source.eq(source), target.address.eq(address), target.broadcast.eq(broadcast)]
+            for level, stride in enumerate(strides):
+                stmts.append(target.strides[level].eq(stride))
+            return stmts
+
+        with m.If(go & (verdict == ErrorCode.NONE) & dispatch_ready & is_compute):
+            m.d.sync += compute_valid.eq(1)
+            with m.Switch(opcode):
+                with m.Case(int(Opcode.LINEAR)):
+                    f = linear
+                    m.d.sync += [command.kind.eq(_KIND_LINEAR), command.counts[0].eq(f.chunk_count),
+                                 command.counts[1].eq(f.token_count), command.counts[2].eq(f.row_tile_count),
+                                 command.last_inner.eq(f.row_tile_count)]
+                    # Loops: chunk k (outer), token t, row tile j (inner).
+                    m.d.sync += operand(command.a, f.matrix_buffer, f.matrix_address,
+                                        [lanes, 0, (f.chunk_count << lane_shift)])
+                    m.d.sync += operand(command.b, f.vector_buffer, f.vector_address,
+                                        [C, f.vector_token_stride * C, 0], Broadcast.COLUMN)
+                    m.d.sync += operand(command.dst, f.output_buffer, f.output_address,
+                                        [0, f.output_token_stride * R, R], Broadcast.ROW)
+                    m.d.sync += operand(command.bias, Mux(f.init == int(LinearInit.BIAS), f.bias_buffer,
+                                                          CONSTANT_SOURCE),
+                                        f.bias_address, [0, f.bias_token_stride * R, R], Broadcast.ROW)
+                with m.Case(int(Opcode.ELEMENTWISE)):
+                    f = elementwise
+                    uses = []
+                    for name in "abc":
+                        users = [int(op) for op in ElementwiseOp if op != ElementwiseOp.FUNCTION
+                                 and name in isa.operands_used(op)]
+                        uses.append(_any(f.op == op for op in users))
+                    m.d.sync += [command.kind.eq(_KIND_ELEMENTWISE), command.op.eq(f.op),
+                                 command.counts[0].eq(1), command.counts[1].eq(f.outer_count),
+                                 command.counts[2].eq(f.inner_count), command.last_inner.eq(f.inner_count),
+                                 command.uses.eq(Cat(*uses))]
+                    for name in "abc":
+                        broadcast = getattr(f, f"{name}_broadcast")
+                        shift = Signal(range(lane_shift + 1), name=f"dispatch_{name}_shift")
+                        with m.Switch(broadcast):
+                            for value in Broadcast:
+                                with m.Case(value):
+                                    m.d.comb += shift.eq(exact_log2(isa.granule(config, value)))
+                        m.d.sync += operand(getattr(command, name), getattr(f, f"{name}_buffer"),
+                                            getattr(f, f"{name}_address"),
+                                            [0, getattr(f, f"{name}_outer_stride") << shift,
+                                             getattr(f, f"{name}_inner_stride") << shift], broadcast)
+                    m.d.sync += operand(command.dst, f.dst_buffer, f.dst_address,
+                                        [0, f.dst_outer_stride << lane_shift, f.dst_inner_stride << lane_shift])
+                with m.Case(int(Opcode.NONLINEAR)):
+                    f = nonlinear
+                    batches = (f.line_count + NONLINEAR_BATCH - 1) >> exact_log2(NONLINEAR_BATCH)
+                    remainder = f.line_count[:exact_log2(NONLINEAR_BATCH)]
+                    passes = Signal(16)
+                    with m.Switch(f.function):
+                        for function, schedule in nonlinear_schedule(config)[1].items():
+                            with m.Case(function):
+                                m.d.comb += passes.eq(len(schedule))
+                    m.d.sync += [command.kind.eq(_KIND_NONLINEAR), command.function.eq(f.function),
+                                 command.counts[0].eq(batches), command.counts[1].eq(passes),
+                                 command.counts[2].eq(NONLINEAR_BATCH),
+                                 command.last_inner.eq(Mux(remainder == 0, NONLINEAR_BATCH, remainder))]
+                    strides = [NONLINEAR_BATCH * lanes, 0, lanes]
+                    m.d.sync += operand(command.a, f.src_buffer, f.src_address, strides)
+                    m.d.sync += operand(command.dst, f.dst_buffer, f.dst_address, strides)
+        with m.If(self.compute_command.valid & self.compute_command.ready):
+            m.d.sync += compute_valid.eq(0)
+        m.d.comb += [self.compute_command.valid.eq(compute_valid), self.compute_command.payload.eq(command)]
+
+        # Stop: once stopping, wait for every unit (and fetch) to go idle, then done.
+        m.d.comb += self.fetch_stop.eq(stopping | self.soft_reset)
+        units_idle = all_idle & self.fetch_idle & ~dma_valid & ~compute_valid
+        with m.If(running & stopping & units_idle):
+            m.d.sync += [running.eq(0), done.eq(1), stopping.eq(0)]
+
+        # Soft reset: abort the units, then idle with no error.
+        aborting = Signal()
+        with m.If(self.soft_reset):
+            m.d.sync += [aborting.eq(1), stopping.eq(1), dma_valid.eq(0), compute_valid.eq(0)]
+        m.d.comb += [self.dma_abort.eq(aborting), self.compute_abort.eq(aborting)]
+        with m.If(aborting & all_idle & self.fetch_idle):
+            m.d.sync += [aborting.eq(0), running.eq(0), stopping.eq(0), done.eq(0),
+                         error_code.eq(ErrorCode.NONE), error_pc.eq(0)]
+        return m

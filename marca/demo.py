@@ -1,0 +1,239 @@
+"""``make sim``: one Mamba-1 mixer end to end on the generated accelerator, in Verilator.
+
+    python -m marca.demo [--config demo|PRESET|config.json] [--d-model 32] [--d-state 16] [--tokens 16]
+                         [--seed 1] [--out build/demo] [--no-decode] [--pause 0]
+
+What it does, step by step (docs/mamba.md):
+
+1. draws random mixer weights (``marca.reference.mamba.random_mixer_weights``, initialised like a fresh
+   transformers ``MambaMixer``) and ``--tokens`` random input tokens;
+2. compiles a prefill of those tokens and a decode step (``marca.compiler``);
+3. builds the accelerator's Verilog for the configuration in Verilator (once; cached in build/sim/);
+4. runs the prefill, then a chain of decode steps over the same tokens, on the RTL: cocotbext-axi memory
+   behind the AXI4 master, the program started and polled over the AXI4-Lite CSRs (progress: instructions
+   retired, read from the counters while it runs);
+5. checks every run against the golden instruction-set simulator (whole memory image and deterministic
+   counters bit for bit) and the decode chain against the prefill (bit for bit);
+6. prints the error against the float reference, cycles, cycles per token, PE utilization per operation
+   class, DRAM traffic and where the cycles go, and writes it all to ``<out>/demo.json``.
+
+The default configuration ``demo`` is the 4 x 4 BF16 array with a 256-bit bus of bench/accelerator.py
+(same Verilog, so one build serves both): the DEFAULT preset's 8 x 8 FP32 array takes ~2 min to emit and
+8-25 min to build in Verilator on a 2-core machine (measured, docs/mamba.md), too long for a first run.
+``--config default`` runs it anyway.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from marca.bench.accelerator import BENCH_CONFIG
+
+__all__ = ["DEMO_CONFIG", "main", "print_report", "resolve_config", "run_demo"]
+
+
+# The benchmark's configuration, imported so that the demo and ``marca bench accelerator`` share one build.
+DEMO_CONFIG = BENCH_CONFIG
+
+
+def resolve_config(value: str):
+    """``demo`` (the default), a preset name, or a config JSON path."""
+    from marca.cli import load_config
+    if value == "demo":
+        return DEMO_CONFIG
+    return load_config(value)
+
+
+class _ProgressLine:
+    """One updating terminal line (or sparse plain lines when stdout is not a terminal)."""
+
+    def __init__(self, totals: dict, stream=sys.stdout):
+        self.totals = totals          # job -> (instructions per run, runs)
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.started = time.perf_counter()
+        self.last_plain = 0.0
+
+    def __call__(self, job, step, retired, cycles, done):
+        per_run, runs = self.totals[job]
+        kind = job.split("/")[-1]
+        fraction = min(1.0, (step + (1.0 if done else retired / per_run)) / runs)
+        width = 30
+        bar = "#" * round(fraction * width) + "-" * (width - round(fraction * width))
+        where = f"step {step + 1}/{runs}" if runs > 1 else f"{min(retired, per_run)}/{per_run} instructions"
+        text = f"  {kind:<8}[{bar}] {fraction:4.0%}  {where}, {cycles:,} cycles"
+        if self.tty:
+            self.stream.write("\r" + text.ljust(79))
+            if done and step == runs - 1:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif (done and step == runs - 1) or time.perf_counter() - self.last_plain > 5:
+            self.last_plain = time.perf_counter()
+            print(text, file=self.stream, flush=True)
+
+
+def run_demo(config, *, d_model: int = 32, d_state: int = 16, tokens: int = 16, seed: int = 1,
+             decode: bool = True, pause: float = 0.0, progress: bool = True, name: str = "demo") -> dict:
+    """Compile, simulate and check one mixer; return the report (see :func:`print_report`)."""
+    from marca.tb import mamba
+    timings = {}
+    started = time.perf_counter()
+    case = mamba.MixerCase(name="mixer", config=config, d_model=d_model, d_state=d_state, length=tokens,
+                           seed=seed, decode=decode)
+    prepared = mamba.prepare(case)
+    timings["compile_seconds"] = time.perf_counter() - started
+    dims = prepared.prefill.dims
+    if progress:
+        print(f"compiled: prefill {len(prepared.prefill.instructions)} instructions "
+              f"(token block {prepared.prefill.block_tokens}, weights "
+              f"{'resident' if prepared.prefill.weights_resident else 'streamed'})"
+              + (f", decode step {len(prepared.decode.instructions)} instructions" if decode else "")
+              + f"; memory image {len(prepared.prefill_image) / 1024:.1f} KiB", flush=True)
+        print("building the accelerator in Verilator (cached after the first time; a few minutes) ...",
+              flush=True)
+    started = time.perf_counter()
+    build_dir = mamba.build_accelerator(config)
+    timings["build_seconds"] = time.perf_counter() - started
+    if progress:
+        print(f"  {build_dir} ({timings['build_seconds']:.0f} s)", flush=True)
+        print("running on the RTL (Verilator + cocotb; AXI memory model, CSRs over AXI4-Lite):", flush=True)
+    totals = {"mixer/prefill": (len(prepared.prefill.instructions), 1)}
+    if decode:
+        totals["mixer/decode"] = (len(prepared.decode.instructions), tokens)
+    started = time.perf_counter()
+    rtl = mamba.run_on_rtl(config, [prepared], name=name, pause=pause,
+                           progress=_ProgressLine(totals) if progress else None)
+    timings["simulation_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    report = mamba.evaluate(prepared, rtl)          # raises on any difference from the golden ISS
+    timings["golden_check_seconds"] = time.perf_counter() - started
+    prefill_counters = rtl["mixer"]["prefill"][0].counters
+    report["dims"] = {"d_model": dims.d_model, "d_inner": dims.d_inner, "d_state": dims.d_state,
+                      "dt_rank": dims.dt_rank, "d_conv": dims.d_conv}
+    report["configuration"] = config.to_dict()
+    report["prefill"]["cycles_per_token"] = prefill_counters["cycles"] / tokens
+    report["prefill"]["utilization"] = mamba.utilization(prepared.prefill, prefill_counters)
+    report["prefill"]["instructions"] = len(prepared.prefill.instructions)
+    report["prefill"]["block_tokens"] = prepared.prefill.block_tokens
+    report["prefill"]["weights_resident"] = prepared.prefill.weights_resident
+    if decode:
+        last = rtl["mixer"]["decode"][-1].counters
+        report["decode"]["cycles_per_token"] = last["cycles"]
+        report["decode"]["utilization"] = mamba.utilization(prepared.decode, last)
+        report["decode"]["instructions"] = len(prepared.decode.instructions)
+    report["bit_exact_with_iss"] = True
+    report["timings"] = {key: round(value, 1) for key, value in timings.items()}
+    return report
+
+
+def _format(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:.1%}"
+
+
+def print_report(report: dict, stream=sys.stdout) -> None:
+    """The demo's summary tables."""
+    def say(text=""):
+        print(text, file=stream)
+
+    prefill, decode = report["prefill"], report.get("decode")
+    runs = 1 + (decode["steps"] if decode else 0)
+    say(f"golden ISS: final memory image and deterministic counters bit-identical after all {runs} runs"
+        + ("; the decode chain equals the prefill bit for bit (outputs and both states)" if decode else ""))
+    config = report["configuration"]
+    say(f"accuracy against the float64 reference (weights and tokens rounded to {config['storage_format']}): "
+        f"max abs error {prefill['max_abs_error']:.2e} (largest |output| {prefill['max_abs_reference']:.2f}), "
+        f"relative error {prefill['relative_error']:.2e} ({prefill['relative_error_vs_rounded_reference']:.2e} against "
+        f"the reference rounded to {config['storage_format']} like the output), scan state relative error "
+        f"{prefill['state_relative_error']:.2e}")
+    columns = [("prefill", prefill)] + ([("decode step", decode)] if decode else [])
+    say()
+    say(f"{'':<34}" + "".join(f"{title:>16}" for title, _ in columns))
+    rows = [("tokens", lambda r, t: report["length"] if t == "prefill" else 1),
+            ("cycles", lambda r, t: r["utilization"]["cycles"]),
+            ("cycles per token", lambda r, t: round(r["cycles_per_token"])),
+            ("ideal cycles (one beat per cycle)", lambda r, t: r["utilization"]["ideal_cycles"]),
+            ("fraction of ideal", lambda r, t: r["utilization"]["fraction_of_ideal"]),
+            ("useful PE utilization", lambda r, t: r["utilization"]["useful_utilization"]),
+            ("DRAM bytes read", lambda r, t: r["utilization"]["dma_bytes_read"]),
+            ("DRAM bytes written", lambda r, t: r["utilization"]["dma_bytes_written"]),
+            ("instruction bytes fetched", lambda r, t: r["utilization"]["fetch_bytes"])]
+    for label, get in rows:
+        say(f"{label:<34}" + "".join(f"{_format(get(r, t)):>16}" for t, r in
+                                     (("prefill", prefill), ("decode", decode))[:len(columns)]))
+    say()
+    say("PE utilization per operation class (share of all cycles the array spent on the class's beats;")
+    say("padding efficiency = useful lane operations / issued lane operations):")
+    say(f"{'class':<14}" + "".join(f"{title + ' beats':>18}{'share':>8}{'padding':>9}" for title, _ in columns))
+    for kind in ("linear", "element-wise", "nonlinear", "scan"):
+        cells = ""
+        for _, r in columns:
+            entry = r["utilization"]["classes"][kind]
+            padding = entry["padding_efficiency"]
+            cells += f"{entry['beats']:>18,}{entry['share_of_cycles']:>8.1%}" \
+                     f"{(f'{padding:.0%}' if padding is not None else '-'):>9}"
+        say(f"{kind:<14}{cells}")
+    say()
+    say("where the cycles go (array beats = the ideal; compute busy with the array idle = dependent")
+    say("instructions waiting for results in the pipeline; compute idle = barriers waiting for the DMA, fetch):")
+    for name, title in (("array_beats", "array beats"), ("compute_busy_array_idle", "compute busy, array idle"),
+                        ("compute_idle", "compute idle")):
+        say(f"  {title:<32}" + "".join(f"{r['utilization']['cycle_breakdown'][name]:>14,}"
+                                       f"{r['utilization']['cycle_breakdown'][name] / r['utilization']['cycles']:>7.1%}"
+                                       for _, r in columns))
+    say(f"  {'DMA read busy':<32}" + "".join(f"{'':>14}{r['utilization']['dma_read_busy_fraction']:>7.1%}"
+                                             for _, r in columns))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m marca.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="demo",
+                        help="'demo' (4x4 BF16, 256-bit bus; the default), a preset (default, fpga-small, "
+                             "tiny, paper) or a config JSON file")
+    parser.add_argument("--d-model", type=int, default=32, help="model width (d_inner = 2 d_model)")
+    parser.add_argument("--d-state", type=int, default=16, help="SSM state size per channel")
+    parser.add_argument("--tokens", type=int, default=16, help="prefill length = decode steps")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the weights and tokens")
+    parser.add_argument("--out", default="build/demo", help="folder for demo.json")
+    parser.add_argument("--no-decode", action="store_true", help="skip the chain of decode steps")
+    parser.add_argument("--pause", type=float, default=0.0,
+                        help="probability of a random pause on each AXI channel each cycle (stress)")
+    args = parser.parse_args(argv)
+    try:
+        config = resolve_config(args.config)
+        for name in ("d_model", "d_state", "tokens"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    except ValueError as error:
+        parser.error(str(error))
+    from marca.reference.mamba import MambaDims
+    dims = MambaDims(d_model=args.d_model, d_state=args.d_state)
+    compute, storage = config.compute_format, config.storage_format
+    print(f"marca demo: one Mamba-1 mixer (d_model {dims.d_model}, d_inner {dims.d_inner}, d_state "
+          f"{dims.d_state}, dt_rank {dims.dt_rank}, d_conv {dims.d_conv}), {args.tokens} tokens, seed {args.seed}")
+    print(f"configuration {config.name}: {config.array_rows}x{config.array_cols} PEs, compute {compute.name}, "
+          f"storage {storage.name}, {config.axi_data_width}-bit AXI, buffers weight/activation/state/scratch "
+          f"{config.weight_buffer_kib}/{config.activation_buffer_kib}/{config.state_buffer_kib}/"
+          f"{config.scratch_buffer_kib} KiB", flush=True)
+    try:
+        report = run_demo(config, d_model=args.d_model, d_state=args.d_state, tokens=args.tokens,
+                          seed=args.seed, decode=not args.no_decode, pause=args.pause)
+    except Exception as error:       # CompileError: sizes that do not fit the configuration's buffers
+        from marca.compiler import CompileError
+        if isinstance(error, CompileError):
+            print(f"cannot compile this mixer for {config.name}: {error}", file=sys.stderr)
+            return 2
+        raise
+    print_report(report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(report, indent=1) + "\n")
+    timings = report["timings"]
+    print(f"\nwrote {out / 'demo.json'} (compile {timings['compile_seconds']} s, build {timings['build_seconds']} s, "
+          f"simulation {timings['simulation_seconds']} s, golden check {timings['golden_check_seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
