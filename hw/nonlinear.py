@@ -102,6 +102,7 @@ class FunctionLane(wiring.Component):
     def __init__(self, *, fmt: FloatFormat, exp_degree: int = 3, silu_segments: int = 32, silu_degree: int = 2,
                  softplus_segments: int = 16, softplus_degree: int = 2,
                  functions: tuple[str, ...] = PIECEWISE_FUNCTIONS, _fault: str | None = None):
+        self._MustUse__silence = True     # a rejected parameter must not also warn 'never used'
         if not isinstance(fmt, FloatFormat):
             raise ValueError(f"fmt must be a FloatFormat, not {fmt!r}")
         if not isinstance(functions, tuple) or any(name not in PIECEWISE_FUNCTIONS for name in functions):
@@ -116,6 +117,7 @@ class FunctionLane(wiring.Component):
                                          softplus_degree=softplus_degree)
         super().__init__({"function": In(FUNCTION_BITS), "a": In(fmt.width), "b": In(fmt.width),
                           "c": In(fmt.width), "enable": In(1, init=1), "result": Out(fmt.width)})
+        self._MustUse__silence = False
 
     @classmethod
     def factory(cls, config, **options):

@@ -192,6 +192,9 @@ class PEArray(wiring.Component):
         self.extension_latency = 0
         if lane_extension is not None:
             self._extensions = [lane_extension() for _ in range(rows * cols)]
+            for extension in self._extensions:
+                # Owned by the array: whether the design is used is the array's own "never elaborated" check.
+                extension._MustUse__silence = True
             probe = self._extensions[0]
             for name in ("function_bits", "latency"):
                 if not _is_int(getattr(probe, name, None)) or getattr(probe, name) < 0:
