@@ -64,9 +64,8 @@ class AcceleratorTB:
             values[name] = low | high << 32
         return values
 
-    async def run(self, memory: bytes, program_address: int, *, timeout_cycles: int = 2_000_000):
-        """Load ``memory``, start at ``program_address``, wait for done. Returns (code, pc, counters,
-        cycles, memory image)."""
+    async def start(self, memory: bytes, program_address: int):
+        """Load ``memory`` (addresses beyond it answer SLVERR) and start the program at ``program_address``."""
         if len(memory) > self.memory_size:
             raise ValueError("memory image larger than the simulated memory")
         self.ram.fault = (0, 0)
@@ -75,6 +74,11 @@ class AcceleratorTB:
         await self.write_register(REGISTERS["PROGRAM_LO"], program_address & 0xFFFF_FFFF)
         await self.write_register(REGISTERS["PROGRAM_HI"], program_address >> 32)
         await self.write_register(REGISTERS["CONTROL"], 1)
+
+    async def run(self, memory: bytes, program_address: int, *, timeout_cycles: int = 2_000_000):
+        """Load ``memory``, start at ``program_address``, wait for done. Returns (code, pc, counters,
+        cycles, memory image)."""
+        await self.start(memory, program_address)
         cycles = 0
         while not int(self.dut.irq.value):
             await RisingEdge(self.dut.clk)

@@ -74,12 +74,7 @@ async def _run_with_progress(tb, memory: bytes, program_address: int, *, poll_cy
     from marca.hw.controller import COUNTERS
     index = {name: k for k, name in enumerate(COUNTERS)}
     dut = tb.dut
-    tb.ram.fault = (0, 0)
-    tb.ram.write(0, bytes(memory) + bytes(tb.memory_size - len(memory)))
-    tb.ram.fault = (len(memory), 1 << 64)
-    await tb.write_register(REGISTERS["PROGRAM_LO"], program_address & 0xFFFF_FFFF)
-    await tb.write_register(REGISTERS["PROGRAM_HI"], program_address >> 32)
-    await tb.write_register(REGISTERS["CONTROL"], 1)
+    await tb.start(memory, program_address)
     waited = 0
     while not int(dut.irq.value):
         await First(RisingEdge(dut.irq), ClockCycles(dut.clk, poll_cycles))
