@@ -25,7 +25,8 @@ from marca.ops import ArrayMode
 
 from .axi import AXI4LiteSignature, AXI4Signature, flat_members, interface_view
 from .buffers import LineBuffer, WriteArbiter
-from .controller import COUNTERS, ComputeEngine, Controller, InstructionFetch, _check_config
+from .controller import COUNTERS, Controller, InstructionFetch
+from .engine import ComputeEngine, check_accelerator_config
 from .csr import CSRFile
 from .dma import DMA
 from .nonlinear import FunctionLane
@@ -53,7 +54,7 @@ class Accelerator(wiring.Component):
 
     def __init__(self, config: MarcaConfig, *, _fault: str | None = None):
         self._MustUse__silence = True     # a rejected configuration must not also warn 'never used'
-        _check_config(config)
+        check_accelerator_config(config)
         if _fault not in (None, "no_scoreboard"):
             raise ValueError(f"_fault must be None or 'no_scoreboard', not {_fault!r}")
         self._fault = _fault
