@@ -40,12 +40,22 @@ def _check_power_of_two(name, value, minimum):
 class AXI4Memory(wiring.Component):
     """On-chip memory with an AXI4 subordinate port and a 32-bit word port for the host bridge.
 
-    The memory is ``data_width`` bits wide. AXI4 reads use one memory port; AXI4 writes and the word port
-    share the other, the word port first (a word-port access holds ``wready`` low for that cycle). Two
-    memory ports map onto the FPGA's dual-port block RAM.
+    The memory is ``data_width`` bits wide with one write port and one read port, so it maps onto the
+    FPGA's block RAM without copies. AXI4 writes and the word port's writes share the write port; AXI4
+    reads and the word port's reads share the read port. The word port always wins: its request is
+    registered and carried out in the next cycle, and the AXI4 side learns of it from a register (``wready``
+    is low in that cycle, or no read beat is issued).
+
+    Every AXI4 handshake output (``awready``, ``wready``, ``bvalid``, ``arready``, ``rvalid`` with its
+    payload) comes straight from a flip-flop, and block-RAM read data only goes into registers, so no
+    combinational path crosses from the AXI4 manager into this memory and back, and none starts at the
+    block RAM's slow clock-to-out and runs into the manager.
 
     The AXI4 side takes INCR bursts (every burst type is treated as INCR) of full-width beats, one read and
-    one write transaction at a time, each at one beat per cycle. A beat outside the memory is not written
+    one write transaction at a time, each at one beat per cycle. Read beats go through a three-entry
+    output queue (a read issued in cycle *t* is in the queue in cycle *t* + 2, and its slot is free again
+    in the cycle after the manager took it, so three slots keep one beat per cycle); a new read address is
+    accepted once the previous burst's last beat has been issued. A beat outside the memory is not written
     (writes answer ``SLVERR``) or reads as zero with ``DECERR``.
 
     Parameters
@@ -64,8 +74,11 @@ class AXI4Memory(wiring.Component):
     axi : In(AXI4Signature(...))
         The subordinate port.
     bridge : In(WordPortSignature(addr_width=log2(memory_bytes) - 2))
-        Word accesses; read data one cycle after ``read_enable``.
+        Word accesses: a write lands in the cycle after ``write_enable``; read data is valid two cycles
+        after ``read_enable`` (see :class:`~marca.fpga.uart.WordPortSignature`).
     """
+
+    READ_QUEUE_DEPTH = 3
 
     def __init__(self, *, memory_bytes: int, data_width: int, addr_width: int, id_width: int = 1):
         _check_power_of_two("memory_bytes", memory_bytes, max(8, data_width // 8))
@@ -88,9 +101,8 @@ class AXI4Memory(wiring.Component):
         memory_shift = exact_log2(self.memory_bytes)
 
         m.submodules.memory = memory = Memory(shape=self.data_width, depth=depth, init=[])
+        write_port = memory.write_port(granularity=8)
         read_port = memory.read_port()
-        shared_write = memory.write_port(granularity=8)
-        shared_read = memory.read_port()
 
         def row(byte_address):
             return byte_address[beat_shift:memory_shift]
@@ -102,89 +114,131 @@ class AXI4Memory(wiring.Component):
 
         axi, bridge = self.axi, self.bridge
 
-        # Word port: a word is one 32-bit lane of a row.
-        bridge_busy = Signal()
+        # Word port, registered: the request seen in cycle t is carried out in cycle t + 1.
+        bridge_write = Signal()
+        bridge_read = Signal()
+        bridge_row = Signal(exact_log2(depth))
+        bridge_data = Signal(32)
+        bridge_lane_enables = Signal(beat_bytes)
         bridge_lane = bridge.addr[:lane_bits] if lane_bits else Const(0, 1)
-        read_lane = Signal.like(bridge_lane)
-        m.d.comb += bridge_busy.eq(bridge.read_enable | bridge.write_enable)
+        read_lane = Signal.like(bridge_lane)      # lane of the word being read, until its data is out
+        m.d.sync += [bridge_write.eq(bridge.write_enable), bridge_read.eq(bridge.read_enable),
+                     bridge_row.eq(bridge.addr >> lane_bits), bridge_data.eq(bridge.write_data)]
+        if lane_bits:
+            m.d.sync += bridge_lane_enables.eq(0b1111 << (bridge_lane * 4))
+        else:
+            m.d.sync += bridge_lane_enables.eq(0b1111)
         with m.If(bridge.read_enable):
             m.d.sync += read_lane.eq(bridge_lane)
-        m.d.comb += bridge.read_data.eq(shared_read.data.word_select(read_lane, 32) if lane_bits
-                                        else shared_read.data)
+        m.d.comb += bridge.read_data.eq(read_port.data.word_select(read_lane, 32) if lane_bits
+                                        else read_port.data)
 
-        # Write engine.
+        # Write engine. `awready`, `wready` and `bvalid` are registers; `wready` is low in a cycle that
+        # the word port's (registered) write takes, decided one cycle ahead from the word port's request.
         write_address = Signal(self.addr_width)
+        write_in_range = Signal()
         write_id = Signal(self.id_width)
         write_error = Signal()
-        with m.FSM(name="write"):
-            with m.State("ADDRESS"):
-                m.d.comb += axi.awready.eq(1)
-                with m.If(axi.awvalid):
-                    m.d.sync += [write_address.eq(axi.awaddr), write_id.eq(axi.awid), write_error.eq(0)]
-                    m.next = "DATA"
-            with m.State("DATA"):
-                m.d.comb += axi.wready.eq(~bridge_busy)
-                with m.If(axi.wvalid & ~bridge_busy):
-                    with m.If(~in_range(write_address)):
-                        m.d.sync += write_error.eq(1)
-                    m.d.sync += write_address.eq(write_address + beat_bytes)
-                    with m.If(axi.wlast):
-                        m.next = "RESPONSE"
-            with m.State("RESPONSE"):
-                m.d.comb += [axi.bvalid.eq(1), axi.bid.eq(write_id),
-                             axi.bresp.eq(write_error.replicate(2) & AXIResponse.SLVERR)]
-                with m.If(axi.bready):
-                    m.next = "ADDRESS"
+        awready = Signal(init=1)
+        wready = Signal()
+        bvalid = Signal()
+        in_burst = Signal()              # address taken, last beat not yet
+        m.d.comb += [axi.awready.eq(awready), axi.wready.eq(wready), axi.bvalid.eq(bvalid),
+                     axi.bid.eq(write_id), axi.bresp.eq(write_error.replicate(2) & AXIResponse.SLVERR)]
+        beat_taken = Signal()
+        m.d.comb += beat_taken.eq(axi.wvalid & wready)
+        burst_continues = Signal()
+        m.d.comb += burst_continues.eq(Mux(in_burst, ~(beat_taken & axi.wlast), axi.awvalid & awready))
+        m.d.sync += wready.eq(burst_continues & ~bridge.write_enable)
+        with m.If(axi.awvalid & awready):
+            m.d.sync += [awready.eq(0), in_burst.eq(1), write_address.eq(axi.awaddr),
+                         write_in_range.eq(in_range(axi.awaddr)), write_id.eq(axi.awid), write_error.eq(0)]
+        with m.If(beat_taken):
+            next_write_address = write_address + beat_bytes
+            m.d.sync += [write_address.eq(next_write_address),
+                         write_in_range.eq(in_range(next_write_address[:self.addr_width]))]
+            with m.If(~write_in_range):
+                m.d.sync += write_error.eq(1)
+            with m.If(axi.wlast):
+                m.d.sync += [in_burst.eq(0), bvalid.eq(1)]
+        with m.If(bvalid & axi.bready):
+            m.d.sync += [bvalid.eq(0), awready.eq(1)]
 
-        with m.If(bridge_busy):
-            lane_enables = Signal(beat_bytes)
-            if lane_bits:
-                m.d.comb += lane_enables.eq(0b1111 << (bridge_lane * 4))
-            else:
-                m.d.comb += lane_enables.eq(0b1111)
-            m.d.comb += [
-                shared_write.addr.eq(bridge.addr >> lane_bits),
-                shared_write.data.eq(bridge.write_data.replicate(lanes)),
-                shared_write.en.eq(bridge.write_enable.replicate(beat_bytes) & lane_enables),
-            ]
+        with m.If(bridge_write):
+            m.d.comb += [write_port.addr.eq(bridge_row), write_port.data.eq(bridge_data.replicate(lanes)),
+                         write_port.en.eq(bridge_lane_enables)]
         with m.Else():
-            m.d.comb += [
-                shared_write.addr.eq(row(write_address)),
-                shared_write.data.eq(axi.wdata),
-                shared_write.en.eq(axi.wstrb & (axi.wready & axi.wvalid & in_range(write_address))
-                                   .replicate(beat_bytes)),
-            ]
-        m.d.comb += [shared_read.addr.eq(shared_write.addr), shared_read.en.eq(bridge.read_enable)]
+            m.d.comb += [write_port.addr.eq(row(write_address)), write_port.data.eq(axi.wdata),
+                         write_port.en.eq(axi.wstrb & (beat_taken & write_in_range).replicate(beat_bytes))]
 
-        # Read engine: the port's output register holds a beat while the manager stalls; accepting a beat
-        # reads the next row in the same cycle, so bursts run at one beat per cycle.
-        read_address = Signal(self.addr_width)
-        read_id = Signal(self.id_width)
-        beats_left = Signal(8)
-        advance = Signal()
-        next_address = Signal(self.addr_width)
-        m.d.comb += next_address.eq(read_address + beat_bytes)
-        with m.FSM(name="read"):
-            with m.State("ADDRESS"):
-                m.d.comb += axi.arready.eq(1)
-                with m.If(axi.arvalid):
-                    m.d.sync += [read_address.eq(axi.araddr), read_id.eq(axi.arid), beats_left.eq(axi.arlen)]
-                    m.next = "ISSUE"
-            with m.State("ISSUE"):
-                m.d.comb += [read_port.addr.eq(row(read_address)), read_port.en.eq(1)]
-                m.next = "DATA"
-            with m.State("DATA"):
-                beat_ok = in_range(read_address)
-                m.d.comb += [axi.rvalid.eq(1), axi.rid.eq(read_id), axi.rlast.eq(beats_left == 0),
-                             axi.rdata.eq(beat_ok.replicate(self.data_width) & read_port.data),
-                             axi.rresp.eq(Const(AXIResponse.DECERR, 2) & (~beat_ok).replicate(2)),
-                             advance.eq(axi.rready & (beats_left != 0)),
-                             read_port.addr.eq(row(next_address)), read_port.en.eq(advance)]
-                with m.If(axi.rready):
-                    with m.If(beats_left == 0):
-                        m.next = "ADDRESS"
-                    with m.Else():
-                        m.d.sync += [read_address.eq(next_address), beats_left.eq(beats_left - 1)]
+        # Read engine: issue a row read per beat while the output queue has a free slot (counted by
+        # `credits`, a register, so issuing does not wait on `rready`), and not in a cycle that the word
+        # port's read takes. The block RAM's data goes straight into the queue.
+        queue_depth = self.READ_QUEUE_DEPTH
+        arready = Signal(init=1)
+        issuing = Signal()               # a burst is being issued
+        issue_address = Signal(self.addr_width)
+        issue_in_range = Signal()
+        issue_last = Signal()
+        beats_left = Signal(8)           # beats after the current one
+        issue_id = Signal(self.id_width)
+        credits = Signal(range(queue_depth + 1), init=queue_depth)
+        issue = Signal()
+        m.d.comb += [axi.arready.eq(arready), issue.eq(issuing & (credits != 0) & ~bridge_read)]
+        with m.If(axi.arvalid & arready):
+            m.d.sync += [arready.eq(0), issuing.eq(1), issue_address.eq(axi.araddr),
+                         issue_in_range.eq(in_range(axi.araddr)), issue_id.eq(axi.arid),
+                         beats_left.eq(axi.arlen), issue_last.eq(axi.arlen == 0)]
+        with m.If(issue):
+            next_issue_address = issue_address + beat_bytes
+            m.d.sync += [issue_address.eq(next_issue_address),
+                         issue_in_range.eq(in_range(next_issue_address[:self.addr_width])),
+                         beats_left.eq(beats_left - 1), issue_last.eq(beats_left == 1)]
+            with m.If(issue_last):
+                m.d.sync += [issuing.eq(0), arready.eq(1)]
+        m.d.comb += [read_port.en.eq(issue | bridge_read),
+                     read_port.addr.eq(Mux(bridge_read, bridge_row, row(issue_address)))]
+
+        # The beat whose row the block RAM outputs this cycle.
+        arriving = Signal()
+        arriving_last = Signal()
+        arriving_ok = Signal()
+        arriving_id = Signal(self.id_width)
+        m.d.sync += [arriving.eq(issue), arriving_last.eq(issue_last), arriving_ok.eq(issue_in_range),
+                     arriving_id.eq(issue_id)]
+
+        # Output queue: slot 0 drives the R channel; slots shift down when the manager takes a beat.
+        slot_valid = [Signal(name=f"read_slot{index}_valid") for index in range(queue_depth)]
+        slot_data = [Signal(self.data_width, name=f"read_slot{index}_data") for index in range(queue_depth)]
+        slot_last = [Signal(name=f"read_slot{index}_last") for index in range(queue_depth)]
+        slot_error = [Signal(name=f"read_slot{index}_error") for index in range(queue_depth)]
+        slot_id = [Signal(self.id_width, name=f"read_slot{index}_id") for index in range(queue_depth)]
+        taken = Signal()
+        m.d.comb += [axi.rvalid.eq(slot_valid[0]), axi.rdata.eq(slot_data[0]), axi.rlast.eq(slot_last[0]),
+                     axi.rid.eq(slot_id[0]),
+                     axi.rresp.eq(Const(AXIResponse.DECERR, 2) & slot_error[0].replicate(2)),
+                     taken.eq(slot_valid[0] & axi.rready)]
+        m.d.sync += credits.eq(credits - issue + taken)
+        for index in range(queue_depth):
+            # Where the arriving beat goes: the first free slot after this cycle's shift.
+            below_full = Const(1) if index == 0 else slot_valid[index - 1]
+            here_full = slot_valid[index]
+            above_full = slot_valid[index + 1] if index + 1 < queue_depth else Const(0)
+            lands_here = arriving & Mux(taken, here_full & ~above_full, below_full & ~here_full)
+            with m.If(lands_here):
+                m.d.sync += [slot_valid[index].eq(1),
+                             slot_data[index].eq(read_port.data & arriving_ok.replicate(self.data_width)),
+                             slot_last[index].eq(arriving_last), slot_error[index].eq(~arriving_ok),
+                             slot_id[index].eq(arriving_id)]
+            with m.Elif(taken):
+                if index + 1 < queue_depth:
+                    m.d.sync += [slot_valid[index].eq(slot_valid[index + 1]),
+                                 slot_data[index].eq(slot_data[index + 1]),
+                                 slot_last[index].eq(slot_last[index + 1]),
+                                 slot_error[index].eq(slot_error[index + 1]),
+                                 slot_id[index].eq(slot_id[index + 1])]
+                else:
+                    m.d.sync += slot_valid[index].eq(0)
         return m
 
 

@@ -213,8 +213,10 @@ class WordPortSignature(wiring.Signature):
     """A 32-bit word port into a memory, seen from the side that issues accesses.
 
     ``addr`` is a word address. A cycle with ``write_enable`` writes ``write_data``; a cycle with
-    ``read_enable`` reads, and ``read_data`` holds the word in the next cycle (fixed latency 1, never
-    waits). The memory serves this port with priority over anything else, so there is no ready signal.
+    ``read_enable`` reads, and ``read_data`` holds the word two cycles later, for that cycle only (fixed
+    latency 2, never waits). The memory registers the request before it acts on it (the write lands in
+    the next cycle), so that the request never feeds its other port's handshakes combinationally. The
+    memory serves this port with priority over anything else, so there is no ready signal.
     """
 
     def __init__(self, *, addr_width: int):
@@ -304,6 +306,7 @@ class HostBridge(wiring.Component):
 
         word_address = Signal(30)     # current memory word
         words_left = Signal(17)
+        no_words_left = Signal()      # words_left == 0, kept as a register (a 17-bit compare is 3 LUTs deep)
         word = Signal(32)             # word being assembled from bytes or sent as bytes
         byte_index = Signal(2)
         status = Signal(8)
@@ -331,8 +334,13 @@ class HostBridge(wiring.Component):
                      self.csr.araddr.eq(address[:self.csr_addr_width]),
                      self.csr.wdata.eq(csr_write_data), self.csr.wstrb.eq(0b1111),
                      self.csr.awprot.eq(0), self.csr.arprot.eq(0)]
-        aw_done = Signal()
-        w_done = Signal()
+        # The CSR bus's valids are registers, so the bridge's state logic does not run on into the
+        # accelerator's CSR decode in the same cycle.
+        csr_arvalid = Signal()
+        csr_awvalid = Signal()
+        csr_wvalid = Signal()
+        m.d.comb += [self.csr.arvalid.eq(csr_arvalid), self.csr.awvalid.eq(csr_awvalid),
+                     self.csr.wvalid.eq(csr_wvalid)]
 
         def take_byte():
             m.d.comb += byte_take.eq(1)
@@ -360,6 +368,7 @@ class HostBridge(wiring.Component):
             with m.State("HEADER"):
                 with m.If(header_left == 0):
                     m.d.sync += [word_address.eq(address[2:]), words_left.eq(words_minus_one + 1),
+                                 no_words_left.eq(0),
                                  byte_index.eq(0), word.eq(0)]
                     with m.If(((opcode == Command.READ_MEM) | (opcode == Command.WRITE_MEM)) & ~address_ok):
                         m.d.sync += status.eq(Status.ADDRESS_ERROR)
@@ -369,9 +378,10 @@ class HostBridge(wiring.Component):
                         with m.Case(Command.WRITE_MEM):
                             m.next = "WRITE_DATA"
                         with m.Case(Command.READ_CSR):
+                            m.d.sync += csr_arvalid.eq(1)
                             m.next = "CSR_READ_ADDRESS"
                         with m.Case(Command.WRITE_CSR):
-                            m.d.sync += [aw_done.eq(0), w_done.eq(0)]
+                            m.d.sync += [csr_awvalid.eq(1), csr_wvalid.eq(1)]
                             m.next = "CSR_WRITE"
                         with m.Default():  # IDENTIFY
                             m.d.sync += [
@@ -394,7 +404,7 @@ class HostBridge(wiring.Component):
                     m.d.sync += quiet.eq(quiet + 1)
 
             with m.State("WRITE_DATA"):
-                with m.If(words_left == 0):
+                with m.If(no_words_left):
                     m.next = "STATUS"
                 with m.Elif(byte_valid):
                     take_byte()
@@ -411,24 +421,27 @@ class HostBridge(wiring.Component):
                     m.d.sync += quiet.eq(quiet + 1)
             with m.State("WRITE_WORD"):
                 m.d.comb += self.memory.write_enable.eq(status == Status.OK)
-                m.d.sync += [word_address.eq(word_address + 1), words_left.eq(words_left - 1)]
+                m.d.sync += [word_address.eq(word_address + 1), words_left.eq(words_left - 1),
+                             no_words_left.eq(words_left == 1)]
                 m.next = "WRITE_DATA"
 
             with m.State("READ_ISSUE"):
-                with m.If(words_left == 0):
+                with m.If(no_words_left):
                     m.next = "STATUS"
                 with m.Else():
                     m.d.comb += self.memory.read_enable.eq(status == Status.OK)
-                    m.next = "READ_CAPTURE"
+                    m.next = "READ_WAIT"
+            with m.State("READ_WAIT"):   # the word port's read latency is 2
+                m.next = "READ_CAPTURE"
             with m.State("READ_CAPTURE"):
                 m.d.sync += [word.eq(Mux(status == Status.OK, self.memory.read_data, 0)),
                              word_address.eq(word_address + 1), words_left.eq(words_left - 1),
-                             send_count.eq(4), after_send_read_loop.eq(1)]
+                             no_words_left.eq(words_left == 1), send_count.eq(4), after_send_read_loop.eq(1)]
                 m.next = "SEND_WORD"
 
             with m.State("CSR_READ_ADDRESS"):
-                m.d.comb += self.csr.arvalid.eq(1)
                 with m.If(self.csr.arready):
+                    m.d.sync += csr_arvalid.eq(0)
                     m.next = "CSR_READ_DATA"
             with m.State("CSR_READ_DATA"):
                 m.d.comb += self.csr.rready.eq(1)
@@ -437,12 +450,11 @@ class HostBridge(wiring.Component):
                                  status.eq(self.csr.rresp)]
                     m.next = "SEND_WORD"
             with m.State("CSR_WRITE"):
-                m.d.comb += [self.csr.awvalid.eq(~aw_done), self.csr.wvalid.eq(~w_done)]
                 with m.If(self.csr.awready):
-                    m.d.sync += aw_done.eq(1)
+                    m.d.sync += csr_awvalid.eq(0)
                 with m.If(self.csr.wready):
-                    m.d.sync += w_done.eq(1)
-                with m.If((aw_done | self.csr.awready) & (w_done | self.csr.wready)):
+                    m.d.sync += csr_wvalid.eq(0)
+                with m.If((~csr_awvalid | self.csr.awready) & (~csr_wvalid | self.csr.wready)):
                     m.next = "CSR_WRITE_RESPONSE"
             with m.State("CSR_WRITE_RESPONSE"):
                 m.d.comb += self.csr.bready.eq(1)

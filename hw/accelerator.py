@@ -14,7 +14,7 @@ Verilog matches what AXI tools and ``cocotbext.axi.AxiBus.from_prefix(dut, "m_ax
 interface objects for Amaranth designs that wrap the accelerator (:func:`marca.hw.axi.interface_view`).
 """
 
-from amaranth.hdl import Module, Mux, Signal
+from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
 
@@ -104,8 +104,10 @@ class Accelerator(wiring.Component):
             controller.start.eq(csr.start), controller.soft_reset.eq(csr.soft_reset),
             controller.program_address.eq(csr.program_address),
             csr.busy.eq(controller.busy), csr.done.eq(controller.done), csr.error_code.eq(controller.error_code),
-            csr.error_pc.eq(controller.error_pc), self.irq.eq(controller.done & ~controller.busy),
+            csr.error_pc.eq(controller.error_pc),
         ]
+        # From the CSRs' registered STATUS: the counters are complete when it rises.
+        m.d.comb += self.irq.eq(csr.irq)
 
         # Controller to units.
         wiring.connect(m, fetch.instruction, controller.instruction)
@@ -158,15 +160,37 @@ class Accelerator(wiring.Component):
             m.d.comb += getattr(bus, name).eq(getattr(dma.axi, name))
         for name in ("awready", "wready", "bid", "bresp", "bvalid"):
             m.d.comb += getattr(dma.axi, name).eq(getattr(bus, name))
+        # AR goes through a two-entry register slice (a skid buffer) with a registered grant, so that
+        # neither requester's ARREADY depends on the bus or on the other requester in the same cycle, and
+        # the bus's ARVALID/AR* leave from flip-flops. The grant stays with a requester whose request is
+        # still waiting, moves to the other one when only it waits, and stays put when neither does.
+        ar_names = ("arid", "araddr", "arlen", "arsize", "arburst")
+        ar_width = sum(len(getattr(bus, name)) for name in ar_names)
         grant_fetch = Signal()
-        waiting = Signal()          # the granted request is on the bus and not yet accepted
-        m.d.sync += waiting.eq(bus.arvalid & ~bus.arready)
-        use_fetch = Signal()
-        m.d.comb += use_fetch.eq(Mux(waiting, grant_fetch, fetch.axi.arvalid & ~dma.axi.arvalid))
-        m.d.sync += grant_fetch.eq(use_fetch)
-        for name in ("arid", "araddr", "arlen", "arsize", "arburst", "arvalid"):
-            m.d.comb += getattr(bus, name).eq(Mux(use_fetch, getattr(fetch.axi, name), getattr(dma.axi, name)))
-        m.d.comb += [fetch.axi.arready.eq(bus.arready & use_fetch), dma.axi.arready.eq(bus.arready & ~use_fetch)]
+        slot_valid, slot_request = Signal(), Signal(ar_width)        # drives the bus
+        skid_valid, skid_request = Signal(), Signal(ar_width)        # taken while the bus stalls the slot
+        requester_ready = ~skid_valid
+        m.d.comb += [fetch.axi.arready.eq(requester_ready & grant_fetch),
+                     dma.axi.arready.eq(requester_ready & ~grant_fetch)]
+        fetch_fire = fetch.axi.arvalid & fetch.axi.arready
+        dma_fire = dma.axi.arvalid & dma.axi.arready
+        incoming = Mux(grant_fetch, Cat(*(getattr(fetch.axi, name) for name in ar_names)),
+                       Cat(*(getattr(dma.axi, name) for name in ar_names)))
+        incoming_fire = fetch_fire | dma_fire
+        with m.If(~slot_valid | bus.arready):
+            with m.If(skid_valid):
+                m.d.sync += [slot_request.eq(skid_request), slot_valid.eq(1), skid_valid.eq(0)]
+            with m.Else():
+                m.d.sync += [slot_request.eq(incoming), slot_valid.eq(incoming_fire)]
+        with m.Elif(incoming_fire):
+            m.d.sync += [skid_request.eq(incoming), skid_valid.eq(1)]
+        fetch_waits = fetch.axi.arvalid & ~fetch_fire
+        dma_waits = dma.axi.arvalid & ~dma_fire
+        with m.If(fetch_waits & ~dma_waits):
+            m.d.sync += grant_fetch.eq(1)
+        with m.Elif(dma_waits & ~fetch_waits):
+            m.d.sync += grant_fetch.eq(0)
+        m.d.comb += [Cat(*(getattr(bus, name) for name in ar_names)).eq(slot_request), bus.arvalid.eq(slot_valid)]
         for unit, identity in ((fetch, FETCH_ID), (dma, DMA_ID)):
             mine = bus.rid == identity
             m.d.comb += [unit.axi.rvalid.eq(bus.rvalid & mine), unit.axi.rid.eq(bus.rid),

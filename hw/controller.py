@@ -8,11 +8,14 @@
   instructions to the DMA and compute instructions to :class:`marca.hw.engine.ComputeEngine` so that both run at once, and
   makes BARRIER and HALT wait for both. Errors halt cleanly: nothing more is dispatched, everything in
   flight finishes (every AXI burst completes), then ``done`` with the error code and the faulting PC.
+  For timing, the head of the fetch queue is first copied into a register and checked over
+  :attr:`Controller.check_cycles` cycles of free-running pipeline registers; dispatch copies commands
+  staged from the held word (one instruction per ``check_cycles + 1`` cycles at most).
 
 Design notes, the overlap rules and the measured numbers are in docs/shell.md.
 """
 
-from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal, Value
 from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
@@ -166,6 +169,64 @@ def _any(terms):
     return Cat(*terms).any() if terms else Const(0, 1)
 
 
+class _Staged:
+    """A value and the number of register stages between the held instruction word and it."""
+
+    def __init__(self, value, depth=0):
+        self.value = value
+        self.depth = depth
+
+
+class _CheckPipeline:
+    """Free-running pipeline registers for the checks of the held instruction word.
+
+    The held word does not change until it is consumed, so every register here settles ``depth`` cycles
+    after the word is loaded; the controller waits :attr:`depth` cycles (a counter) before it trusts the
+    verdict. No valid bits travel with the data.
+    """
+
+    def __init__(self, m, prefix):
+        self.m = m
+        self.prefix = prefix
+        self.count = 0
+
+    def reg(self, value, depth, name):
+        value = Value.cast(value)
+        register = Signal(len(value), name=f"{self.prefix}_{name}_{self.count}")
+        self.count += 1
+        self.m.d.sync += register.eq(value)
+        return _Staged(register, depth + 1)
+
+    def unsigned(self, value, width, depth, name):
+        """Register ``value`` truncated to ``width`` unsigned bits."""
+        register = Signal(width, name=f"{self.prefix}_{name}_{self.count}")
+        self.count += 1
+        self.m.d.sync += register.eq(value)
+        return _Staged(register, depth + 1)
+
+    def product(self, minus_one, stride, name):
+        """``minus_one * stride`` (``minus_one`` a _Staged ``count - 1``), registered after the multiply;
+        ``stride`` a _Staged value or a Python int (a power of two is a shift, no register)."""
+        if isinstance(stride, int):
+            if stride & (stride - 1) == 0:
+                return _Staged(minus_one.value << exact_log2(stride), minus_one.depth)
+            return self.reg(minus_one.value * stride, minus_one.depth, f"{name}_product")
+        return self.reg(minus_one.value * stride.value, max(minus_one.depth, stride.depth), f"{name}_product")
+
+    def sum(self, terms, name):
+        """Sum of _Staged terms: up to three terms per registered stage (two carry chains in series),
+        the earliest-ready terms first."""
+        terms = sorted(terms, key=lambda t: t.depth)
+        while len(terms) > 1:
+            group, terms = terms[:3], terms[3:]
+            total = group[0].value
+            for term in group[1:]:
+                total = total + term.value
+            added = self.reg(total, max(t.depth for t in group), name)
+            terms = sorted(terms + [added], key=lambda t: t.depth)
+        return terms[0]
+
+
 class Controller(wiring.Component):
     """Decode, checks and dispatch (see the module docstring).
 
@@ -188,6 +249,12 @@ class Controller(wiring.Component):
     compute_idle : In(1)
     compute_abort : Out(1)
     counter events : Out(1) each (see :data:`COUNTERS`)
+
+    Timing: an instruction word taken from ``instruction`` is checked for :attr:`check_cycles` cycles
+    (4 for the presets) before it can be dispatched or fault; ``instruction.ready`` rises when nothing is
+    held or the held word is consumed, so back-to-back dispatches are ``check_cycles + 1`` cycles apart.
+    ``dma_done``/``dma_error`` are registered; ``dma_done`` must be high in the DMA's last ``dma_busy``
+    cycle (the DMA's contract), so the registered pulse extends "DMA busy" by one cycle.
     """
 
     def __init__(self, *, config: MarcaConfig, dma_layout):
@@ -232,40 +299,41 @@ class Controller(wiring.Component):
             terms.append(fields.op == int(ElementwiseOp.FUNCTION))
         return _any(terms)
 
-    def _accesses(self, m, fields, opcode):
+    def _accesses(self, m, p, f, opcode, minus_one):
         """Hardware mirror of :func:`marca.isa.buffer_accesses`: (buffer, address, last, alignment,
-        enabled) per access; alignment is a power-of-two granule as a Value."""
+        enabled) per access; ``last`` is a :class:`_Staged` value of the check pipeline ``p``, alignment
+        a power-of-two granule (an int or a Value). ``minus_one`` maps count fields to registered
+        ``count - 1`` (a zero count is ILLEGAL_FIELD, which outranks what these compute)."""
         config = self.config
         R, C, lanes = config.array_rows, config.array_cols, config.lanes
-        f = fields
-        wide = 48
+        S = _Staged
 
-        def last(address, loops, extent):
-            total = address + extent - 1
-            for count, stride in loops:
-                total = total + (count - 1) * stride
-            result = Signal(wide)
-            m.d.comb += result.eq(total)
-            return result
+        def last(address, loops, extent, name):
+            terms = [p.unsigned(address + extent - 1, len(address) + 17, 0, f"{name}_base")]
+            for level, (count, stride) in enumerate(loops):
+                stride = stride if isinstance(stride, int) else S(stride)
+                terms.append(p.product(S(minus_one[count], 0), stride, f"{name}_loop{level}"))
+            return p.sum(terms, f"{name}_last")
 
         out = []
         if opcode in (Opcode.LOAD, Opcode.STORE):
-            out.append((f.buffer, f.buffer_address, last(f.buffer_address, [(f.row_count, f.buffer_row_stride)],
-                                                         f.row_elements), 1, Const(1, 1)))
+            out.append((f.buffer, f.buffer_address,
+                        last(f.buffer_address, [("row_count", f.buffer_row_stride)], f.row_elements, "rows"),
+                        1, Const(1, 1)))
         elif opcode == Opcode.LINEAR:
-            jk = Signal(32)
-            m.d.comb += jk.eq(f.row_tile_count * f.chunk_count)
-            out.append((f.matrix_buffer, f.matrix_address, last(f.matrix_address, [(jk, lanes)], lanes), lanes,
-                        Const(1, 1)))
+            # The matrix walks jk = row tiles x chunks lines: last = address + (jk - 1) * lanes + lanes - 1.
+            jk = p.reg(f.row_tile_count * f.chunk_count, 0, "linear_jk")
+            matrix_last = p.reg(f.matrix_address + (jk.value << exact_log2(lanes)) - 1, jk.depth, "matrix_last")
+            out.append((f.matrix_buffer, f.matrix_address, matrix_last, lanes, Const(1, 1)))
             out.append((f.vector_buffer, f.vector_address,
-                        last(f.vector_address, [(f.token_count, f.vector_token_stride * C), (f.chunk_count, C)], C),
-                        C, Const(1, 1)))
+                        last(f.vector_address, [("token_count", f.vector_token_stride * C), ("chunk_count", C)],
+                             C, "vector"), C, Const(1, 1)))
             out.append((f.bias_buffer, f.bias_address,
-                        last(f.bias_address, [(f.token_count, f.bias_token_stride * R), (f.row_tile_count, R)], R),
-                        R, f.init == int(LinearInit.BIAS)))
+                        last(f.bias_address, [("token_count", f.bias_token_stride * R), ("row_tile_count", R)],
+                             R, "bias"), R, f.init == int(LinearInit.BIAS)))
             out.append((f.output_buffer, f.output_address,
-                        last(f.output_address, [(f.token_count, f.output_token_stride * R),
-                                                (f.row_tile_count, R)], R), R, Const(1, 1)))
+                        last(f.output_address, [("token_count", f.output_token_stride * R),
+                                                ("row_tile_count", R)], R, "output"), R, Const(1, 1)))
         elif opcode == Opcode.ELEMENTWISE:
             for name in "abc":
                 users = [int(op) for op in ElementwiseOp if op != ElementwiseOp.FUNCTION
@@ -280,50 +348,59 @@ class Controller(wiring.Component):
                         with m.Case(value):
                             m.d.comb += [granule.eq(g), shift.eq(exact_log2(g))]
                 address = getattr(f, f"{name}_address")
-                outer = Signal(32, name=f"check_{name}_outer")
-                inner = Signal(32, name=f"check_{name}_inner")
-                m.d.comb += [outer.eq((f.outer_count - 1) * getattr(f, f"{name}_outer_stride")),
-                             inner.eq((f.inner_count - 1) * getattr(f, f"{name}_inner_stride"))]
-                total = Signal(wide, name=f"check_{name}_last")
-                m.d.comb += total.eq(address + ((outer + inner) << shift) + granule - 1)
+                base = p.unsigned(address + granule - 1, len(address) + 1, 0, f"{name}_base")
+                shift_staged = p.reg(shift, 0, f"{name}_shift")
+                outer = p.product(S(minus_one["outer_count"]), S(getattr(f, f"{name}_outer_stride")), f"{name}_outer")
+                inner = p.product(S(minus_one["inner_count"]), S(getattr(f, f"{name}_inner_stride")), f"{name}_inner")
+                total = p.reg(base.value + ((outer.value + inner.value) << shift_staged.value),
+                              max(base.depth, outer.depth, inner.depth, shift_staged.depth), f"{name}_last")
                 out.append((getattr(f, f"{name}_buffer"), address, total, granule, enabled))
             out.append((f.dst_buffer, f.dst_address,
-                        last(f.dst_address, [(f.outer_count, f.dst_outer_stride * lanes),
-                                             (f.inner_count, f.dst_inner_stride * lanes)], lanes), lanes, Const(1, 1)))
+                        last(f.dst_address, [("outer_count", f.dst_outer_stride * lanes),
+                                             ("inner_count", f.dst_inner_stride * lanes)], lanes, "dst"),
+                        lanes, Const(1, 1)))
         elif opcode == Opcode.NONLINEAR:
-            out.append((f.src_buffer, f.src_address, last(f.src_address, [(f.line_count, lanes)], lanes), lanes,
-                        Const(1, 1)))
-            out.append((f.dst_buffer, f.dst_address, last(f.dst_address, [(f.line_count, lanes)], lanes), lanes,
-                        Const(1, 1)))
+            out.append((f.src_buffer, f.src_address, last(f.src_address, [("line_count", lanes)], lanes, "src"),
+                        lanes, Const(1, 1)))
+            out.append((f.dst_buffer, f.dst_address, last(f.dst_address, [("line_count", lanes)], lanes, "dst"),
+                        lanes, Const(1, 1)))
         return out
 
-    def _check(self, m, word, opcode):
-        """(misaligned, buffer_range, memory_range) for a decoded ``opcode``."""
+    def _check(self, m, p, word, opcode, minus_one):
+        """(illegal_field, misaligned, buffer_range, memory_range) for ``opcode``, each a registered
+        :class:`_Staged` bit of the check pipeline ``p``."""
         config = self.config
         f = _Fields(word, opcode)
         misaligned, out_of_range, memory_range = [], [], []
         if opcode in (Opcode.LOAD, Opcode.STORE):
             compute = f.memory_format == int(isa.MemoryFormat.COMPUTE)
-            size = Mux(compute, config.compute_bytes, config.storage_bytes)
-            mask = size - 1
-            misaligned.append(((f.memory_address & mask) != 0) | ((f.memory_row_stride & mask) != 0))
-            last_byte = Signal(self.addr_width + 70)
-            m.d.comb += last_byte.eq(f.memory_address + (f.row_count - 1) * f.memory_row_stride
-                                     + f.row_elements * size - 1)
-            memory_range.append(last_byte[self.addr_width:].any())
+            mask = Mux(compute, config.compute_bytes - 1, config.storage_bytes - 1)
+            misaligned.append(_Staged(((f.memory_address & mask) != 0) | ((f.memory_row_stride & mask) != 0)))
+            row_bytes = Mux(compute, f.row_elements * config.compute_bytes, f.row_elements * config.storage_bytes)
+            extent = p.unsigned(row_bytes - 1, len(row_bytes), 0, "row_bytes")
+            rows = p.product(_Staged(minus_one["row_count"]), _Staged(f.memory_row_stride), "memory_rows")
+            last_byte = p.sum([_Staged(f.memory_address), rows, extent], "last_byte")
+            memory_range.append(_Staged(last_byte.value[self.addr_width:].any(), last_byte.depth))
         limits = {int(b): isa.buffer_elements(config, b) for b in Buffer}
-        for buffer, address, last, alignment, enabled in self._accesses(m, f, opcode):
-            if isinstance(alignment, int):
-                misaligned.append(enabled & ((address & (alignment - 1)) != 0))
-            else:
-                misaligned.append(enabled & ((address & (alignment - 1)) != 0))
-            limit = Signal(32)
+        for buffer, address, last, alignment, enabled in self._accesses(m, p, f, opcode, minus_one):
+            misaligned.append(_Staged(enabled & ((address & (alignment - 1)) != 0)))
+            limit = Signal(range(max(limits.values()) + 1), name="check_limit")
             with m.Switch(buffer):
                 for value, elements in limits.items():
                     with m.Case(value):
                         m.d.comb += limit.eq(elements)
-            out_of_range.append(enabled & (last >= limit))
-        return _any(misaligned), _any(out_of_range), _any(memory_range)
+            limit = p.reg(limit, 0, "limit")
+            enabled = p.reg(enabled, 0, "enabled")
+            out_of_range.append(_Staged(enabled.value & (last.value >= limit.value),
+                                        max(last.depth, limit.depth, enabled.depth)))
+
+        def flag(terms, name):
+            if not terms:
+                return _Staged(Const(0, 1))
+            return p.reg(_any(t.value for t in terms), max(t.depth for t in terms), name)
+
+        return (p.reg(self._illegal_field(m, word, opcode), 0, "illegal"), flag(misaligned, "misaligned"),
+                flag(out_of_range, "buffer_range"), flag(memory_range, "memory_range"))
 
     # -- elaborate -------------------------------------------------------------------------------------
 
@@ -354,49 +431,96 @@ class Controller(wiring.Component):
             with m.Else():
                 m.d.comb += self.fetch_start.eq(1)
 
-        # Decode stage: the instruction at the head of the fetch queue, checked over two cycles.
-        word = self.instruction.payload[:isa.INSTRUCTION_BITS]
-        fetch_failed = self.instruction.payload[isa.INSTRUCTION_BITS]
+        # Decode stage. The word at the head of the fetch queue (an asynchronous LUT-RAM read) is first
+        # copied into ``held_word`` (with ``count - 1`` of every count field, computed on the way in);
+        # the checks then run over ``check_cycles`` cycles of free-running pipeline registers (the held
+        # word is stable until consumed), and dispatch reads registered copies only.
+        held_word = Signal(isa.INSTRUCTION_BITS)
+        held_failed = Signal()
+        held_valid = Signal()
+        dispatch_ready = Signal()
+        consume = Signal()
+        incoming = self.instruction.payload
+        load = Signal()
+        m.d.comb += [self.instruction.ready.eq(running & ~stopping & (~held_valid | consume)),
+                     load.eq(self.instruction.valid & self.instruction.ready)]
+        word = held_word
         opcode = word[:isa.OPCODE_BITS]
-        checked = Signal()              # check results below are for the head instruction
-        verdict = Signal(ErrorCode)
-        legal_opcodes = [int(op) for op in Opcode]
+        minus_one = {}
+        shared = {}
+        for op in Opcode:
+            minus_one[op] = {}
+            for field in isa.field_layout(op):
+                if field.name not in isa._COUNT_FIELDS.get(op, ()):
+                    continue
+                key = (field.lsb, field.width)
+                if key not in shared:
+                    shared[key] = Signal(field.width, name=f"held_{field.name}_minus_one")
+                    with m.If(load):
+                        m.d.sync += shared[key].eq(incoming[field.lsb:field.lsb + field.width] - 1)
+                minus_one[op][field.name] = shared[key]
+
+        pipeline = _CheckPipeline(m, "check")
+        flags = {op: self._check(m, pipeline, word, op, minus_one[op]) for op in Opcode}
+        legal_opcode = pipeline.reg(_any(opcode == int(op) for op in Opcode), 0, "legal_opcode")
+        flag_depth = max([legal_opcode.depth] + [flag.depth for group in flags.values() for flag in group])
+        check_cycles = flag_depth + 1        # the verdict register follows the last flag
+        self.check_cycles = check_cycles
         verdict_now = Signal(ErrorCode)
-        with m.If(fetch_failed):
+        with m.If(held_failed):
             m.d.comb += verdict_now.eq(ErrorCode.BUS_ERROR)
-        with m.Elif(~_any(opcode == op for op in legal_opcodes)):
+        with m.Elif(~legal_opcode.value):
             m.d.comb += verdict_now.eq(ErrorCode.ILLEGAL_OPCODE)
         with m.Else():
             with m.Switch(opcode):
                 for op in Opcode:
+                    illegal, misaligned, buffer_range, memory_range = flags[op]
                     with m.Case(int(op)):
-                        illegal = self._illegal_field(m, word, op)
-                        misaligned, buffer_range, memory_range = self._check(m, word, op)
-                        with m.If(illegal):
+                        with m.If(illegal.value):
                             m.d.comb += verdict_now.eq(ErrorCode.ILLEGAL_FIELD)
-                        with m.Elif(misaligned):
+                        with m.Elif(misaligned.value):
                             m.d.comb += verdict_now.eq(ErrorCode.MISALIGNED)
-                        with m.Elif(buffer_range):
+                        with m.Elif(buffer_range.value):
                             m.d.comb += verdict_now.eq(ErrorCode.BUFFER_RANGE)
-                        with m.Elif(memory_range):
+                        with m.Elif(memory_range.value):
                             m.d.comb += verdict_now.eq(ErrorCode.MEMORY_RANGE)
+        verdict = Signal(ErrorCode)
+        verdict_ok = Signal()
+        m.d.sync += [verdict.eq(verdict_now), verdict_ok.eq(verdict_now == ErrorCode.NONE)]
+        # Registered decode for dispatch (settled long before ``checked``).
+        is_dma = Signal()
+        is_compute = Signal()
+        is_halt = Signal()
+        m.d.sync += [is_dma.eq((opcode == int(Opcode.LOAD)) | (opcode == int(Opcode.STORE))),
+                     is_compute.eq(_any(opcode == int(op)
+                                        for op in (Opcode.LINEAR, Opcode.ELEMENTWISE, Opcode.NONLINEAR))),
+                     is_halt.eq(opcode == int(Opcode.HALT))]
 
-        dispatch_ready = Signal()
-        consume = Signal()
-        have = running & ~stopping & self.instruction.valid
-        with m.If(have & ~checked):
-            m.d.sync += [checked.eq(1), verdict.eq(verdict_now)]
-        with m.If(consume):
-            m.d.sync += checked.eq(0)
-        with m.If(~running):
-            m.d.sync += checked.eq(0)
+        age = Signal(range(check_cycles))     # cycles since the held word was loaded (saturating)
+        checked = Signal()                    # the verdict and the staged commands are for the held word
+        with m.If(age != check_cycles - 1):
+            m.d.sync += age.eq(age + 1)
+        with m.Elif(held_valid):
+            m.d.sync += checked.eq(1)
+        with m.If(consume | ~running):
+            m.d.sync += [held_valid.eq(0), checked.eq(0)]
+        with m.If(load):
+            m.d.sync += [held_word.eq(incoming[:isa.INSTRUCTION_BITS]),
+                         held_failed.eq(incoming[isa.INSTRUCTION_BITS]),
+                         held_valid.eq(1), age.eq(0), checked.eq(0)]
+        have = running & ~stopping & held_valid
+
+        # The DMA's done/error come from deep logic: take them one cycle late. ``done`` is high in the
+        # DMA's last busy cycle, so counting the registered pulse as busy keeps the DMA "not idle" until
+        # its error (if any) has been recorded, exactly as before, one cycle later.
+        dma_done = Signal()
+        dma_error = Signal()
+        m.d.sync += [dma_done.eq(self.dma_done), dma_error.eq(self.dma_error)]
 
         # Dispatch.
-        dma_idle = ~self.dma_busy & ~self.dma_command.valid
+        dma_idle = ~self.dma_busy & ~self.dma_command.valid & ~dma_done
         compute_free = self.compute_command.ready
         all_idle = dma_idle & self.compute_idle & ~self.compute_command.valid
-        is_dma = (opcode == int(Opcode.LOAD)) | (opcode == int(Opcode.STORE))
-        is_compute = _any(opcode == int(op) for op in (Opcode.LINEAR, Opcode.ELEMENTWISE, Opcode.NONLINEAR))
         with m.If(is_dma):
             m.d.comb += dispatch_ready.eq(dma_idle)
         with m.Elif(is_compute):
@@ -404,11 +528,12 @@ class Controller(wiring.Component):
         with m.Else():
             m.d.comb += dispatch_ready.eq(all_idle)
 
-        m.d.comb += [self.fetched.eq(consume), self.stall_fetch.eq(running & ~stopping & ~self.instruction.valid),
-                     self.stall_dispatch.eq(have & checked & (verdict == ErrorCode.NONE) & ~dispatch_ready)]
+        m.d.comb += [self.fetched.eq(consume),
+                     self.stall_fetch.eq(running & ~stopping & ~held_valid & ~self.instruction.valid),
+                     self.stall_dispatch.eq(have & checked & verdict_ok & ~dispatch_ready)]
         go = have & checked
         with m.If(go):
-            with m.If(verdict != ErrorCode.NONE):
+            with m.If(~verdict_ok):
                 # An earlier DMA may still fault (BUS_ERROR); it came first, so wait for it.
                 with m.If(dma_idle):
                     m.d.comb += consume.eq(1)
@@ -416,36 +541,36 @@ class Controller(wiring.Component):
             with m.Elif(dispatch_ready):
                 m.d.comb += [consume.eq(1), self.retire.eq(1), self.retired.eq(opcode)]
                 m.d.sync += pc.eq(pc + isa.INSTRUCTION_BYTES)
-                with m.If(opcode == int(Opcode.HALT)):
+                with m.If(is_halt):
                     m.d.sync += stopping.eq(1)
                 with m.If(is_dma):
                     m.d.sync += dma_pc.eq(pc)
-        m.d.comb += self.instruction.ready.eq(consume)
 
         # DMA command from LOAD / STORE fields.
         dma_valid = Signal()
         dma_payload = Signal(self.dma_layout)
-        load = _Fields(word, Opcode.LOAD)
-        with m.If(go & (verdict == ErrorCode.NONE) & dispatch_ready & is_dma):
-            m.d.sync += [
-                dma_valid.eq(1),
-                dma_payload.store.eq(opcode == int(Opcode.STORE)),
-                dma_payload.memory_format.eq(load.memory_format),
-                dma_payload.buffer.eq(load.buffer),
-                dma_payload.address.eq(load.memory_address[:self.addr_width]),
-                dma_payload.row_stride.eq(load.memory_row_stride),
-                dma_payload.rows.eq(load.row_count),
-                dma_payload.row_elements.eq(load.row_elements),
-                dma_payload.line.eq(load.buffer_address[lane_shift:]),
-                dma_payload.row_step_lines.eq(load.buffer_row_stride[lane_shift:]),
-            ]
-            if lane_shift:
-                m.d.sync += [dma_payload.position.eq(load.buffer_address[:lane_shift]),
-                             dma_payload.row_step_position.eq(load.buffer_row_stride[:lane_shift])]
+        transfer = _Fields(word, Opcode.LOAD)
+        dma_next = Signal(self.dma_layout)      # staged from the held word every cycle
+        with m.If(go & verdict_ok & dispatch_ready & is_dma):
+            m.d.sync += [dma_valid.eq(1), dma_payload.eq(dma_next)]
+        m.d.sync += [
+            dma_next.store.eq(opcode == int(Opcode.STORE)),
+            dma_next.memory_format.eq(transfer.memory_format),
+            dma_next.buffer.eq(transfer.buffer),
+            dma_next.address.eq(transfer.memory_address[:self.addr_width]),
+            dma_next.row_stride.eq(transfer.memory_row_stride),
+            dma_next.rows.eq(transfer.row_count),
+            dma_next.row_elements.eq(transfer.row_elements),
+            dma_next.line.eq(transfer.buffer_address[lane_shift:]),
+            dma_next.row_step_lines.eq(transfer.buffer_row_stride[lane_shift:]),
+        ]
+        if lane_shift:
+            m.d.sync += [dma_next.position.eq(transfer.buffer_address[:lane_shift]),
+                         dma_next.row_step_position.eq(transfer.buffer_row_stride[:lane_shift])]
         with m.If(self.dma_command.valid & self.dma_command.ready):
             m.d.sync += dma_valid.eq(0)
         m.d.comb += [self.dma_command.valid.eq(dma_valid), self.dma_command.payload.eq(dma_payload)]
-        with m.If(self.dma_done & self.dma_error & (error_code == ErrorCode.NONE)):
+        with m.If(dma_done & dma_error & (error_code == ErrorCode.NONE)):
             fail(ErrorCode.BUS_ERROR, dma_pc)
 
         # Compute command from LINEAR / ELEMENTWISE / NONLINEAR fields.
@@ -461,64 +586,65 @@ class Controller(wiring.Component):
                 stmts.append(target.strides[level].eq(stride))
             return stmts
 
-        with m.If(go & (verdict == ErrorCode.NONE) & dispatch_ready & is_compute):
-            m.d.sync += compute_valid.eq(1)
-            with m.Switch(opcode):
-                with m.Case(int(Opcode.LINEAR)):
-                    f = linear
-                    m.d.sync += [command.kind.eq(KIND_LINEAR), command.counts[0].eq(f.chunk_count),
-                                 command.counts[1].eq(f.token_count), command.counts[2].eq(f.row_tile_count),
-                                 command.last_inner.eq(f.row_tile_count)]
-                    # Loops: chunk k (outer), token t, row tile j (inner).
-                    m.d.sync += operand(command.a, f.matrix_buffer, f.matrix_address,
-                                        [lanes, 0, (f.chunk_count << lane_shift)])
-                    m.d.sync += operand(command.b, f.vector_buffer, f.vector_address,
-                                        [C, f.vector_token_stride * C, 0], Broadcast.COLUMN)
-                    m.d.sync += operand(command.dst, f.output_buffer, f.output_address,
-                                        [0, f.output_token_stride * R, R], Broadcast.ROW)
-                    m.d.sync += operand(command.bias, Mux(f.init == int(LinearInit.BIAS), f.bias_buffer,
-                                                          CONSTANT_SOURCE),
-                                        f.bias_address, [0, f.bias_token_stride * R, R], Broadcast.ROW)
-                with m.Case(int(Opcode.ELEMENTWISE)):
-                    f = elementwise
-                    uses = []
-                    for name in "abc":
-                        users = [int(op) for op in ElementwiseOp if op != ElementwiseOp.FUNCTION
-                                 and name in isa.operands_used(op)]
-                        uses.append(_any(f.op == op for op in users))
-                    m.d.sync += [command.kind.eq(KIND_ELEMENTWISE), command.op.eq(f.op),
-                                 command.counts[0].eq(1), command.counts[1].eq(f.outer_count),
-                                 command.counts[2].eq(f.inner_count), command.last_inner.eq(f.inner_count),
-                                 command.uses.eq(Cat(*uses))]
-                    for name in "abc":
-                        broadcast = getattr(f, f"{name}_broadcast")
-                        shift = Signal(range(lane_shift + 1), name=f"dispatch_{name}_shift")
-                        with m.Switch(broadcast):
-                            for value in Broadcast:
-                                with m.Case(value):
-                                    m.d.comb += shift.eq(exact_log2(isa.granule(config, value)))
-                        m.d.sync += operand(getattr(command, name), getattr(f, f"{name}_buffer"),
-                                            getattr(f, f"{name}_address"),
-                                            [0, getattr(f, f"{name}_outer_stride") << shift,
-                                             getattr(f, f"{name}_inner_stride") << shift], broadcast)
-                    m.d.sync += operand(command.dst, f.dst_buffer, f.dst_address,
-                                        [0, f.dst_outer_stride << lane_shift, f.dst_inner_stride << lane_shift])
-                with m.Case(int(Opcode.NONLINEAR)):
-                    f = nonlinear
-                    batches = (f.line_count + NONLINEAR_BATCH - 1) >> exact_log2(NONLINEAR_BATCH)
-                    remainder = f.line_count[:exact_log2(NONLINEAR_BATCH)]
-                    passes = Signal(16)
-                    with m.Switch(f.function):
-                        for function, schedule in nonlinear_schedule(config)[1].items():
-                            with m.Case(function):
-                                m.d.comb += passes.eq(len(schedule))
-                    m.d.sync += [command.kind.eq(KIND_NONLINEAR), command.function.eq(f.function),
-                                 command.counts[0].eq(batches), command.counts[1].eq(passes),
-                                 command.counts[2].eq(NONLINEAR_BATCH),
-                                 command.last_inner.eq(Mux(remainder == 0, NONLINEAR_BATCH, remainder))]
-                    strides = [NONLINEAR_BATCH * lanes, 0, lanes]
-                    m.d.sync += operand(command.a, f.src_buffer, f.src_address, strides)
-                    m.d.sync += operand(command.dst, f.dst_buffer, f.dst_address, strides)
+        compute_next = Signal(compute_command_layout())      # staged from the held word every cycle
+        with m.If(go & verdict_ok & dispatch_ready & is_compute):
+            m.d.sync += [compute_valid.eq(1), command.eq(compute_next)]
+        with m.Switch(opcode):
+            with m.Case(int(Opcode.LINEAR)):
+                f = linear
+                m.d.sync += [compute_next.kind.eq(KIND_LINEAR), compute_next.counts[0].eq(f.chunk_count),
+                             compute_next.counts[1].eq(f.token_count), compute_next.counts[2].eq(f.row_tile_count),
+                             compute_next.last_inner.eq(f.row_tile_count)]
+                # Loops: chunk k (outer), token t, row tile j (inner).
+                m.d.sync += operand(compute_next.a, f.matrix_buffer, f.matrix_address,
+                                    [lanes, 0, (f.chunk_count << lane_shift)])
+                m.d.sync += operand(compute_next.b, f.vector_buffer, f.vector_address,
+                                    [C, f.vector_token_stride * C, 0], Broadcast.COLUMN)
+                m.d.sync += operand(compute_next.dst, f.output_buffer, f.output_address,
+                                    [0, f.output_token_stride * R, R], Broadcast.ROW)
+                m.d.sync += operand(compute_next.bias, Mux(f.init == int(LinearInit.BIAS), f.bias_buffer,
+                                                      CONSTANT_SOURCE),
+                                    f.bias_address, [0, f.bias_token_stride * R, R], Broadcast.ROW)
+            with m.Case(int(Opcode.ELEMENTWISE)):
+                f = elementwise
+                uses = []
+                for name in "abc":
+                    users = [int(op) for op in ElementwiseOp if op != ElementwiseOp.FUNCTION
+                             and name in isa.operands_used(op)]
+                    uses.append(_any(f.op == op for op in users))
+                m.d.sync += [compute_next.kind.eq(KIND_ELEMENTWISE), compute_next.op.eq(f.op),
+                             compute_next.counts[0].eq(1), compute_next.counts[1].eq(f.outer_count),
+                             compute_next.counts[2].eq(f.inner_count), compute_next.last_inner.eq(f.inner_count),
+                             compute_next.uses.eq(Cat(*uses))]
+                for name in "abc":
+                    broadcast = getattr(f, f"{name}_broadcast")
+                    shift = Signal(range(lane_shift + 1), name=f"dispatch_{name}_shift")
+                    with m.Switch(broadcast):
+                        for value in Broadcast:
+                            with m.Case(value):
+                                m.d.comb += shift.eq(exact_log2(isa.granule(config, value)))
+                    m.d.sync += operand(getattr(compute_next, name), getattr(f, f"{name}_buffer"),
+                                        getattr(f, f"{name}_address"),
+                                        [0, getattr(f, f"{name}_outer_stride") << shift,
+                                         getattr(f, f"{name}_inner_stride") << shift], broadcast)
+                m.d.sync += operand(compute_next.dst, f.dst_buffer, f.dst_address,
+                                    [0, f.dst_outer_stride << lane_shift, f.dst_inner_stride << lane_shift])
+            with m.Case(int(Opcode.NONLINEAR)):
+                f = nonlinear
+                batches = (f.line_count + NONLINEAR_BATCH - 1) >> exact_log2(NONLINEAR_BATCH)
+                remainder = f.line_count[:exact_log2(NONLINEAR_BATCH)]
+                passes = Signal(16)
+                with m.Switch(f.function):
+                    for function, schedule in nonlinear_schedule(config)[1].items():
+                        with m.Case(function):
+                            m.d.comb += passes.eq(len(schedule))
+                m.d.sync += [compute_next.kind.eq(KIND_NONLINEAR), compute_next.function.eq(f.function),
+                             compute_next.counts[0].eq(batches), compute_next.counts[1].eq(passes),
+                             compute_next.counts[2].eq(NONLINEAR_BATCH),
+                             compute_next.last_inner.eq(Mux(remainder == 0, NONLINEAR_BATCH, remainder))]
+                strides = [NONLINEAR_BATCH * lanes, 0, lanes]
+                m.d.sync += operand(compute_next.a, f.src_buffer, f.src_address, strides)
+                m.d.sync += operand(compute_next.dst, f.dst_buffer, f.dst_address, strides)
         with m.If(self.compute_command.valid & self.compute_command.ready):
             m.d.sync += compute_valid.eq(0)
         m.d.comb += [self.compute_command.valid.eq(compute_valid), self.compute_command.payload.eq(command)]

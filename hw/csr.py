@@ -19,7 +19,9 @@ offset      name             R/W   meaning
 ==========  ===============  ====  ==========================================================================
 
 Counters are cleared when a run starts (``start`` accepted) and by a soft reset, then count until the run
-ends, so after ``done`` they describe exactly that run. Writes to read-only registers are ignored; every
+ends, so after ``done`` they describe exactly that run. For timing (issue 7) every input from the units is
+registered before use: counter increments are added one cycle after the cycle they describe, and STATUS
+shows ``busy``/``done`` one cycle late as well, so counts are complete when ``done`` reads 1. Writes to read-only registers are ignored; every
 access answers ``OKAY``.
 """
 
@@ -65,9 +67,10 @@ class CSRFile(wiring.Component):
         The subordinate port. Accepts a write when address and data are both valid; one outstanding
         write response and one outstanding read response at a time (legal AXI4-Lite back-pressure).
     start : Out(1)
-        One-cycle pulse when the host writes ``start`` and ``busy`` is low.
+        One-cycle pulse (from a flip-flop) the cycle after the host's write of ``start`` is accepted while
+        ``busy`` is low.
     soft_reset : Out(1)
-        One-cycle pulse when the host writes ``soft_reset``.
+        One-cycle pulse (from a flip-flop) the cycle after the host's write of ``soft_reset``.
     program_address : Out(program_address_width)
     busy, done : In(1)
         Controller state shown in STATUS.
@@ -77,6 +80,13 @@ class CSRFile(wiring.Component):
         Added to counter ``<name>`` every cycle while ``counting`` is high.
     counting : In(1)
         Counters advance only while high (the accelerator holds it high during a run).
+    irq : Out(1)
+        High while STATUS shows ``done`` and not ``busy`` (registered: the counters are complete).
+
+    Timing: ``start``/``soft_reset`` pulse one cycle after the write is accepted and the write response
+    follows one cycle later; STATUS and ``irq`` show ``busy``/``done`` one cycle after the controller;
+    counter increments are registered and added one cycle after the cycle they describe; a read's
+    address is registered, then decoded, so its data comes two cycles after the address is accepted.
     """
 
     def __init__(self, *, program_address_width: int, counters: dict, error_code_width: int = 8,
@@ -103,7 +113,7 @@ class CSRFile(wiring.Component):
             "busy": In(1), "done": In(1), "error_code": In(error_code_width),
             "error_pc": In(program_address_width),
             "counter_increments": In(wiring.Signature({name: Out(width) for name, width in counters.items()})),
-            "counting": In(1),
+            "counting": In(1), "irq": Out(1),
         })
         self._MustUse__silence = False
 
@@ -117,16 +127,20 @@ class CSRFile(wiring.Component):
         m.d.comb += self.program_address.eq(program[:self.program_address_width])
 
         # Write channel: take address and data together, answer OKAY.
+        # The response comes two cycles after the write, so that a ``start`` (registered) has already
+        # reached STATUS and ``irq`` when the host sees it.
         write_fire = Signal()
+        write_settling = Signal()
         m.d.comb += [
-            write_fire.eq(bus.awvalid & bus.wvalid & ~bus.bvalid),
+            write_fire.eq(bus.awvalid & bus.wvalid & ~bus.bvalid & ~write_settling),
             bus.awready.eq(write_fire),
             bus.wready.eq(write_fire),
             bus.bresp.eq(AXIResponse.OKAY),
         ]
+        m.d.sync += write_settling.eq(write_fire)
         with m.If(bus.bvalid & bus.bready):
             m.d.sync += bus.bvalid.eq(0)
-        with m.If(write_fire):
+        with m.If(write_settling):
             m.d.sync += bus.bvalid.eq(1)
 
         write_offset = Signal(self.bus_addr_width)
@@ -138,35 +152,51 @@ class CSRFile(wiring.Component):
                 out.append(Mux(bus.wstrb[byte], new[8 * byte:8 * byte + 8], old[8 * byte:8 * byte + 8]))
             return Cat(*out)
 
+        # ``start`` and ``soft_reset`` leave from flip-flops (one cycle after the write), so the host bus
+        # reaches no further than these registers.
+        start = Signal()
+        soft_reset = Signal()
+        m.d.comb += [self.start.eq(start), self.soft_reset.eq(soft_reset)]
+        m.d.sync += [start.eq(0), soft_reset.eq(0)]
         with m.If(write_fire):
             with m.Switch(write_offset):
                 with m.Case(REGISTERS["CONTROL"]):
-                    with m.If(bus.wstrb[0] & bus.wdata[0] & ~self.busy):
-                        m.d.comb += self.start.eq(1)
+                    with m.If(bus.wstrb[0] & bus.wdata[0] & ~self.busy & ~start):
+                        m.d.sync += start.eq(1)
                     with m.If(bus.wstrb[0] & bus.wdata[1]):
-                        m.d.comb += self.soft_reset.eq(1)
+                        m.d.sync += soft_reset.eq(1)
                 with m.Case(REGISTERS["PROGRAM_LO"]):
                     m.d.sync += program[:32].eq(strobed(program[:32], bus.wdata))
                 with m.Case(REGISTERS["PROGRAM_HI"]):
                     m.d.sync += program[32:].eq(strobed(program[32:], bus.wdata))
 
-        # Read channel: one registered response at a time.
+        # STATUS is registered one cycle behind the controller, like the counters (whose increments are
+        # registered): when ``done`` reads 1, every count of the run is complete. A start shows busy at once.
+        status_busy = Signal()
+        status_done = Signal()
+        m.d.sync += [status_busy.eq(self.busy | start), status_done.eq(self.done & ~start)]
+        m.d.comb += self.irq.eq(status_done & ~status_busy)
+
+        # Read channel: one response at a time, two cycles: the address is registered first (the host
+        # bridge drives it from deep logic), then decoded into the registered read data.
         read_data = Signal(32)
         read_offset = Signal(self.bus_addr_width)
+        read_pending = Signal()
         m.d.comb += [
-            bus.arready.eq(~bus.rvalid),
+            bus.arready.eq(~bus.rvalid & ~read_pending),
             bus.rresp.eq(AXIResponse.OKAY),
             bus.rdata.eq(read_data),
-            read_offset.eq(bus.araddr & ~3),
         ]
         with m.If(bus.rvalid & bus.rready):
             m.d.sync += bus.rvalid.eq(0)
         with m.If(bus.arvalid & bus.arready):
-            m.d.sync += bus.rvalid.eq(1)
+            m.d.sync += [read_pending.eq(1), read_offset.eq(bus.araddr & ~3)]
+        with m.If(read_pending):
+            m.d.sync += [read_pending.eq(0), bus.rvalid.eq(1)]
             m.d.sync += read_data.eq(0)
             with m.Switch(read_offset):
                 with m.Case(REGISTERS["STATUS"]):
-                    m.d.sync += read_data.eq(Cat(self.busy, self.done, self.error_code != 0))
+                    m.d.sync += read_data.eq(Cat(status_busy, status_done, self.error_code != 0))
                 with m.Case(REGISTERS["ERROR_CODE"]):
                     m.d.sync += read_data.eq(self.error_code)
                 with m.Case(REGISTERS["ERROR_PC"]):
@@ -185,10 +215,14 @@ class CSRFile(wiring.Component):
                     with m.Case(counter_offset(index) + 4):
                         m.d.sync += read_data.eq(high_latch)
 
-        # Counters: cleared by a start or a soft reset, then advance while counting.
+        # Counters: cleared by a start or a soft reset, then advance while counting. The increments come
+        # from deep logic in the units, so they are registered first and added one cycle later; the
+        # 64-bit add then starts at flip-flops.
         for name, counter in zip(self.counter_names, counters):
-            with m.If(self.start | self.soft_reset):
-                m.d.sync += counter.eq(0)
-            with m.Elif(self.counting):
-                m.d.sync += counter.eq(counter + getattr(self.counter_increments, name))
+            increment = getattr(self.counter_increments, name)
+            pending = Signal(len(increment), name=f"increment_{name}")
+            with m.If(start | soft_reset):
+                m.d.sync += [counter.eq(0), pending.eq(0)]
+            with m.Else():
+                m.d.sync += [counter.eq(counter + pending), pending.eq(Mux(self.counting, increment, 0))]
         return m

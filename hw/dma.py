@@ -19,11 +19,17 @@ Each direction has an *address side* and a *data side* that walk the same rows i
 * the address side issues bursts: beat-aligned, at most 256 beats, never crossing a 4 KiB boundary;
   reads are kept at most ``max_outstanding_beats`` ahead of the data;
 * the data side follows beat by beat. A beat's ``K = data_width / (8 * storage_bytes)`` elements land in
-  the buffer at a running position ``(L, p)``: the beat is shifted into a two-line window at ``p``; the
-  part in the first line merges into a line accumulator, which is written when the window passes the end
-  of its line (or at the end of the row), the part in the second line starts the next accumulation. So
-  a load writes each buffer line about once, leaving the shared write port free for the PE array most
-  of the time. Stores read lines ahead into a three-line queue and cut each beat out of its first two.
+  the buffer at a running position ``(L, p)``: element ``q`` goes to lane ``p + q`` of a two-line window
+  (lane masks decided a stage early, the data by a K-way rotation per lane); the part in the first line
+  merges into a line accumulator, which is written when the window passes the end of its line (or at the
+  end of the row), the part in the second line starts the next accumulation. So a load writes each
+  buffer line about once, leaving the shared write port free for the PE array most of the time. Stores
+  read lines ahead into a three-line queue and cut each beat out of its first two (then register it).
+
+Every boundary is a flip-flop (for timing closure, docs/shell.md): AR, AW, W, R and the line-write port
+pass through two-entry skid buffers with registered ready (``_SkidBuffer``), B is registered, and
+``done``/``bytes_read``/``bytes_written`` come from registers. No combinational path runs from an input
+of the DMA to an output or deep into its logic; the pipelines keep one beat per cycle.
 
 Errors and abort
 ----------------
@@ -69,6 +75,13 @@ def dma_command_layout(*, addr_width: int, line_width: int, position_width: int,
     })
 
 
+def _any(terms):
+    result = Const(0, 1)
+    for term in terms:
+        result = result | term
+    return result
+
+
 def _popcount(value):
     total = Const(0, 1)
     for bit in value:
@@ -103,6 +116,39 @@ class _RowWalker:
                 self.rows_left.eq(self.rows_left - 1)]
 
 
+class _SkidBuffer:
+    """A two-entry pipeline register whose outputs are all flip-flops: ``in_ready`` (a registered ready),
+    ``out_valid`` and the payload ``o``. It passes one transfer per cycle while the consumer is ready;
+    the consumer's ``out_ready`` only moves the skid buffer's own registers, and ``in_valid`` / ``i`` only
+    reach its data inputs, so no combinational path crosses it. Fields named in ``clear_when_empty`` read
+    zero while ``out_valid`` is low (write enables).
+    """
+
+    def __init__(self, m, name, fields, *, clear_when_empty=()):
+        self.in_valid = Signal(name=f"{name}_in_valid")
+        self.in_ready = Signal(name=f"{name}_in_ready")
+        self.out_valid = Signal(name=f"{name}_out_valid")
+        self.out_ready = Signal(name=f"{name}_out_ready")
+        self.i = {key: Signal(width, name=f"{name}_in_{key}") for key, width in fields.items()}
+        self.o = {key: Signal(width, name=f"{name}_out_{key}") for key, width in fields.items()}
+        skid_valid = Signal(name=f"{name}_skid_valid")
+        skid = {key: Signal(width, name=f"{name}_skid_{key}") for key, width in fields.items()}
+        self.empty = Signal(name=f"{name}_empty")
+        m.d.comb += [self.in_ready.eq(~skid_valid), self.empty.eq(~self.out_valid & ~skid_valid)]
+        with m.If(~self.out_valid | self.out_ready):
+            with m.If(skid_valid):
+                m.d.sync += [self.out_valid.eq(1), skid_valid.eq(0)]
+                m.d.sync += [self.o[key].eq(skid[key]) for key in fields]
+            with m.Else():
+                m.d.sync += self.out_valid.eq(self.in_valid)
+                m.d.sync += [self.o[key].eq(Mux(self.in_valid, self.i[key], 0)) for key in clear_when_empty]
+                with m.If(self.in_valid):
+                    m.d.sync += [self.o[key].eq(self.i[key]) for key in fields if key not in clear_when_empty]
+        with m.Elif(self.in_valid & ~skid_valid):
+            m.d.sync += skid_valid.eq(1)
+            m.d.sync += [skid[key].eq(self.i[key]) for key in fields]
+
+
 class _DMAEngine(wiring.Component):
     """AXI4 DMA between memory (one memory-side format, ``storage_format``) and line buffers (compute
     format). :class:`DMA` holds one engine per memory format; the command's ``memory_format`` is ignored
@@ -122,7 +168,9 @@ class _DMAEngine(wiring.Component):
     count_width : int
         Bits of ``rows`` and ``row_elements``.
     max_outstanding_beats : int
-        Read beats requested but not yet received, at most.
+        Read beats requested but not yet received, at most; at least the longest burst
+        (``min(256, 4096 / beat bytes)``), since a read burst is issued only while no more than
+        ``max_outstanding_beats`` minus that are outstanding.
     axi_id : int
         ARID/AWID of this engine's bursts.
 
@@ -136,15 +184,19 @@ class _DMAEngine(wiring.Component):
     buffer : Out(buffer_width)
         The buffer of the current command.
     buffer_write : Out(WritePortSignature)
-        Line writes of loads (waits on ``ready``).
+        Line writes of loads, from a skid buffer (``addr``, ``data``, ``en`` are flip-flops; ``en`` never
+        waits on ``ready``).
     buffer_read : Out(ReadPortSignature)
-        Line reads of stores (data one cycle after ``en``).
+        Line reads of stores (data one cycle after ``en``; ``addr`` a flip-flop, ``en`` two gates from
+        flip-flops).
     busy, done, error : Out(1)
         See the module docstring. ``error`` stays high from the failing response until the next command.
+        ``done`` pulses one gate after a registered "finished" (a cycle after the last beat settles).
     abort : In(1)
         Stop issuing bursts, drain, finish with ``done``.
     bytes_read, bytes_written : Out(...)
-        Per-cycle counts of element bytes read from / written to memory (for the counters).
+        Per-cycle counts of element bytes read from / written to memory (for the counters), registered: a
+        cycle after the beat, always before ``done``.
     read_active, write_active : Out(1)
         A load / store is in progress (for the per-unit busy counters).
     """
@@ -179,6 +231,10 @@ class _DMAEngine(wiring.Component):
         self.line_width = line_width
         self.position_width = max(1, ceil_log2(lanes))
         self.count_width = count_width
+        burst_limit = min(_MAX_BURST_BEATS, _BOUNDARY_BYTES // self.beat_bytes)
+        if max_outstanding_beats < burst_limit:
+            raise ValueError(f"max_outstanding_beats must be at least the longest burst ({burst_limit} beats), "
+                             f"not {max_outstanding_beats!r}")
         self.max_outstanding_beats = max_outstanding_beats
         self.axi_id = axi_id
         self.command_layout = dma_command_layout(
@@ -212,7 +268,8 @@ class _DMAEngine(wiring.Component):
         return offset, beats
 
     def _burst_beats(self, m, name, address, beats_left):
-        """Beats of the next burst at beat-aligned ``address`` with ``beats_left`` beats to go."""
+        """(beats of the next burst at beat-aligned ``address`` with ``beats_left`` beats to go, whether
+        that burst takes them all)."""
         shift = exact_log2(self.beat_bytes)
         to_boundary = Signal(range(_BOUNDARY_BYTES // self.beat_bytes + 1), name=f"{name}_to_boundary")
         m.d.comb += to_boundary.eq((_BOUNDARY_BYTES >> shift) - address[shift:exact_log2(_BOUNDARY_BYTES)])
@@ -220,7 +277,9 @@ class _DMAEngine(wiring.Component):
         burst = Signal(range(limit + 1), name=f"{name}_burst")
         smaller = Mux(beats_left < to_boundary, beats_left, to_boundary)
         m.d.comb += burst.eq(Mux(smaller > limit, limit, smaller))
-        return burst
+        ends_row = Signal(name=f"{name}_ends_row")      # the burst takes all of ``beats_left``
+        m.d.comb += ends_row.eq((beats_left <= to_boundary) & (beats_left <= limit))
+        return burst, ends_row
 
     def _convert(self, m, name, values, source, target, enable, in_slot, out_slot):
         """K element converters in parallel; ``values`` packed ``in_slot`` bits apart."""
@@ -262,66 +321,80 @@ class _DMAEngine(wiring.Component):
                            position_width=self.position_width, count_width=self.count_width, lanes=lanes)
 
         # ================= address side (shared shape for AR and AW) =================================
+        # Three steps, each from registers: row set-up (address, beats of the row), burst length (a cycle
+        # later, into `burst_beats`), push into the AR/AW skid buffer. Bursts leave at most every other
+        # cycle, rows every third: the data side needs at least as long for any burst of two beats or more.
         address_walker = _RowWalker(m, "issue", command, **walker_args)
         issue_row_ready = Signal()       # issue_address/issue_beats_left describe the current row
         issue_address = Signal(self.addr_width)     # beat-aligned address of the next burst
         issue_beats_left = Signal(self.count_width + 1)
         issue_done = Signal()
+        burst_ready = Signal()           # burst_beats/burst_last hold the next burst
+        burst_limit = min(_MAX_BURST_BEATS, _BOUNDARY_BYTES // self.beat_bytes)
+        burst_beats = Signal(range(burst_limit + 1))
+        burst_length = Signal(8)         # burst_beats - 1, as AxLEN
+        burst_last = Signal()            # the burst ends the row
         _, row_beats = self._beats_for(m, "issue", address_walker.address, command.row_elements)
-        burst = self._burst_beats(m, "issue", issue_address, issue_beats_left)
+        burst, ends_row = self._burst_beats(m, "issue", issue_address, issue_beats_left)
+        with m.If(active & issue_row_ready & ~burst_ready):
+            m.d.sync += [burst_beats.eq(burst), burst_length.eq(burst - 1), burst_last.eq(ends_row),
+                         burst_ready.eq(1)]
         with m.If(start):
             m.d.sync += [*address_walker.load(self.command.payload), issue_row_ready.eq(0),
-                         issue_done.eq(0)]
+                         issue_done.eq(0), burst_ready.eq(0)]
         with m.Elif(active & ~issue_done & ~issue_row_ready):
             with m.If(address_walker.rows_left == 0):
                 m.d.sync += issue_done.eq(1)
             with m.Else():
                 m.d.sync += [issue_address.eq(Cat(Const(0, beat_shift), address_walker.address[beat_shift:])),
-                             issue_beats_left.eq(row_beats), issue_row_ready.eq(1)]
+                             issue_beats_left.eq(row_beats), issue_row_ready.eq(1), burst_ready.eq(0)]
 
         with m.If(active & (aborting | error)):
             m.d.sync += issue_done.eq(1)
-        issue_fire = Signal()
         issue_can = Signal()
-        m.d.comb += issue_can.eq(active & issue_row_ready & ~issue_done & ~aborting & ~error)
+        m.d.comb += issue_can.eq(active & issue_row_ready & burst_ready & ~issue_done & ~aborting & ~error)
 
-        def after_issue():
-            m.d.sync += [issue_address.eq(issue_address + (burst << beat_shift)),
-                         issue_beats_left.eq(issue_beats_left - burst)]
-            with m.If(issue_beats_left == burst):
-                m.d.sync += [issue_row_ready.eq(0), *address_walker.advance()]
+        # AR and AW leave from skid buffers: AxVALID and the payload are flip-flops, and AxREADY only
+        # moves the skid buffer. A burst is counted (outstanding reads; write burst length pushed to
+        # `burst_fifo` for the W side) when it enters its skid buffer, so W beats never wait for AWREADY
+        # and an abort still completes every burst already requested.
+        request_fields = {"address": self.addr_width, "length": 8}
+        read_address = _SkidBuffer(m, "read_address", request_fields)
+        write_address = _SkidBuffer(m, "write_address", request_fields)
+        m.d.comb += [axi.arid.eq(self.axi_id), axi.araddr.eq(read_address.o["address"]),
+                     axi.arlen.eq(read_address.o["length"]), axi.arsize.eq(beat_shift),
+                     axi.arburst.eq(AXIBurst.INCR), axi.arvalid.eq(read_address.out_valid),
+                     read_address.out_ready.eq(axi.arready),
+                     axi.awid.eq(self.axi_id), axi.awaddr.eq(write_address.o["address"]),
+                     axi.awlen.eq(write_address.o["length"]), axi.awsize.eq(beat_shift),
+                     axi.awburst.eq(AXIBurst.INCR), axi.awvalid.eq(write_address.out_valid),
+                     write_address.out_ready.eq(axi.awready)]
+        for skid in (read_address, write_address):
+            m.d.comb += [skid.i["address"].eq(issue_address), skid.i["length"].eq(burst_length)]
 
-        # Read address channel.
         bursts_open = Signal(range(64))          # write bursts issued whose B has not come back
         burst_fifo = m.submodules.burst_fifo = SyncFIFO(width=9, depth=8)   # their lengths, for W
         outstanding_reads = Signal(range(self.max_outstanding_beats + _MAX_BURST_BEATS + 1))
         read_beat_taken = Signal()
-        m.d.comb += [axi.arid.eq(self.axi_id), axi.araddr.eq(issue_address), axi.arlen.eq(burst - 1),
-                     axi.arsize.eq(beat_shift), axi.arburst.eq(AXIBurst.INCR),
-                     axi.awid.eq(self.axi_id), axi.awaddr.eq(issue_address), axi.awlen.eq(burst - 1),
-                     axi.awsize.eq(beat_shift), axi.awburst.eq(AXIBurst.INCR)]
-        # A request, once valid, stays valid until accepted (AXI), whatever an abort or an error says
-        # meanwhile: `request_pending` remembers it. A write burst is committed to the W side (its length
-        # pushed to `burst_fifo`) when its AWVALID rises, so W beats never wait for AWREADY.
-        request_pending = Signal()
         request_new = Signal()
         with m.If(~command.store):
-            m.d.comb += request_new.eq(~request_pending & issue_can
-                                       & (outstanding_reads + burst <= self.max_outstanding_beats))
-            m.d.comb += axi.arvalid.eq(request_pending | request_new)
-            m.d.comb += issue_fire.eq(axi.arvalid & axi.arready)
-            m.d.sync += request_pending.eq(axi.arvalid & ~axi.arready)
+            # Room for a burst of the longest kind, so the check needs no adder.
+            m.d.comb += request_new.eq(issue_can & read_address.in_ready
+                                       & (outstanding_reads <= self.max_outstanding_beats - burst_limit))
+            m.d.comb += read_address.in_valid.eq(request_new)
         with m.Else():
-            m.d.comb += request_new.eq(~request_pending & issue_can & burst_fifo.w_rdy & (bursts_open < 32))
-            m.d.comb += axi.awvalid.eq(request_pending | request_new)
-            m.d.comb += issue_fire.eq(axi.awvalid & axi.awready)
-            m.d.sync += request_pending.eq(axi.awvalid & ~axi.awready)
-        with m.If(issue_fire):
-            after_issue()
-        m.d.sync += outstanding_reads.eq(outstanding_reads + Mux(issue_fire & ~command.store, burst, 0)
+            m.d.comb += request_new.eq(issue_can & write_address.in_ready & burst_fifo.w_rdy
+                                       & (bursts_open < 32))
+            m.d.comb += write_address.in_valid.eq(request_new)
+        with m.If(request_new):
+            m.d.sync += [issue_address.eq(issue_address + (burst_beats << beat_shift)),
+                         issue_beats_left.eq(issue_beats_left - burst_beats), burst_ready.eq(0)]
+            with m.If(burst_last):
+                m.d.sync += [issue_row_ready.eq(0), *address_walker.advance()]
+        m.d.sync += outstanding_reads.eq(outstanding_reads + Mux(request_new & ~command.store, burst_beats, 0)
                                          - read_beat_taken)
 
-        # ================= load data side: R -> convert -> line accumulator ============================
+        # ================= load data side: R -> skid -> convert -> line accumulator -> write skid ========
         load_walker = _RowWalker(m, "load", command, **walker_args)
         load_row_ready = Signal()
         load_done = Signal()
@@ -356,15 +429,22 @@ class _DMAEngine(wiring.Component):
         last_beat = Signal()
         m.d.comb += last_beat.eq(load_remaining <= k)
 
+        # R enters a skid buffer (RREADY is a flip-flop); the engine takes beats from its registered end.
+        read_data = _SkidBuffer(m, "read_data", {"data": self.data_width, "error": 1})
+        m.d.comb += [read_data.in_valid.eq(axi.rvalid & (axi.rid == self.axi_id)),
+                     read_data.i["data"].eq(axi.rdata),
+                     read_data.i["error"].eq(axi.rresp != AXIResponse.OKAY),
+                     axi.rready.eq(read_data.in_ready)]
+
         # Conversion pipeline (stall-able, one beat per cycle).
         pipe_enable = Signal()
         r_take = Signal()    # an R beat enters the pipeline as row data
         r_drain = Signal()   # an R beat is dropped (abort/error drain)
         m.d.comb += r_drain.eq(active & ~command.store & (aborting | error))
-        m.d.comb += [axi.rready.eq(Mux(r_drain, 1, load_row_ready & pipe_enable))]
-        m.d.comb += r_take.eq(axi.rvalid & axi.rready & ~r_drain & (axi.rid == self.axi_id))
-        m.d.comb += read_beat_taken.eq(axi.rvalid & axi.rready & (axi.rid == self.axi_id))
-        with m.If(axi.rvalid & axi.rready & (axi.rresp != AXIResponse.OKAY) & active):
+        m.d.comb += read_data.out_ready.eq(r_drain | (load_row_ready & pipe_enable))
+        m.d.comb += read_beat_taken.eq(read_data.out_valid & read_data.out_ready)
+        m.d.comb += r_take.eq(read_beat_taken & ~r_drain)
+        with m.If(read_beat_taken & read_data.o["error"] & active):
             m.d.sync += error.eq(1)
         with m.If(r_take):
             m.d.sync += [load_first.eq(0), load_remaining.eq(load_remaining - k)]
@@ -375,55 +455,90 @@ class _DMAEngine(wiring.Component):
                 m.d.sync += load_pos.eq(position_next)
             with m.If(last_beat):
                 m.d.sync += [load_row_ready.eq(0), *load_walker.advance()]
-        m.d.comb += self.bytes_read.eq(Mux(r_take, _popcount(beat_mask) * self.storage_bytes, 0))
+        bytes_read = Signal.like(self.bytes_read)
+        m.d.sync += bytes_read.eq(Mux(r_take, _popcount(beat_mask) * self.storage_bytes, 0))
+        m.d.comb += self.bytes_read.eq(bytes_read)
 
-        converted, latency = self._convert(m, "load", axi.rdata, self.storage_format, self.compute_format,
-                                           pipe_enable, slot, cw)
-        stage_valid = Signal(latency + 1)
-        stage_mask = [Signal(k, name=f"load_mask{i}") for i in range(latency + 1)]
-        stage_line = [Signal(self.line_width, name=f"load_line{i}") for i in range(latency + 1)]
-        stage_pos = [Signal(self.position_width + 1, name=f"load_pos{i}") for i in range(latency + 1)]
-        stage_last = Signal(latency + 1)
-        m.d.comb += [stage_valid[0].eq(r_take), stage_mask[0].eq(beat_mask), stage_line[0].eq(load_line),
-                     stage_pos[0].eq(load_pos), stage_last[0].eq(last_beat)]
-        for i in range(latency):
-            with m.If(pipe_enable):
-                m.d.sync += [stage_valid[i + 1].eq(stage_valid[i]), stage_mask[i + 1].eq(stage_mask[i]),
-                             stage_line[i + 1].eq(stage_line[i]), stage_pos[i + 1].eq(stage_pos[i]),
-                             stage_last[i + 1].eq(stage_last[i])]
-        out_valid, out_mask = stage_valid[latency], stage_mask[latency]
-        out_line, out_pos, out_last = stage_line[latency], stage_pos[latency], stage_last[latency]
+        converted, latency = self._convert(m, "load", read_data.o["data"], self.storage_format,
+                                           self.compute_format, pipe_enable, slot, cw)
         if latency == 0:
             raise NotImplementedError("the load path expects a registered converter")
+        # Where the beat lands, decided beside the converter (stage 0, from registers) and carried with it:
+        # element q goes to lane (pos + q) of the two-line window [current line | next line], so lane j of
+        # the current line takes element j - pos and lane j of the next line element j + lanes - pos.
+        position_is = [Signal(name=f"load_position_is{j}") for j in range(lanes)]
+        for j in range(lanes):
+            m.d.comb += position_is[j].eq(load_pos == j)
+        low_mask0 = Signal(lanes)
+        high_mask0 = Signal(lanes)
+        for j in range(lanes):
+            m.d.comb += [
+                low_mask0[j].eq(_any(beat_mask[q] & position_is[j - q] for q in range(min(k, j + 1)))),
+                high_mask0[j].eq(_any(beat_mask[q] & position_is[j + lanes - q]
+                                      for q in range(j + 1, k) if j + lanes - q < lanes)),
+            ]
+        stage_valid = Signal(latency + 1)
+        stage_low = [Signal(lanes, name=f"load_low_mask{i}") for i in range(latency + 1)]
+        stage_high = [Signal(lanes, name=f"load_high_mask{i}") for i in range(latency + 1)]
+        stage_line = [Signal(self.line_width, name=f"load_line{i}") for i in range(latency + 1)]
+        stage_rotation = [Signal(max(1, exact_log2(k)), name=f"load_rotation{i}") for i in range(latency + 1)]
+        stage_last = Signal(latency + 1)
+        stage_reaches_end = Signal(latency + 1)     # the beat reaches the end of its line
+        m.d.comb += [stage_valid[0].eq(r_take), stage_low[0].eq(low_mask0), stage_high[0].eq(high_mask0),
+                     stage_line[0].eq(load_line), stage_last[0].eq(last_beat),
+                     stage_reaches_end[0].eq(load_pos + k >= lanes)]
+        if k > 1:
+            m.d.comb += stage_rotation[0].eq(load_pos[:exact_log2(k)])
+        for i in range(latency):
+            with m.If(pipe_enable):
+                m.d.sync += [stage_valid[i + 1].eq(stage_valid[i]), stage_low[i + 1].eq(stage_low[i]),
+                             stage_high[i + 1].eq(stage_high[i]), stage_line[i + 1].eq(stage_line[i]),
+                             stage_rotation[i + 1].eq(stage_rotation[i]), stage_last[i + 1].eq(stage_last[i]),
+                             stage_reaches_end[i + 1].eq(stage_reaches_end[i])]
+        out_valid, low_mask, high_mask = stage_valid[latency], stage_low[latency], stage_high[latency]
+        out_line, out_last, reaches_end = stage_line[latency], stage_last[latency], stage_reaches_end[latency]
 
-        # Line accumulator.
+        # Line accumulator. Line writes go through a skid buffer, so the buffer port's address, data and
+        # enables are flip-flops and its ready only moves the skid buffer; the pipeline advances while the
+        # skid buffer has room.
         accumulator = Signal(lanes * cw)
         accumulator_mask = Signal(lanes)
         accumulator_line = Signal(self.line_width)
         flush_pending = Signal()
-        window = Signal(2 * lanes * cw)
-        window_mask = Signal(2 * lanes)
-        m.d.comb += [window.eq(converted << (out_pos * cw)), window_mask.eq(out_mask << out_pos)]
-        low, high = window[:lanes * cw], window[lanes * cw:]
-        low_mask, high_mask = window_mask[:lanes], window_mask[lanes:]
+        # rotated[r]: the element that lands on lanes j with j = r (mod k); lanes j of the current line
+        # and of the next line take rotated[j mod k] and rotated[(j + lanes) mod k] (masks say which).
+        rotated = []
+        for r in range(k):
+            element = Signal(cw, name=f"load_rotated{r}")
+            with m.Switch(stage_rotation[latency]):
+                for shift in range(k):
+                    with m.Case(shift):
+                        q = (r - shift) % k
+                        m.d.comb += element.eq(converted[q * cw:(q + 1) * cw])
+            rotated.append(element)
+        low = Cat(*(rotated[j % k] for j in range(lanes)))
+        high = Cat(*(rotated[(j + lanes) % k] for j in range(lanes)))
         merged = Signal(lanes * cw)
         for lane in range(lanes):
             bits = slice(lane * cw, (lane + 1) * cw)
             m.d.comb += merged[bits].eq(Mux(low_mask[lane], low[bits], accumulator[bits]))
         merged_mask = accumulator_mask | low_mask
-        reaches_end = out_pos + k >= lanes
         write_now = Signal()
         m.d.comb += write_now.eq(out_valid & (reaches_end | out_last) & (merged_mask != 0))
+        line_write = _SkidBuffer(m, "line_write", {"addr": self.line_width, "data": lanes * cw, "en": lanes},
+                                 clear_when_empty=("en",))
         write = self.buffer_write
+        m.d.comb += [write.addr.eq(line_write.o["addr"]), write.data.eq(line_write.o["data"]),
+                     write.en.eq(line_write.o["en"]), line_write.out_ready.eq(write.ready)]
         with m.If(flush_pending):
-            m.d.comb += [write.addr.eq(accumulator_line), write.data.eq(accumulator),
-                         write.en.eq(accumulator_mask), pipe_enable.eq(0)]
-            with m.If(write.ready):
+            m.d.comb += [line_write.i["addr"].eq(accumulator_line), line_write.i["data"].eq(accumulator),
+                         line_write.i["en"].eq(accumulator_mask), line_write.in_valid.eq(1), pipe_enable.eq(0)]
+            with m.If(line_write.in_ready):
                 m.d.sync += [flush_pending.eq(0), accumulator_mask.eq(0)]
         with m.Else():
-            m.d.comb += [write.addr.eq(out_line), write.data.eq(merged),
-                         write.en.eq(Mux(write_now, merged_mask, 0)),
-                         pipe_enable.eq(~out_valid | ~write_now | write.ready)]
+            m.d.comb += [line_write.i["addr"].eq(out_line), line_write.i["data"].eq(merged),
+                         line_write.i["en"].eq(merged_mask), line_write.in_valid.eq(write_now),
+                         pipe_enable.eq(line_write.in_ready)]
             with m.If(out_valid & pipe_enable):
                 with m.If(reaches_end):
                     m.d.sync += [accumulator.eq(high), accumulator_mask.eq(high_mask),
@@ -436,9 +551,9 @@ class _DMAEngine(wiring.Component):
                     m.d.sync += [accumulator.eq(merged), accumulator_mask.eq(Mux(out_last, 0, merged_mask)),
                                  accumulator_line.eq(out_line)]
         load_busy_pipe = Signal()
-        m.d.comb += load_busy_pipe.eq((stage_valid[1:] != 0) | flush_pending)
+        m.d.comb += load_busy_pipe.eq((stage_valid[1:] != 0) | flush_pending | ~line_write.empty)
 
-        # ================= store data side: lines -> queue -> beat cut -> convert -> W =================
+        # ================= store data side: lines -> queue -> beat cut -> convert -> W skid ============
         store_walker = _RowWalker(m, "store", command, **walker_args)
         store_row_ready = Signal()
         store_done = Signal()
@@ -472,9 +587,10 @@ class _DMAEngine(wiring.Component):
                     queue_line.eq(first_line), read_line.eq(first_line),
                 ]
 
-        # Read lines ahead while the queue has room (counting the read in flight).
+        # Read lines ahead while the queue has room (counting the read in flight). The request depends on
+        # registers only (a read in the cycle that flushes the queue is discarded on arrival).
         read_request = Signal()
-        m.d.comb += read_request.eq(active & command.store & store_row_ready & ~queue_flush &
+        m.d.comb += read_request.eq(active & command.store & store_row_ready &
                                     (queue_count + read_in_flight < 3))
         m.d.comb += [self.buffer_read.addr.eq(read_line), self.buffer_read.en.eq(read_request)]
         m.d.sync += [read_in_flight.eq(read_request), read_discard.eq(queue_flush)]
@@ -541,9 +657,15 @@ class _DMAEngine(wiring.Component):
                 m.d.sync += [store_row_ready.eq(0), *store_walker.advance()]
                 m.d.comb += queue_flush.eq(1)
 
-        # Store conversion pipeline + W.
-        store_converted, store_latency = self._convert(m, "store", cut, self.compute_format,
-                                                       self.storage_format, w_enable, cw, slot)
+        # Store pipeline: the cut beat is registered, converted, then enters the W skid buffer (WVALID,
+        # WDATA, WSTRB, WLAST are flip-flops; WREADY only moves the skid buffer; the pipeline advances
+        # while it has room).
+        cut_registered = Signal(k * cw)
+        with m.If(w_enable):
+            m.d.sync += cut_registered.eq(cut)
+        store_converted, convert_latency = self._convert(m, "store", cut_registered, self.compute_format,
+                                                         self.storage_format, w_enable, cw, slot)
+        store_latency = 1 + convert_latency
         w_valid = Signal(store_latency + 1)
         w_strb = [Signal(self.beat_bytes, name=f"store_strb{i}") for i in range(store_latency + 1)]
         w_last = Signal(store_latency + 1)
@@ -556,30 +678,45 @@ class _DMAEngine(wiring.Component):
             with m.If(w_enable):
                 m.d.sync += [w_valid[i + 1].eq(w_valid[i]), w_strb[i + 1].eq(w_strb[i]),
                              w_last[i + 1].eq(w_last[i])]
-        m.d.comb += [axi.wvalid.eq(w_valid[store_latency]), axi.wstrb.eq(w_strb[store_latency]),
-                     axi.wlast.eq(w_last[store_latency]), axi.wdata.eq(store_converted),
-                     w_enable.eq(~axi.wvalid | axi.wready)]
-        w_fire = axi.wvalid & axi.wready
-        m.d.comb += self.bytes_written.eq(Mux(w_fire, _popcount(axi.wstrb), 0))
-        m.d.comb += [burst_fifo.w_data.eq(burst), burst_fifo.w_en.eq(request_new & command.store)]
+        write_data = _SkidBuffer(m, "write_data", {"data": self.data_width, "strb": self.beat_bytes, "last": 1,
+                                                   "bytes": len(self.bytes_written)})
+        m.d.comb += [write_data.in_valid.eq(w_valid[store_latency]), write_data.i["data"].eq(store_converted),
+                     write_data.i["strb"].eq(w_strb[store_latency]), write_data.i["last"].eq(w_last[store_latency]),
+                     write_data.i["bytes"].eq(_popcount(w_strb[store_latency])),
+                     w_enable.eq(write_data.in_ready),
+                     axi.wvalid.eq(write_data.out_valid), axi.wdata.eq(write_data.o["data"]),
+                     axi.wstrb.eq(write_data.o["strb"]), axi.wlast.eq(write_data.o["last"]),
+                     write_data.out_ready.eq(axi.wready)]
+        bytes_written = Signal.like(self.bytes_written)
+        m.d.sync += bytes_written.eq(Mux(axi.wvalid & axi.wready, write_data.o["bytes"], 0))
+        m.d.comb += self.bytes_written.eq(bytes_written)
+        m.d.comb += [burst_fifo.w_data.eq(burst_beats), burst_fifo.w_en.eq(request_new & command.store)]
 
-        # Write responses.
+        # Write responses, registered (BREADY is always high).
         m.d.comb += axi.bready.eq(1)
-        b_fire = axi.bvalid & axi.bready & (axi.bid == self.axi_id)
+        b_fire = Signal()
+        b_error = Signal()
+        m.d.sync += [b_fire.eq(axi.bvalid & (axi.bid == self.axi_id)),
+                     b_error.eq(axi.bvalid & (axi.bid == self.axi_id) & (axi.bresp != AXIResponse.OKAY))]
         m.d.sync += bursts_open.eq(bursts_open + (request_new & command.store) - b_fire)
-        with m.If(b_fire & (axi.bresp != AXIResponse.OKAY)):
+        with m.If(b_error):
             m.d.sync += error.eq(1)
 
         # ================= completion =================
+        # `finished` is evaluated from registers and registered itself (once true it stays true until the
+        # next command), so `done` is one gate deep.
         finished = Signal()
         with m.If(command.store):
             m.d.comb += finished.eq(issue_done & store_done & ~burst_fifo.r_rdy & (burst_left == 0)
-                                    & (w_valid == 0) & (bursts_open == 0) & ~axi.awvalid)
+                                    & (w_valid == 0) & write_data.empty & (bursts_open == 0) & ~b_fire
+                                    & write_address.empty)
         with m.Else():
             m.d.comb += finished.eq(issue_done & load_done & (outstanding_reads == 0) & ~load_busy_pipe
-                                    & (stage_valid == 0) & ~axi.arvalid)
-        with m.If(active & finished & ~start):
-            m.d.sync += active.eq(0)
+                                    & (stage_valid == 0) & read_address.empty)
+        finished_registered = Signal()
+        m.d.sync += finished_registered.eq(active & finished & ~start)
+        with m.If(active & finished_registered):
+            m.d.sync += [active.eq(0), finished_registered.eq(0)]
             m.d.comb += self.done.eq(1)
         m.d.comb += [self.read_active.eq(active & ~command.store), self.write_active.eq(active & command.store)]
 

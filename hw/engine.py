@@ -13,7 +13,7 @@ Design notes and the measured numbers are in docs/shell.md.
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 from marca.golden import nonlinear as golden_nonlinear
@@ -126,27 +126,53 @@ def compute_command_layout(function_bits: int = 4) -> data.StructLayout:
 
 
 class _Affine:
-    """An address generator ``base + i0·s0 + i1·s1 + i2·s2`` stepped by the engine's three loops."""
+    """An address generator ``base + i0·s0 + i1·s1 + i2·s2`` stepped by the engine's three loops.
 
-    def __init__(self, m, name):
-        self.level0 = Signal(ADDRESS_BITS, name=f"{name}_level0")
-        self.level1 = Signal(ADDRESS_BITS, name=f"{name}_level1")
-        self.current = Signal(ADDRESS_BITS, name=f"{name}_current")
-        self.m = m
+    It keeps only the low ``bits`` of the address: every address the engine generates lies inside its
+    buffer (the controller checks BUFFER_RANGE before dispatch), and the low bits of a sum depend only on
+    the low bits of its terms, so the narrow generator yields the same line and position as a 24-bit one.
+    """
+
+    def __init__(self, name, bits):
+        self.bits = bits
+        self.level0 = Signal(bits, name=f"{name}_level0")
+        self.level1 = Signal(bits, name=f"{name}_level1")
+        self.current = Signal(bits, name=f"{name}_current")
 
     def load(self, operand):
-        return [self.level0.eq(operand.address), self.level1.eq(operand.address),
-                self.current.eq(operand.address)]
+        address = operand.address[:self.bits]
+        return [self.level0.eq(address), self.level1.eq(address), self.current.eq(address)]
 
     def step(self, operand, level):
         """Statements for advancing loop ``level`` (2 inner, 1 middle, 0 outer)."""
-        strides = operand.strides
+        bits = self.bits
+        stride = operand.strides[level][:bits]
         if level == 2:
-            return [self.current.eq(self.current + strides[2])]
+            return [self.current.eq((self.current + stride)[:bits])]
         if level == 1:
-            return [self.level1.eq(self.level1 + strides[1]), self.current.eq(self.level1 + strides[1])]
-        return [self.level0.eq(self.level0 + strides[0]), self.level1.eq(self.level0 + strides[0]),
-                self.current.eq(self.level0 + strides[0])]
+            following = (self.level1 + stride)[:bits]
+            return [self.level1.eq(following), self.current.eq(following)]
+        following = (self.level0 + stride)[:bits]
+        return [self.level0.eq(following), self.level1.eq(following), self.current.eq(following)]
+
+
+def _beat_layout(*, line_width, position_bits, width, function_bits, scratch_ports):
+    """A fully formed beat as the beat generator hands it to the issue stage."""
+    operand = data.StructLayout({
+        "source": SOURCE_BITS,
+        "scratch_port": range(scratch_ports),   # which scratch read port carries it (if from scratch)
+        "line": line_width, "position": position_bits, "broadcast": Broadcast, "constant": width,
+        "checked": 1,                    # the scoreboard checks it (not a constant)
+        "row_read": 1,                   # an R-element group (ROW broadcast)
+    })
+    return data.StructLayout({
+        "kind": 2, "op": ElementwiseOp, "function": max(1, function_bits), "mode": ArrayMode,
+        "nonlinear_line": 1,             # the last pass of a NONLINEAR line (the counter's event)
+        "a": operand, "b": operand, "c": operand,
+        "scratch_lines": data.ArrayLayout(line_width, scratch_ports),   # scratch read port addresses
+        "dst_source": SOURCE_BITS, "dst_line": line_width, "dst_position": position_bits,
+        "dst_partial": 1,                # LINEAR: write R elements at the position, not the whole line
+    })
 
 
 class ComputeEngine(wiring.Component):
@@ -155,22 +181,30 @@ class ComputeEngine(wiring.Component):
     Ports
     -----
     command : In(stream.Signature(compute_command_layout()))
-        Accepted when the previous instruction has issued all its beats.
+        Accepted when the beat generator has generated all beats of the previous instruction.
     reads[buffer][operand] : Out(ReadPortSignature)
-        Read ports ``a``, ``b``, ``c`` (index 0, 1, 2) of the four buffers.
+        Read ports ``a``, ``b``, ``c`` (index 0, 1, 2) of the four buffers. Addresses and enables come
+        straight from flip-flops (the issue stage's head beat); the data is used the cycle after a beat
+        issues.
     writes[buffer] : Out(WritePortSignature)
         Result writes (buffer 0, WEIGHT, is never written).
     array_in : Out(stream.Signature(operands)) / array_out : In(stream.Signature(results))
-        To and from the PE array.
+        To and from the PE array; ``array_in`` is driven from flip-flops (a registered-output queue).
     idle : Out(1)
-        No instruction issuing and no beat in flight.
+        No instruction generating, no beat waiting to issue and no beat in flight.
     abort : In(1)
-        Stop issuing beats (the ones in flight complete).
+        Stop generating and issuing beats (the ones issued complete).
     _fault : str or None
         ``"no_scoreboard"``: a deliberately broken variant (beats never wait for their operands), for the
         test that proves the program tests catch it.
     events : Out(...)
-        One bit per cycle for the counters (see docs/shell.md).
+        One bit per cycle for the counters (see docs/shell.md); registered, so they count one cycle
+        after the event.
+
+    Pipeline: beat generator (loops, address generators, beat description) -> 2-entry skid buffer
+    whose head is the issue stage (scoreboard check from flip-flops, buffer reads) -> fetch (read data
+    selected, granule moved to element 0) -> operand queue (registered output) -> PE array -> in-order
+    write-back. A beat issues at most one per cycle, and one per cycle in steady state.
     """
 
     def __init__(self, *, config: MarcaConfig, array_layouts, function_bits: int, array_latency: int,
@@ -187,7 +221,13 @@ class ComputeEngine(wiring.Component):
         self.line_widths = line_widths          # {Buffer: line address bits}
         self.slots, self.schedule = nonlinear_schedule(config)
         self.scratch_lines = self.slots * NONLINEAR_BATCH
-        self.in_flight_depth = max(16, 1 << (array_latency + 8).bit_length())
+        # Scratch read ports: as many as the most scratch operands one pass reads (2 for the golden
+        # programs), each pass's scratch operands taking ports 0, 1, ... in order.
+        self.scratch_ports = max([1] + [sum(1 for name in "abc" if step[name] and step[name][0] == "slot")
+                                        for passes in self.schedule.values() for step in passes])
+        # Beats in flight (issued, not yet written back) in steady state: issue, fetch, staging, two
+        # queue cycles, the array's latency; with the margin the table never stops a steady stream.
+        self.in_flight_depth = array_latency + 10
         line_bits = self.lanes * self.width
         reads = {}
         for buffer in Buffer:
@@ -211,45 +251,74 @@ class ComputeEngine(wiring.Component):
         m = Module()
         config = self.config
         lanes, width = self.lanes, self.width
-        rows = config.array_rows
+        rows, cols = config.array_rows, config.array_cols
         lane_shift = exact_log2(lanes)
         line_bits = lanes * width
-        max_line_width = ADDRESS_BITS - lane_shift
+        scratch_depth = max(2, self.scratch_lines)
+        scratch_width = max(1, (scratch_depth - 1).bit_length())
+        # Every line the engine touches fits the widest buffer (or scratch) line address.
+        line_width = max(scratch_width, *self.line_widths.values())
+        address_bits = line_width + lane_shift
+        position_bits = max(1, lane_shift)
+        scratch_ports = self.scratch_ports
+        layout = _beat_layout(line_width=line_width, position_bits=position_bits, width=width,
+                              function_bits=self.function_bits, scratch_ports=scratch_ports)
 
+        def line_of(address):
+            return address[lane_shift:]
+
+        def position_of(address):
+            return address[:lane_shift] if lane_shift else Const(0, 1)
+
+        # ==== stage 1: beat generator ==================================================================
         command = Signal(compute_command_layout())
-        active = Signal()
+        active = Signal()           # beats of `command` are left to generate
         m.d.comb += [self.command.ready.eq(~active), self.active.eq(active)]
         accept = self.command.valid & ~active
-        with m.If(accept):
-            m.d.sync += [command.eq(self.command.payload), active.eq(1)]
-
+        payload_in = self.command.payload
+        # Loop indices with registered "at the last index" flags: the flag for the next position is
+        # computed beside the index update (index == count - 2, or count == 1 after a wrap), so the
+        # choice of which loop advances starts from flip-flops.
         index = [Signal(24, name=f"loop{level}") for level in range(3)]
+        first_outer = Signal()            # index[0] == 0 (LINEAR's first chunk)
+        last_outer, last_middle, last_inner = Signal(), Signal(), Signal()
+        before_last = [Signal(24, name=f"loop{level}_before_last") for level in range(3)]   # count - 2
+        before_last_inner = Signal(24)    # the same for the inner loop of the last outer step
+        single = [Signal(name=f"loop{level}_single") for level in range(3)]                # count == 1
+        single_last_inner = Signal()
         names = ("a", "b", "c", "bias", "dst")
-        generators = {name: _Affine(m, f"address_{name}") for name in names}
+        generators = {name: _Affine(f"address_{name}", address_bits) for name in names}
         with m.If(accept):
-            m.d.sync += [i.eq(0) for i in index]
+            counts_in = payload_in.counts
+            m.d.sync += [command.eq(payload_in), active.eq(1)]
+            m.d.sync += [i.eq(0) for i in index] + [first_outer.eq(1)]
+            m.d.sync += [before_last[level].eq(counts_in[level] - 2) for level in range(3)]
+            m.d.sync += [single[level].eq(counts_in[level] == 1) for level in range(3)]
+            m.d.sync += [before_last_inner.eq(payload_in.last_inner - 2),
+                         single_last_inner.eq(payload_in.last_inner == 1),
+                         last_outer.eq(counts_in[0] == 1), last_middle.eq(counts_in[1] == 1),
+                         last_inner.eq(Mux(counts_in[0] == 1, payload_in.last_inner == 1, counts_in[2] == 1))]
             for name in names:
-                m.d.sync += generators[name].load(getattr(self.command.payload, name))
+                m.d.sync += generators[name].load(getattr(payload_in, name))
 
         kind = command.kind
-        counts = command.counts
-        last_outer = index[0] == counts[0] - 1
-        inner_count = Mux(last_outer, command.last_inner, counts[2])
-        last_middle = index[1] == counts[1] - 1
-        last_inner = index[2] == inner_count - 1
 
-        # ---- the beat at the loop position ------------------------------------------------------------
+        # The beat at the loop position (combinational; registered into the skid buffer below).
         beat_op = Signal(ElementwiseOp)
         beat_function = Signal(max(1, self.function_bits))
         beat_mode = Signal(ArrayMode)
         sources = {name: Signal(SOURCE_BITS, name=f"{name}_source") for name in "abc"}
-        addresses = {name: Signal(ADDRESS_BITS, name=f"{name}_element") for name in "abc"}
+        addresses = {name: Signal(address_bits, name=f"{name}_element") for name in "abc"}
         broadcasts = {name: Signal(Broadcast, name=f"{name}_broadcast") for name in "abc"}
         constants = {name: Signal(width, name=f"{name}_constant") for name in "abc"}
-        used = {name: Signal(name=f"{name}_used") for name in "abc"}
         dst_source = Signal(SOURCE_BITS)
-        dst_address = Signal(ADDRESS_BITS)
+        dst_address = Signal(address_bits)
         dst_partial = Signal()      # LINEAR: write R elements at the address, not the whole line
+        scratch_port_of = {name: Signal(range(scratch_ports), name=f"{name}_scratch_port") for name in "abc"}
+        scratch_lines = [Signal(line_width, name=f"scratch_line{port}") for port in range(scratch_ports)]
+
+        def scratch_address(slot, batch_line):
+            return ((slot * NONLINEAR_BATCH + batch_line) << lane_shift)[:address_bits]
 
         with m.Switch(kind):
             with m.Case(KIND_ELEMENTWISE):
@@ -257,8 +326,9 @@ class ComputeEngine(wiring.Component):
                              dst_source.eq(command.dst.source), dst_address.eq(generators["dst"].current)]
                 for position, name in enumerate("abc"):
                     operand = getattr(command, name)
-                    m.d.comb += [sources[name].eq(operand.source), addresses[name].eq(generators[name].current),
-                                 broadcasts[name].eq(operand.broadcast), used[name].eq(command.uses[position])]
+                    m.d.comb += [sources[name].eq(Mux(command.uses[position], operand.source, CONSTANT_SOURCE)),
+                                 addresses[name].eq(generators[name].current),
+                                 broadcasts[name].eq(operand.broadcast)]
             with m.Case(KIND_LINEAR):
                 m.d.comb += [beat_op.eq(ElementwiseOp.MUL), beat_mode.eq(ArrayMode.LINEAR),
                              dst_source.eq(command.dst.source), dst_address.eq(generators["dst"].current),
@@ -266,32 +336,35 @@ class ComputeEngine(wiring.Component):
                 for name in "ab":
                     operand = getattr(command, name)
                     m.d.comb += [sources[name].eq(operand.source), addresses[name].eq(generators[name].current),
-                                 broadcasts[name].eq(operand.broadcast), used[name].eq(1)]
+                                 broadcasts[name].eq(operand.broadcast)]
                 # Chunk 0 starts from the bias (or +0); later chunks from the partial sum in the output.
-                first_chunk = index[0] == 0
+                first_chunk = first_outer
                 m.d.comb += [
                     sources["c"].eq(Mux(first_chunk, command.bias.source, command.dst.source)),
                     addresses["c"].eq(Mux(first_chunk, generators["bias"].current, generators["dst"].current)),
                     broadcasts["c"].eq(Mux(first_chunk & (command.bias.source == CONSTANT_SOURCE),
                                            Broadcast.SCALAR, Broadcast.ROW)),
-                    constants["c"].eq(0), used["c"].eq(1),
+                    constants["c"].eq(0),
                 ]
             with m.Case(KIND_NONLINEAR):
                 m.d.comb += beat_mode.eq(ArrayMode.ELEMENTWISE)
-                batch_line = index[2]
+                batch_line = index[2][:exact_log2(NONLINEAR_BATCH)]
+                # A NONLINEAR's middle loop counts its passes, so only the low bits of the index matter.
+                pass_bits = max(len(passes) for passes in self.schedule.values()).bit_length()
                 with m.Switch(command.function):
                     for function, passes in self.schedule.items():
                         with m.Case(function):
-                            with m.Switch(index[1]):
+                            with m.Switch(index[1][:pass_bits]):
                                 for number, step in enumerate(passes):
                                     with m.Case(number):
                                         m.d.comb += [beat_op.eq(step["op"]), beat_function.eq(step["function"])]
+                                        scratch_port = 0
                                         for name in "abc":
                                             described = step[name]
                                             if described is None:
+                                                m.d.comb += sources[name].eq(CONSTANT_SOURCE)
                                                 continue
                                             what, value = described
-                                            m.d.comb += used[name].eq(1)
                                             if what == "input":
                                                 m.d.comb += [sources[name].eq(command.a.source),
                                                              addresses[name].eq(generators["a"].current),
@@ -301,31 +374,89 @@ class ComputeEngine(wiring.Component):
                                                              constants[name].eq(value),
                                                              broadcasts[name].eq(Broadcast.SCALAR)]
                                             else:
+                                                address = scratch_address(value, batch_line)
                                                 m.d.comb += [sources[name].eq(SCRATCH_SOURCE),
-                                                             addresses[name].eq(
-                                                                 ((value * NONLINEAR_BATCH + batch_line)
-                                                                  << lane_shift)[:ADDRESS_BITS]),
-                                                             broadcasts[name].eq(Broadcast.LANE)]
+                                                             addresses[name].eq(address),
+                                                             broadcasts[name].eq(Broadcast.LANE),
+                                                             scratch_port_of[name].eq(scratch_port),
+                                                             scratch_lines[scratch_port].eq(line_of(address))]
+                                                scratch_port += 1
                                         if step["slot"] is None:
                                             m.d.comb += [dst_source.eq(command.dst.source),
                                                          dst_address.eq(generators["dst"].current)]
                                         else:
                                             m.d.comb += [dst_source.eq(SCRATCH_SOURCE),
-                                                         dst_address.eq(((step["slot"] * NONLINEAR_BATCH
-                                                                          + batch_line) << lane_shift)
-                                                                        [:ADDRESS_BITS])]
-        for name in "abc":
-            with m.If(~used[name]):
-                m.d.comb += sources[name].eq(CONSTANT_SOURCE)
+                                                         dst_address.eq(scratch_address(step["slot"], batch_line))]
+            with m.Default():
+                m.d.comb += [sources[name].eq(CONSTANT_SOURCE) for name in "abc"]
 
-        # ---- scoreboard: destinations of beats in flight -----------------------------------------------
+        generated = Signal(layout)
+        m.d.comb += [generated.kind.eq(kind), generated.op.eq(beat_op), generated.function.eq(beat_function),
+                     generated.mode.eq(beat_mode),
+                     generated.nonlinear_line.eq((kind == KIND_NONLINEAR) & last_middle),
+                     generated.dst_source.eq(dst_source), generated.dst_line.eq(line_of(dst_address)),
+                     generated.dst_position.eq(position_of(dst_address)), generated.dst_partial.eq(dst_partial)]
+        m.d.comb += [generated.scratch_lines[port].eq(scratch_lines[port]) for port in range(scratch_ports)]
+        for name in "abc":
+            described = generated[name]
+            m.d.comb += [described.source.eq(sources[name]), described.scratch_port.eq(scratch_port_of[name]),
+                         described.line.eq(line_of(addresses[name])),
+                         described.position.eq(position_of(addresses[name])),
+                         described.broadcast.eq(broadcasts[name]), described.constant.eq(constants[name]),
+                         described.checked.eq(sources[name] != CONSTANT_SOURCE),
+                         described.row_read.eq(broadcasts[name] == Broadcast.ROW)]
+
+        # ==== skid buffer: `head` is the beat the issue stage looks at, `skid` the one behind it ========
+        # The generator only looks at `skid_valid` (a flip-flop), so the scoreboard check never reaches
+        # the loops; a beat that could not move to `head` waits in `skid` and the generator pauses.
+        head = Signal(layout)
+        head_valid = Signal()
+        skid = Signal(layout)
+        skid_valid = Signal()
+        push = Signal()
+        issue = Signal()
+        m.d.comb += push.eq(active & ~skid_valid & ~self.abort)
+        with m.If(issue | ~head_valid):
+            with m.If(skid_valid):
+                m.d.sync += [head.eq(skid), head_valid.eq(1), skid_valid.eq(0)]
+            with m.Else():
+                m.d.sync += [head.eq(generated), head_valid.eq(push)]
+        with m.Elif(push):
+            m.d.sync += [skid.eq(generated), skid_valid.eq(1)]
+
+        with m.If(push):
+            with m.If(~last_inner):
+                m.d.sync += [index[2].eq(index[2] + 1),
+                             last_inner.eq(Mux(last_outer, index[2] == before_last_inner,
+                                               index[2] == before_last[2]))]
+                for name in names:
+                    m.d.sync += generators[name].step(getattr(command, name), 2)
+            with m.Elif(~last_middle):
+                m.d.sync += [index[2].eq(0), index[1].eq(index[1] + 1),
+                             last_inner.eq(Mux(last_outer, single_last_inner, single[2])),
+                             last_middle.eq(index[1] == before_last[1])]
+                for name in names:
+                    m.d.sync += generators[name].step(getattr(command, name), 1)
+            with m.Elif(~last_outer):
+                next_is_last_outer = index[0] == before_last[0]
+                m.d.sync += [index[2].eq(0), index[1].eq(0), index[0].eq(index[0] + 1), first_outer.eq(0),
+                             last_outer.eq(next_is_last_outer), last_middle.eq(single[1]),
+                             last_inner.eq(Mux(next_is_last_outer, single_last_inner, single[2]))]
+                for name in names:
+                    m.d.sync += generators[name].step(getattr(command, name), 0)
+            with m.Else():
+                m.d.sync += active.eq(0)
+        with m.If(self.abort):
+            m.d.sync += [active.eq(0), head_valid.eq(0), skid_valid.eq(0)]
+
+        # ==== stage 2: issue (scoreboard check of the registered head beat) ==========================
         depth = self.in_flight_depth
         flight_valid = Signal(depth)
         flight_source = Array(Signal(SOURCE_BITS, name=f"flight_source{i}") for i in range(depth))
-        flight_line = Array(Signal(max_line_width, name=f"flight_line{i}") for i in range(depth))
-        flight_position = Array(Signal(lane_shift + 1, name=f"flight_position{i}") for i in range(depth))
+        flight_line = Array(Signal(line_width, name=f"flight_line{i}") for i in range(depth))
+        flight_position = Array(Signal(position_bits, name=f"flight_position{i}") for i in range(depth))
         flight_partial = Signal(depth)
-        head = Signal(range(depth))
+        head_entry = Signal(range(depth))       # oldest beat in flight (the next write-back)
         tail = Signal(range(depth))
         count = Signal(range(depth + 1))
 
@@ -335,158 +466,172 @@ class ComputeEngine(wiring.Component):
         hazard = Signal()
         hazard_terms = []
         for name in "abc":
-            line = addresses[name][lane_shift:]
-            position = addresses[name][:lane_shift] if lane_shift else Const(0, 1)
-            row_read = broadcasts[name] == Broadcast.ROW
+            operand = head[name]
             for entry in range(depth):
-                overlaps = ~flight_partial[entry] | ~row_read | (flight_position[entry] == position)
-                hazard_terms.append(flight_valid[entry] & (sources[name] == flight_source[entry]) &
-                                    (line == flight_line[entry]) & (sources[name] != CONSTANT_SOURCE) &
-                                    overlaps)
+                overlaps = ~flight_partial[entry] | ~operand.row_read | (flight_position[entry] == operand.position)
+                hazard_terms.append(flight_valid[entry] & operand.checked & (operand.source == flight_source[entry]) &
+                                    (operand.line == flight_line[entry]) & overlaps)
         if self._fault != "no_scoreboard":       # the deliberately broken variant ignores dependencies
             m.d.comb += hazard.eq(Cat(*hazard_terms).any())
 
-        # ---- issue -------------------------------------------------------------------------------------
-        queue_depth = 4
-        m.submodules.operand_queue = queue = SyncFIFO(width=self.array_layouts.operands.size,
-                                                      depth=queue_depth)
+        queue_depth = 6
+        m.submodules.operand_queue = queue = SyncFIFOBuffered(width=self.array_layouts.operands.size,
+                                                              depth=queue_depth)
         fetch_valid = Signal()
-        issue = Signal()
-        room = (queue.level + fetch_valid < queue_depth) & (count < depth - 1)
-        m.d.comb += issue.eq(active & ~self.abort & room & ~hazard)
-        m.d.comb += [self.hazard_stall.eq(active & room & hazard),
-                     self.array_stall.eq(active & ~room)]
-
-        with m.If(issue):
-            with m.If(~last_inner):
-                m.d.sync += index[2].eq(index[2] + 1)
-                for name in names:
-                    m.d.sync += generators[name].step(getattr(command, name), 2)
-            with m.Elif(~last_middle):
-                m.d.sync += [index[2].eq(0), index[1].eq(index[1] + 1)]
-                for name in names:
-                    m.d.sync += generators[name].step(getattr(command, name), 1)
-            with m.Elif(~last_outer):
-                m.d.sync += [index[2].eq(0), index[1].eq(0), index[0].eq(index[0] + 1)]
-                for name in names:
-                    m.d.sync += generators[name].step(getattr(command, name), 0)
-            with m.Else():
-                m.d.sync += active.eq(0)
-        with m.If(active & self.abort):
-            m.d.sync += active.eq(0)
-        m.d.comb += [
-            self.linear_beat.eq(issue & (kind == KIND_LINEAR)),
-            self.elementwise_beat.eq(issue & (kind == KIND_ELEMENTWISE)),
-            self.nonlinear_beat.eq(issue & (kind == KIND_NONLINEAR)),
-            self.nonlinear_line.eq(issue & (kind == KIND_NONLINEAR) & last_middle),
+        staged_valid = Signal()
+        room = Signal()
+        m.d.comb += [room.eq((queue.level + fetch_valid + staged_valid < queue_depth) & (count < depth - 1)),
+                     issue.eq(head_valid & ~self.abort & room & ~hazard)]
+        m.d.sync += [
+            self.hazard_stall.eq(head_valid & room & hazard),
+            self.array_stall.eq(head_valid & ~room),
+            self.linear_beat.eq(issue & (head.kind == KIND_LINEAR)),
+            self.elementwise_beat.eq(issue & (head.kind == KIND_ELEMENTWISE)),
+            self.nonlinear_beat.eq(issue & (head.kind == KIND_NONLINEAR)),
+            self.nonlinear_line.eq(issue & head.nonlinear_line),
         ]
 
-        # Read the operand lines.
+        # Read the operand lines of the head beat every cycle (reads have no side effects); the data is
+        # used the cycle after the beat issues, when it belongs to that beat.
         buffer_reads = {buffer: getattr(self, f"reads_{buffer.name.lower()}") for buffer in Buffer}
-        scratch = None
         from amaranth.lib.memory import Memory
-        m.submodules.scratch = scratch = Memory(shape=line_bits, depth=max(2, self.scratch_lines), init=[])
-        scratch_reads = [scratch.read_port() for _ in range(3)]
+        # Block RAM: the scratch is read with one cycle of latency like the buffers, and LUT-RAM copies
+        # per read port cost ~200 LUT-RAM cells each at 256 bits.
+        m.submodules.scratch = scratch = Memory(shape=line_bits, depth=scratch_depth, init=[],
+                                                attrs={"ram_style": "block"})
+        scratch_reads = [scratch.read_port() for _ in range(scratch_ports)]
         scratch_write = scratch.write_port()
-        scratch_width = max(1, (max(2, self.scratch_lines) - 1).bit_length())
         for position, name in enumerate("abc"):
-            line = addresses[name][lane_shift:]
+            operand = head[name]
             for buffer in Buffer:
                 port = buffer_reads[buffer][position]
-                m.d.comb += [port.addr.eq(line[:self.line_widths[buffer]]),
-                             port.en.eq(issue & (sources[name] == int(buffer)))]
-            m.d.comb += [scratch_reads[position].addr.eq(line[:scratch_width]),
-                         scratch_reads[position].en.eq(issue & (sources[name] == SCRATCH_SOURCE))]
+                m.d.comb += [port.addr.eq(operand.line[:self.line_widths[buffer]]),
+                             port.en.eq(operand.source == int(buffer))]
+        for port in range(scratch_ports):
+            m.d.comb += [scratch_reads[port].addr.eq(head.scratch_lines[port][:scratch_width]),
+                         scratch_reads[port].en.eq(1)]
 
-        # Fetch stage: registered beat description, read data arrives.
-        fetched = {name: {"source": Signal(SOURCE_BITS, name=f"fetched_{name}_source"),
-                          "position": Signal(lane_shift + 1, name=f"fetched_{name}_position"),
-                          "broadcast": Signal(Broadcast, name=f"fetched_{name}_broadcast"),
-                          "constant": Signal(width, name=f"fetched_{name}_constant")} for name in "abc"}
-        fetched_op = Signal(ElementwiseOp)
-        fetched_function = Signal(max(1, self.function_bits))
-        fetched_mode = Signal(ArrayMode)
+        # ==== stage 3: fetch (read data arrives and is selected by source) ===========================
+        fetched = Signal(layout)
         m.d.sync += fetch_valid.eq(issue)
         with m.If(issue):
-            m.d.sync += [fetched_op.eq(beat_op), fetched_function.eq(beat_function), fetched_mode.eq(beat_mode)]
-            for name in "abc":
-                f = fetched[name]
-                m.d.sync += [f["source"].eq(sources[name]), f["broadcast"].eq(broadcasts[name]),
-                             f["constant"].eq(constants[name]),
-                             f["position"].eq(addresses[name][:lane_shift] if lane_shift else 0)]
+            m.d.sync += fetched.eq(head)
+        # Stage 4: the selected lines are registered, so a block-RAM read ends at a flip-flop; the
+        # granule move below then feeds the operand queue from flip-flops.
+        staged = Signal(layout)
+        staged_lines = {name: Signal(line_bits, name=f"{name}_staged_line") for name in "abc"}
+        m.d.sync += [staged_valid.eq(fetch_valid), staged.eq(fetched)]
+        for position, name in enumerate("abc"):
+            described = fetched[name]
+            choices = [(described.source == int(buffer), buffer_reads[buffer][position].data) for buffer in Buffer]
+            choices += [((described.source == SCRATCH_SOURCE) & (described.scratch_port == number), port.data)
+                        for number, port in enumerate(scratch_reads)]
+            choices += [(described.source == CONSTANT_SOURCE, described.constant)]
+            m.d.sync += staged_lines[name].eq(_or_all(Mux(selected, choice, 0) for selected, choice in choices))
 
         payload = Signal(self.array_layouts.operands)
-        m.d.comb += [payload.mode.eq(fetched_mode), payload.op.eq(fetched_op),
+        m.d.comb += [payload.mode.eq(staged.mode), payload.op.eq(staged.op),
                      payload.first.eq(1), payload.last.eq(1)]
         if self.function_bits:
-            m.d.comb += payload.function.eq(fetched_function)
-        for position, name in enumerate("abc"):
-            f = fetched[name]
-            line = Signal(line_bits, name=f"{name}_line_data")
-            with m.Switch(f["source"]):
-                for buffer in Buffer:
-                    with m.Case(int(buffer)):
-                        m.d.comb += line.eq(buffer_reads[buffer][position].data)
-                with m.Case(SCRATCH_SOURCE):
-                    m.d.comb += line.eq(scratch_reads[position].data)
-                with m.Case(CONSTANT_SOURCE):
-                    m.d.comb += line.eq(f["constant"])
-            field = getattr(payload, name)
-            # The granule starts at `position` in its line: shift it down to element 0.
-            shifted = Signal(line_bits, name=f"{name}_field")
-            m.d.comb += shifted.eq(line >> (f["position"] * width))
-            m.d.comb += [field.as_value().eq(shifted), getattr(payload, f"broadcast_{name}").eq(f["broadcast"])]
-        m.d.comb += [queue.w_en.eq(fetch_valid), queue.w_data.eq(payload.as_value())]
+            m.d.comb += payload.function.eq(staged.function)
+        granules = sorted({1, rows, cols, lanes})
+        for name in "abc":
+            described = staged[name]
+            line = staged_lines[name]
+            # The granule starts at `position` (a multiple of the granule) in its line: move it to
+            # element 0. Element e is read by the broadcasts whose granule exceeds e, so it comes from
+            # a position that is a multiple of the smallest such granule; elements past the granule are
+            # not read by the array and are left as they fall.
+            elements = [line[e * width:(e + 1) * width] for e in range(lanes)]
+            field_elements = []
+            for e in range(lanes):
+                granule = min(g for g in granules if g > e)
+                if granule == lanes:          # LANE only, which starts at element 0
+                    field_elements.append(elements[e])
+                    continue
+                block = described.position[exact_log2(granule):lane_shift]
+                candidates = [elements[start + e] for start in range(0, lanes, granule)]
+                element = Signal(width, name=f"{name}_field{e}")
+                with m.Switch(block):
+                    for number, candidate in enumerate(candidates):
+                        with m.Case(number):
+                            m.d.comb += element.eq(candidate)
+                field_elements.append(element)
+            m.d.comb += [getattr(payload, name).as_value().eq(Cat(*field_elements)),
+                         getattr(payload, f"broadcast_{name}").eq(described.broadcast)]
+        m.d.comb += [queue.w_en.eq(staged_valid), queue.w_data.eq(payload.as_value())]
         m.d.comb += [self.array_in.valid.eq(queue.r_rdy), self.array_in.payload.eq(queue.r_data),
                      queue.r_en.eq(self.array_in.ready)]
 
-        # ---- scoreboard push (at issue) and writeback (in order) ---------------------------------------
+        # ==== scoreboard push (at issue) and write-back (in order) ====================================
+        # The scoreboard table answers "is this line being written?"; the write-back takes its target
+        # from a queue of the same destinations with a registered output, so no 1-of-N table read sits
+        # between the array's result and the buffer write ports.
+        destination = data.StructLayout({"source": SOURCE_BITS, "line": line_width, "position": position_bits,
+                                         "partial": 1})
+        m.submodules.destination_queue = destinations = SyncFIFOBuffered(width=destination.size, depth=depth)
         pop = Signal()
+        issued_destination = Signal(destination)
+        m.d.comb += [issued_destination.source.eq(head.dst_source), issued_destination.line.eq(head.dst_line),
+                     issued_destination.position.eq(head.dst_position),
+                     issued_destination.partial.eq(head.dst_partial),
+                     destinations.w_en.eq(issue), destinations.w_data.eq(issued_destination.as_value()),
+                     destinations.r_en.eq(pop)]
         with m.If(issue):
-            m.d.sync += [flight_source[tail].eq(dst_source), flight_line[tail].eq(dst_address[lane_shift:]),
-                         flight_position[tail].eq(dst_address[:lane_shift] if lane_shift else 0),
-                         flight_partial.bit_select(tail, 1).eq(dst_partial),
+            m.d.sync += [flight_source[tail].eq(head.dst_source), flight_line[tail].eq(head.dst_line),
+                         flight_position[tail].eq(head.dst_position),
+                         flight_partial.bit_select(tail, 1).eq(head.dst_partial),
                          tail.eq(Mux(tail == depth - 1, 0, tail + 1))]
         for entry in range(depth):
             set_entry = issue & (tail == entry)
-            clear_entry = pop & (head == entry)
+            clear_entry = pop & (head_entry == entry)
             with m.If(set_entry):
                 m.d.sync += flight_valid[entry].eq(1)
             with m.Elif(clear_entry):
                 m.d.sync += flight_valid[entry].eq(0)
         with m.If(pop):
-            m.d.sync += head.eq(Mux(head == depth - 1, 0, head + 1))
-        m.d.sync += count.eq(count + issue - pop)
+            m.d.sync += head_entry.eq(Mux(head_entry == depth - 1, 0, head_entry + 1))
+        # Both outcomes of `issue` (the latest signal here) are ready before it arrives.
+        m.d.sync += count.eq(Mux(issue, count + 1 - pop, count - pop))
 
         out = self.array_out
         result = out.payload.result.as_value()
-        target = flight_source[head]
-        target_line = flight_line[head]
-        target_position = flight_position[head]
-        partial = flight_partial.bit_select(head, 1)
+        target = destination(destinations.r_data)
         write_data = Signal(line_bits)
         write_enable = Signal(lanes)
-        with m.If(partial):
-            m.d.comb += [write_data.eq(result << (target_position * width)),
-                         write_enable.eq(Const((1 << rows) - 1, lanes) << target_position)]
+        with m.If(target.partial):
+            # R elements at `position`: every R-element group of the line carries them and the enables
+            # pick the one at the position (no shifter).
+            m.d.comb += [write_data.eq(Cat(*[result[:rows * width]] * (lanes // rows))),
+                         write_enable.eq(Const((1 << rows) - 1, lanes) << target.position)]
         with m.Else():
             m.d.comb += [write_data.eq(result), write_enable.eq(Const((1 << lanes) - 1, lanes))]
         ready = Signal()
-        with m.Switch(target):
+        with m.Switch(target.source):
             for buffer in Buffer:
                 if buffer == Buffer.WEIGHT:
                     continue
                 port = getattr(self, f"writes_{buffer.name.lower()}")
                 with m.Case(int(buffer)):
-                    m.d.comb += [port.addr.eq(target_line[:self.line_widths[buffer]]), port.data.eq(write_data),
-                                 port.en.eq(Mux(out.valid, write_enable, 0)), ready.eq(port.ready)]
-                m.d.comb += port.addr.eq(target_line[:self.line_widths[buffer]])
+                    m.d.comb += [port.data.eq(write_data), port.en.eq(Mux(out.valid, write_enable, 0)),
+                                 ready.eq(port.ready)]
+                m.d.comb += port.addr.eq(target.line[:self.line_widths[buffer]])
             with m.Case(SCRATCH_SOURCE):
-                m.d.comb += [scratch_write.addr.eq(target_line[:scratch_width]), scratch_write.data.eq(write_data),
-                             scratch_write.en.eq(out.valid), ready.eq(1)]
+                m.d.comb += [scratch_write.data.eq(write_data), scratch_write.en.eq(out.valid), ready.eq(1)]
             with m.Default():
                 m.d.comb += ready.eq(1)
-        m.d.comb += [out.ready.eq(ready), pop.eq(out.valid & ready),
-                     self.write_stall.eq(out.valid & ~ready)]
-        m.d.comb += self.idle.eq(~active & (count == 0) & ~fetch_valid)
+        m.d.comb += scratch_write.addr.eq(target.line[:scratch_width])
+        # A result never arrives before its destination left the queue's two-cycle path (the array's
+        # latency is longer); the r_rdy term only makes that explicit.
+        m.d.comb += [out.ready.eq(ready & destinations.r_rdy), pop.eq(out.valid & ready & destinations.r_rdy),
+                     self.write_stall.eq(out.valid & ~(ready & destinations.r_rdy))]
+        m.d.comb += self.idle.eq(~active & ~head_valid & ~skid_valid & (count == 0) & ~fetch_valid & ~staged_valid)
         return m
+
+
+def _or_all(values):
+    values = list(values)
+    result = values[0]
+    for value in values[1:]:
+        result = result | value
+    return result

@@ -153,9 +153,10 @@ class _PipelinedUnit(wiring.Component):
 class FloatMultiplier(_PipelinedUnit):
     """``result = a * b`` in ``fmt`` (contract ``mul``). Latency 2.
 
-    Stage 1 decodes the operands, classifies specials and forms the exact ``2·precision``-bit product of
-    the significands and the sum of the exponents; stage 2 normalizes (at most one position), rounds to
-    nearest even and packs, flushing or overflowing.
+    Stage 1 decodes the operands, classifies specials, forms the exact ``2·precision``-bit product of
+    the significands and the sum of the exponents, and ORs the product's low bits into sticky bits;
+    stage 2 normalizes (at most one position), rounds to nearest even and packs, flushing or
+    overflowing.
 
     Parameters
     ----------
@@ -192,8 +193,13 @@ class FloatMultiplier(_PipelinedUnit):
         s1_sign = Signal(name="s1_sign")
         s1_special = Signal(name="s1_special")          # result fully decided in stage 1
         s1_special_value = Signal(fmt.width, name="s1_special_value")
-        s1_product = Signal(2 * p, name="s1_product")
+        # Only the top p + 2 product bits are kept; the bits below them are ORed here, beside the
+        # multiplier, so that stage 2 (normalize, round, pack) starts from a short sticky term.
+        s1_product = Signal(p + 2, name="s1_product")
+        s1_sticky = Signal(name="s1_sticky")            # OR of product bits [0, p - 2)
         s1_exponent = Signal(signed(fmt.exp_bits + 3), name="s1_exponent")
+        product = Signal(2 * p, name="product")
+        m.d.comb += product.eq(a.significand * b.significand)
         sign = a.sign ^ b.sign
         nan = a.is_nan | b.is_nan | (a.is_inf & b.is_zero) | (b.is_inf & a.is_zero)
         m.d.sync += [
@@ -201,15 +207,17 @@ class FloatMultiplier(_PipelinedUnit):
             s1_special.eq(a.is_special | b.is_special | a.is_zero | b.is_zero),
             s1_special_value.eq(Mux(nan, fmt.canonical_nan,
                                     Mux(a.is_inf | b.is_inf, _inf(fmt, sign), _zero(fmt, sign)))),
-            s1_product.eq(a.significand * b.significand),
+            s1_product.eq(product[p - 2:]),
+            s1_sticky.eq(product[:p - 2] != 0 if p > 2 else 0),
             s1_exponent.eq(a.exponent + b.exponent - fmt.bias),
         ]
 
         # Stage 2: the product is in [1, 4): normalize by at most one position, round, pack.
-        top = s1_product[2 * p - 1]
-        significand = Mux(top, s1_product[p:], s1_product[p - 1:2 * p - 1])
-        guard = Mux(top, s1_product[p - 1], s1_product[p - 2])
-        sticky = Mux(top, s1_product[:p - 1] != 0, s1_product[:p - 2] != 0)
+        # s1_product[i] is product bit i + p - 2.
+        top = s1_product[p + 1]
+        significand = Mux(top, s1_product[2:], s1_product[1:p + 1])
+        guard = Mux(top, s1_product[1], s1_product[0])
+        sticky = Mux(top, s1_product[0] | s1_sticky, s1_sticky)
         exponent = Signal(signed(fmt.exp_bits + 4), name="s2_exponent")
         m.d.comb += exponent.eq(s1_exponent + top)
         packed = _round_and_flush(m, fmt, sign=s1_sign, exponent=exponent, significand=significand,
@@ -219,11 +227,13 @@ class FloatMultiplier(_PipelinedUnit):
 
 class FloatAdder(_PipelinedUnit):
     """``result = a + b``, or ``a - b`` when ``subtract`` is 1, in ``fmt`` (contract ``add``/``sub``).
-    Latency 3.
+    Latency 4.
 
     Stage 1 decodes, classifies specials, orders the operands by magnitude and takes the exponent
-    difference; stage 2 aligns the smaller significand (guard, round and sticky bits) and adds or
-    subtracts; stage 3 normalizes (log-depth leading-zero shift), rounds to nearest even and packs.
+    difference (clamped to the alignment range); stage 2 aligns the smaller significand (guard, round
+    and sticky bits) and adds or subtracts; stage 3 normalizes (log-depth leading-zero count and one
+    left shift); stage 4 rounds to nearest even and packs. Four stages keep every stage within a 50 MHz
+    budget on an ECP5 (docs/fp_units.md, "Timing").
     An exact zero sum is +0 except (-0) + (-0) = -0; a flushed tiny sum keeps the sign of the exact sum.
 
     Parameters
@@ -242,10 +252,10 @@ class FloatAdder(_PipelinedUnit):
         Clock enable of the pipeline.
     result : Out(fmt.width)
     latency : int
-        3.
+        4.
     """
 
-    latency = 3
+    latency = 4
 
     def __init__(self, *, fmt: FloatFormat, rounding: str = "nearest_even"):
         _check_format("fmt", fmt)
@@ -281,7 +291,12 @@ class FloatAdder(_PipelinedUnit):
         s1_sign = Signal(name="s1_sign")
         s1_subtract = Signal(name="s1_effective_subtract")
         s1_exponent = Signal(fmt.exp_bits, name="s1_exponent")
-        s1_difference = Signal(fmt.exp_bits, name="s1_difference")
+        # The alignment distance: the exponent difference, clamped to `width` (past `width` positions only
+        # the sticky bit survives). Both differences are clamped beside the magnitude compare.
+        s1_distance = Signal(range(width + 1), name="s1_distance")
+        a_minus_b = Signal(fmt.exp_bits, name="a_minus_b")
+        b_minus_a = Signal(fmt.exp_bits, name="b_minus_a")
+        m.d.comb += [a_minus_b.eq(a.exponent - b.exponent), b_minus_a.eq(b.exponent - a.exponent)]
         s1_big = Signal(p, name="s1_big")
         s1_small = Signal(p, name="s1_small")
         m.d.sync += [
@@ -290,19 +305,18 @@ class FloatAdder(_PipelinedUnit):
             s1_sign.eq(Mux(swap, b.sign, a.sign)),
             s1_subtract.eq(a.sign ^ b.sign),
             s1_exponent.eq(Mux(swap, b.exponent, a.exponent)),
-            s1_difference.eq(Mux(swap, b.exponent - a.exponent, a.exponent - b.exponent)),
+            s1_distance.eq(Mux(swap, Mux(b_minus_a > width, width, b_minus_a),
+                               Mux(a_minus_b > width, width, a_minus_b))),
             s1_big.eq(Mux(swap, b.significand, a.significand)),
             s1_small.eq(Mux(swap, a.significand, b.significand)),
         ]
 
         # Stage 2: align the smaller significand (bits shifted out OR into the sticky bit), add.
-        # The shifter works on [small, 0...0] of 2*width bits; past `width` positions only the sticky
-        # bit survives, so the distance is clamped there.
-        distance = Signal(range(width + 1), name="s2_distance")
-        m.d.comb += distance.eq(Mux(s1_difference > width, width, s1_difference))
+        # The shifter works on [small, 0...0] of 2*width bits.
         extended = Signal(2 * width, name="s2_extended")
-        m.d.comb += extended.eq(Cat(Const(0, width + 3), s1_small) >> distance)
-        aligned = Cat(extended[width] | (extended[:width] != 0), extended[width + 1:])
+        m.d.comb += extended.eq(Cat(Const(0, width + 3), s1_small) >> s1_distance)
+        aligned = Signal(width + 1, name="s2_aligned")
+        m.d.comb += aligned.eq(Cat(extended[width] | (extended[:width] != 0), extended[width + 1:]))
         big = Cat(Const(0, 3), s1_big)
         s2_sum = Signal(width + 1, name="s2_sum")
         s2_special = Signal(name="s2_special")
@@ -310,24 +324,39 @@ class FloatAdder(_PipelinedUnit):
         s2_sign = Signal(name="s2_sign")
         s2_exponent = Signal(fmt.exp_bits, name="s2_exponent")
         m.d.sync += [
-            s2_sum.eq(Mux(s1_subtract, big - aligned, big + aligned)),
+            # One carry chain for both: big - aligned = big + ~aligned + 1 (big >= aligned, no borrow).
+            s2_sum.eq(big + (aligned ^ Mux(s1_subtract, (1 << (width + 1)) - 1, 0)) + s1_subtract),
             s2_special.eq(s1_special),
             s2_special_value.eq(s1_special_value),
             s2_sign.eq(s1_sign),
             s2_exponent.eq(s1_exponent),
         ]
 
-        # Stage 3: normalize so the leading one is at the top of width+1 bits, round, pack.
+        # Stage 3: normalize so the leading one is at the top of width+1 bits.
         normalized, shift = _normalize_left(m, s2_sum, "s3_normalize")
-        exponent = Signal(signed(fmt.exp_bits + 3), name="s3_exponent")
-        # The big operand's leading one sits one below the top (the top is the carry position).
-        m.d.comb += exponent.eq(s2_exponent + 1 - shift)
-        packed = _round_and_flush(m, fmt, sign=s2_sign, exponent=exponent,
-                                  significand=normalized[width + 1 - p:], guard=normalized[width - p],
-                                  sticky=normalized[:width - p] != 0,
+        s3_normalized = Signal(width + 1, name="s3_normalized")
+        s3_exponent = Signal(signed(fmt.exp_bits + 3), name="s3_exponent")
+        s3_zero = Signal(name="s3_zero")                # exact zero sum
+        s3_special = Signal(name="s3_special")
+        s3_special_value = Signal(fmt.width, name="s3_special_value")
+        s3_sign = Signal(name="s3_sign")
+        m.d.sync += [
+            s3_normalized.eq(normalized),
+            # The big operand's leading one sits one below the top (the top is the carry position).
+            s3_exponent.eq(s2_exponent + 1 - shift),
+            s3_zero.eq(s2_sum == 0),
+            s3_special.eq(s2_special),
+            s3_special_value.eq(s2_special_value),
+            s3_sign.eq(s2_sign),
+        ]
+
+        # Stage 4: round, pack.
+        packed = _round_and_flush(m, fmt, sign=s3_sign, exponent=s3_exponent,
+                                  significand=s3_normalized[width + 1 - p:], guard=s3_normalized[width - p],
+                                  sticky=s3_normalized[:width - p] != 0,
                                   truncate=self.rounding == "truncate")
-        m.d.sync += self.result.eq(Mux(s2_special, s2_special_value,
-                                       Mux(s2_sum == 0, _zero(fmt, 0), packed)))
+        m.d.sync += self.result.eq(Mux(s3_special, s3_special_value,
+                                       Mux(s3_zero, _zero(fmt, 0), packed)))
 
 
 class FloatCompare(_PipelinedUnit):

@@ -93,11 +93,11 @@ class FunctionLane(wiring.Component):
     function_bits : int
         4.
     latency : int
-        1.
+        2 (stage 1 decodes, stage 2 finishes and selects; docs/nonlinear.md).
     """
 
     function_bits = FUNCTION_BITS
-    latency = 1
+    latency = 2
 
     def __init__(self, *, fmt: FloatFormat, exp_degree: int = 3, silu_segments: int = 32, silu_degree: int = 2,
                  softplus_segments: int = 16, softplus_degree: int = 2,
@@ -131,7 +131,9 @@ class FunctionLane(wiring.Component):
 
     # Sub-operations ---------------------------------------------------------------------------------------
 
-    def _floor(self, m: Module, a: _Fields):
+    def _floor(self, m: Module, a: _Fields, a_1: _Fields):
+        """Stage 1 (from ``a``): fraction mask, integer part, case; stage 2 (from registers and the
+        registered operand ``a_1``): the increment and the result."""
         fmt = self.fmt
         man = fmt.man_bits
         unbiased = Signal(signed(fmt.exp_bits + 2), name="floor_unbiased")
@@ -140,31 +142,52 @@ class FunctionLane(wiring.Component):
         fraction_mask = Signal(man, name="floor_fraction_mask")
         m.d.comb += fraction_mask.eq(Const((1 << man) - 1, man) >> unbiased.as_unsigned()[:max(1, man.bit_length())])
         has_fraction = (a.mantissa & fraction_mask) != 0
-        integer_part = Signal(man + 2, name="floor_integer_part")     # 1.M with the fraction cleared
-        m.d.comb += integer_part.eq(Cat(a.mantissa & ~fraction_mask, Const(1, 1)))
-        bumped = Signal(man + 2, name="floor_bumped")                 # + one unit at the integer position
-        m.d.comb += bumped.eq(integer_part + fraction_mask + 1)
-        carry = bumped[man + 1]                                       # reached the next power of two
         round_up = a.sign & has_fraction
         if self._fault == "floor_no_increment":
             round_up = Const(0, 1)
-        mid_mantissa = Mux(round_up, Mux(carry, 0, bumped[:man]), integer_part[:man])
-        mid_exponent = a.exponent + (round_up & carry)
+        integer_1 = Signal(man + 2, name="floor_integer_part")        # 1.M with the fraction cleared
+        mask_1 = Signal(man, name="floor_fraction_mask_1")
+        round_up_1 = Signal(name="floor_round_up")
+        case_1 = Signal(range(5), name="floor_case")                  # 0 .. 4, the branches below
+        m.d.sync += [
+            integer_1.eq(Cat(a.mantissa & ~fraction_mask, Const(1, 1))),
+            mask_1.eq(fraction_mask),
+            round_up_1.eq(round_up),
+        ]
+        with m.If(a.is_nan):
+            m.d.sync += case_1.eq(0)
+        with m.Elif(a.is_zero):
+            m.d.sync += case_1.eq(1)
+        with m.Elif(a.is_inf | (unbiased >= man)):
+            m.d.sync += case_1.eq(2)
+        with m.Elif(unbiased < 0):
+            m.d.sync += case_1.eq(3)
+        with m.Else():
+            m.d.sync += case_1.eq(4)
+
+        bumped = Signal(man + 2, name="floor_bumped")                 # + one unit at the integer position
+        m.d.comb += bumped.eq(integer_1 + mask_1 + 1)
+        carry = bumped[man + 1]                                       # reached the next power of two
+        mid_mantissa = Mux(round_up_1, Mux(carry, 0, bumped[:man]), integer_1[:man])
+        mid_exponent = a_1.exponent + (round_up_1 & carry)
         minus_one = _pack(fmt, Const(1, 1), Const(fmt.bias, fmt.exp_bits), Const(0, man))
         result = Signal(fmt.width, name="floor_result")
-        with m.If(a.is_nan):
-            m.d.comb += result.eq(fmt.canonical_nan)
-        with m.Elif(a.is_zero):
-            m.d.comb += result.eq(Cat(Const(0, fmt.width - 1), a.sign))
-        with m.Elif(a.is_inf | (unbiased >= man)):
-            m.d.comb += result.eq(a.value)
-        with m.Elif(unbiased < 0):
-            m.d.comb += result.eq(Mux(a.sign, minus_one, Cat(Const(0, fmt.width - 1), Const(0, 1))))
-        with m.Else():
-            m.d.comb += result.eq(_pack(fmt, a.sign, mid_exponent, mid_mantissa))
+        with m.Switch(case_1):
+            with m.Case(0):
+                m.d.comb += result.eq(fmt.canonical_nan)
+            with m.Case(1):
+                m.d.comb += result.eq(Cat(Const(0, fmt.width - 1), a_1.sign))
+            with m.Case(2):
+                m.d.comb += result.eq(a_1.value)
+            with m.Case(3):
+                m.d.comb += result.eq(Mux(a_1.sign, minus_one, Cat(Const(0, fmt.width - 1), Const(0, 1))))
+            with m.Default():
+                m.d.comb += result.eq(_pack(fmt, a_1.sign, mid_exponent, mid_mantissa))
         return result
 
-    def _exp_scale(self, m: Module, a: _Fields, b: _Fields):
+    def _exp_scale(self, m: Module, b: _Fields, a_1: _Fields):
+        """Stage 1 (from ``b``): the saturated integer ``n`` and ``b``'s class; stage 2 (from registers
+        and the registered operand ``a_1``): the exponent add and the result."""
         fmt = self.fmt
         man, int_bits = fmt.man_bits, exp_int_bits(fmt)
         # n = b rounded toward zero, saturated to int_bits (any |n| beyond it over- or underflows anyway).
@@ -182,16 +205,20 @@ class FunctionLane(wiring.Component):
             m.d.comb += n.eq(Mux(b.sign, -limit, limit - 1))
         with m.Else():
             m.d.comb += n.eq(Mux(b.sign, -magnitude, magnitude))
+        n_1 = Signal.like(n, name="scale_n_1")
+        b_nan_1, b_inf_1, b_sign_1 = Signal(name="scale_b_nan"), Signal(name="scale_b_inf"), Signal(name="scale_b_sign")
+        m.d.sync += [n_1.eq(n), b_nan_1.eq(b.is_nan), b_inf_1.eq(b.is_inf), b_sign_1.eq(b.sign)]
+        a = a_1
         exponent = Signal(signed(fmt.exp_bits + int_bits + 2), name="scale_exponent")
-        m.d.comb += exponent.eq(a.exponent + n)
+        m.d.comb += exponent.eq(a.exponent + n_1)
         overflow = exponent >= fmt.exp_max
         if self._fault == "scale_no_overflow":
             overflow = Const(0, 1)
         result = Signal(fmt.width, name="scale_result")
-        with m.If(b.is_nan):
+        with m.If(b_nan_1):
             m.d.comb += result.eq(fmt.canonical_nan)
-        with m.Elif(b.is_inf):
-            m.d.comb += result.eq(Mux(b.sign, 0, fmt.inf))
+        with m.Elif(b_inf_1):
+            m.d.comb += result.eq(Mux(b_sign_1, 0, fmt.inf))
         with m.Elif(a.is_nan):
             m.d.comb += result.eq(fmt.canonical_nan)
         with m.Elif(a.is_inf):
@@ -226,9 +253,12 @@ class FunctionLane(wiring.Component):
         return index
 
     def _coefficient(self, m: Module, name: str, a: _Fields, k):
+        """Stage 1 (from ``a``): the segment index; stage 2: the ROM row and coefficient ``k``."""
         fmt = self.fmt
         table = self.constants.table(name)
-        index = self._segment_index(m, name, table.layout, a)
+        index_0 = self._segment_index(m, name, table.layout, a)
+        index = Signal.like(index_0, name=f"{name}_segment_1")
+        m.d.sync += index.eq(index_0)
         rows = [sum(row[j] << (j * fmt.width) for j in range(table.degree + 1)) for row in table.coefficients]
         row_width = (table.degree + 1) * fmt.width
         rom = Array(Const(row, row_width) for row in rows)
@@ -249,26 +279,43 @@ class FunctionLane(wiring.Component):
                    Mux(above, _read(fmt, a), Mux(below, _read(fmt, c), _read(fmt, b))))
 
     def elaborate(self, platform):
+        # Two stages (the class docstring): stage 1 decodes the operands (FLOOR's fraction mask,
+        # EXP_SCALE's integer n, the segment indices, the whole range select), stage 2 finishes from
+        # registers (FLOOR's increment, EXP_SCALE's exponent add, the coefficient ROMs) and picks the
+        # function's result. Every register is gated by ``enable``.
         m = Module()
         fmt = self.fmt
         a, b, c = _Fields(self.a, fmt), _Fields(self.b, fmt), _Fields(self.c, fmt)
-        floor = self._floor(m, a)
-        scale = self._exp_scale(m, a, b)
+        a_register = Signal(fmt.width, name="a_1")
+        function_1 = Signal(FUNCTION_BITS, name="function_1")
+        m.d.sync += [a_register.eq(self.a), function_1.eq(self.function)]
+        a_1 = _Fields(a_register, fmt)
+        floor = self._floor(m, a, a_1)
+        scale = self._exp_scale(m, b, a_1)
         outputs = {LaneFunction.FLOOR: floor, LaneFunction.EXP_SCALE: scale}
+        # The range selects are done in stage 1; one register holds the selected function's.
+        selects = {LaneFunction.select(name): self._range_select(self.constants.table(name).layout, a, b, c)
+                   for name in self.functions}
+        select_1 = Signal(fmt.width, name="select_1")
+        if selects:
+            select_0 = Signal(fmt.width, name="select_0")
+            m.d.comb += select_0.eq(list(selects.values())[-1])
+            for code, value in list(selects.items())[:-1]:
+                with m.If(self.function == int(code)):
+                    m.d.comb += select_0.eq(value)
+            m.d.sync += select_1.eq(select_0)
         for name in self.functions:
             first = LaneFunction.coefficient(name, 0)
             k = Signal(range(8), name=f"{name}_k")
-            m.d.comb += k.eq(self.function - first)
+            m.d.comb += k.eq(function_1 - first)
             coefficient = self._coefficient(m, name, a, k)
             for j in range(self.constants.table(name).degree + 1):
                 outputs[LaneFunction.coefficient(name, j)] = coefficient
-            outputs[LaneFunction.select(name)] = self._range_select(self.constants.table(name).layout, a, b, c)
+            outputs[LaneFunction.select(name)] = select_1
         value = Signal(fmt.width, name="value")
-        with m.Switch(self.function):
+        with m.Switch(function_1):
             for code, output in outputs.items():
                 with m.Case(int(code)):
                     m.d.comb += value.eq(output)
-        registers = Module()
-        registers.d.sync += self.result.eq(value)
-        m.submodules.result_register = EnableInserter(self.enable)(registers)
-        return m
+        m.d.sync += self.result.eq(value)
+        return EnableInserter(self.enable)(m)

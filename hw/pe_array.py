@@ -137,7 +137,9 @@ class PEArray(wiring.Component):
     Timing
     ------
     ``linear_latency`` / ``elementwise_latency``: a beat accepted in cycle ``T`` (``i.valid & i.ready``)
-    has its result beat valid in cycle ``T + latency`` when the output is not stalled. Throughput: one
+    has its result beat valid in cycle ``T + latency`` when the output is not stalled. The first
+    ``input_stage`` (1) cycle registers every lane's operands after broadcast and held-tile selection;
+    the float units and lane extensions start from those registers (docs/pe_array.md, "Timing"). Throughput: one
     beat per cycle, with these exceptions (hazards of the shared adders, resolved by holding ``i.ready``
     low, never by losing data):
 
@@ -206,12 +208,16 @@ class PEArray(wiring.Component):
         self.layouts = pe_array_layouts(rows=rows, cols=cols, fmt=fmt, function_bits=self.function_bits,
                                         slot_bits=self.slot_bits)
 
-        # Pipeline schedule (stage = enabled cycles since the beat was accepted).
+        # Pipeline schedule (stage = enabled cycles since the beat was accepted). Stage 1 holds every
+        # lane's operands in registers (after broadcast and held-tile selection), so no float unit or lane
+        # extension starts from the input port's logic.
+        self.input_stage = 1
         self.depth = (cols - 1).bit_length()             # tree levels
-        self.adder_stage = max(self.multiplier_latency, self.compare_latency)   # "S": adders' inputs
+        self.adder_stage = self.input_stage + max(self.multiplier_latency, self.compare_latency)   # "S"
         self.accumulator_stage = self.adder_stage + self.depth * self.adder_latency   # "A"
-        self.linear_latency = max(self.accumulator_stage + self.adder_latency, 1)
-        self.elementwise_latency = max(self.adder_stage + self.adder_latency, self.extension_latency, 1)
+        self.linear_latency = self.accumulator_stage + self.adder_latency
+        self.elementwise_latency = max(self.adder_stage + self.adder_latency,
+                                       self.input_stage + self.extension_latency)
         self.accumulator_interval = max(self.adder_latency, 1)
         self.linear_to_elementwise_gap = self.depth * self.adder_latency
         self.elementwise_to_linear_gap = max(self.elementwise_latency - self.linear_latency, 0)
@@ -234,6 +240,7 @@ class PEArray(wiring.Component):
         lat_mul, lat_add, lat_cmp = self.multiplier_latency, self.adder_latency, self.compare_latency
         stage_s, stage_a = self.adder_stage, self.accumulator_stage
         lat_lin, lat_ew, lat_ext = self.linear_latency, self.elementwise_latency, self.extension_latency
+        stage_i = self.input_stage
         payload = self.i.payload
 
         one = Const(fmt.one, width)
@@ -318,11 +325,24 @@ class PEArray(wiring.Component):
                     m.d.comb += lane.eq(field[0])
             return lane
 
+        def registered(value, name):
+            """``value`` one enabled cycle later (the input stage's registers)."""
+            return delayed(value, stage_i, name)
+
         op = payload.op
         product_uses_b = Signal()
         m.d.comb += product_uses_b.eq((payload.mode == ArrayMode.LINEAR)
                                       | (op == ElementwiseOp.MUL) | (op == ElementwiseOp.MULADD))
-        op_s = control[stage_s].op
+        product_uses_b_i = registered(product_uses_b, "product_uses_b")
+        op_i = control[stage_i].op
+        if self.function_bits:
+            function_i = registered(payload.function, "function")
+        # Element-wise adder operand selects, decided once the comparator has answered and carried to
+        # stage S in registers, so the adders' inputs are one register-selected mux away from registers.
+        stage_c = stage_i + lat_cmp
+        op_c = control[stage_c].op
+        min_max_c = (op_c == ElementwiseOp.MIN) | (op_c == ElementwiseOp.MAX)
+        select_c_or_keep_a = op_c == ElementwiseOp.CMP_SELECT
 
         adders = [[None] * cols for _ in range(rows)]
         products_s = [[None] * cols for _ in range(rows)]
@@ -334,13 +354,16 @@ class PEArray(wiring.Component):
             for col in range(cols):
                 tag = f"{row}_{col}"
                 a_beat = broadcast(payload.a, payload.broadcast_a, row, col, f"a_beat_{tag}")
-                b_lane = broadcast(payload.b, payload.broadcast_b, row, col, f"b_{tag}")
-                c_lane = broadcast(payload.c, payload.broadcast_c, row, col, f"c_{tag}")
+                b_port = broadcast(payload.b, payload.broadcast_b, row, col, f"b_port_{tag}")
+                c_port = broadcast(payload.c, payload.broadcast_c, row, col, f"c_port_{tag}")
                 held = Signal(width, name=f"held_a_{tag}")
                 with m.If(accept & payload.hold_a):
                     m.d.sync += held.eq(a_beat)
-                a_lane = Signal(width, name=f"a_{tag}")
-                m.d.comb += a_lane.eq(Mux(payload.use_held_a & ~payload.hold_a, held, a_beat))
+                a_port = Signal(width, name=f"a_port_{tag}")
+                m.d.comb += a_port.eq(Mux(payload.use_held_a & ~payload.hold_a, held, a_beat))
+                a_lane = registered(a_port, f"a_{tag}")
+                b_lane = registered(b_port, f"b_{tag}")
+                c_lane = registered(c_port, f"c_{tag}")
 
                 multiplier = m.submodules[f"multiplier_{tag}"] = FloatMultiplier(fmt=fmt)
                 comparator = m.submodules[f"comparator_{tag}"] = FloatCompare(fmt=fmt)
@@ -350,14 +373,14 @@ class PEArray(wiring.Component):
                     multiplier.enable.eq(enable), comparator.enable.eq(enable), adder.enable.eq(enable),
                     multiplier.a.eq(a_lane),
                     # ADD, SUB, PASS, CMP_SELECT run a through the multiplier as mul(a, 1) = read(a).
-                    multiplier.b.eq(Mux(product_uses_b, b_lane, one)),
+                    multiplier.b.eq(Mux(product_uses_b_i, b_lane, one)),
                     comparator.a.eq(a_lane),
                     comparator.b.eq(b_lane),
                     adder.subtract.eq(0),
                 ]
-                # The adder's second element-wise operand, chosen at entry and carried to stage S.
+                # The adder's second element-wise operand, chosen at the input stage and carried on.
                 addend = Signal(width, name=f"addend_{tag}")
-                with m.Switch(op):
+                with m.Switch(op_i):
                     with m.Case(ElementwiseOp.MULADD, ElementwiseOp.CMP_SELECT):
                         m.d.comb += addend.eq(c_lane)
                     with m.Case(ElementwiseOp.ADD):
@@ -366,29 +389,32 @@ class PEArray(wiring.Component):
                         m.d.comb += addend.eq(b_lane ^ fmt.sign_bit)
                     with m.Default():
                         m.d.comb += addend.eq(negative_zero)
-                addend_s = delayed(addend, stage_s, f"addend_{tag}")
-                product_s = delayed(multiplier.result, stage_s - lat_mul, f"product_{tag}")
+                addend_c = delayed(addend, stage_c - stage_i, f"addend_{tag}")
+                product_s = delayed(multiplier.result, stage_s - stage_i - lat_mul, f"product_{tag}")
                 products_s[row][col] = product_s
-                # min/max chosen as soon as the comparator answers; both travel to stage S.
-                chosen = Signal(width, name=f"min_max_{tag}")
-                m.d.comb += chosen.eq(Mux(control[lat_cmp].op == ElementwiseOp.MIN,
-                                          comparator.minimum, comparator.maximum))
-                chosen_s = delayed(chosen, stage_s - lat_cmp, f"min_max_{tag}")
-                less_s = delayed(comparator.lt, stage_s - lat_cmp, f"less_{tag}")
 
                 # Element-wise adder operands at stage S: every op is add(x, y), see docs/pe_array.md.
-                x_ew, y_ew = Signal(width, name=f"x_{tag}"), Signal(width, name=f"y_{tag}")
-                select_c = (op_s == ElementwiseOp.CMP_SELECT) & less_s
-                keep_a = (op_s == ElementwiseOp.CMP_SELECT) & ~less_s
+                # x is the product unless the op is MIN/MAX (the chosen operand) or CMP_SELECT with
+                # a < b (−0); y is the addend unless the op is CMP_SELECT with a >= b (−0). Both
+                # alternatives are known at stage C, when the comparator answers.
+                x_other = Signal(width, name=f"x_other_{tag}")
+                x_is_other = Signal(name=f"x_is_other_{tag}")
+                y_c = Signal(width, name=f"y_{tag}")
                 m.d.comb += [
-                    x_ew.eq(Mux((op_s == ElementwiseOp.MIN) | (op_s == ElementwiseOp.MAX), chosen_s,
-                                Mux(select_c, negative_zero, product_s))),
-                    y_ew.eq(Mux(keep_a, negative_zero, addend_s)),
+                    x_other.eq(Mux(min_max_c, Mux(op_c == ElementwiseOp.MIN, comparator.minimum,
+                                                  comparator.maximum), negative_zero)),
+                    x_is_other.eq(min_max_c | (select_c_or_keep_a & comparator.lt)),
+                    y_c.eq(Mux(select_c_or_keep_a & ~comparator.lt, negative_zero, addend_c)),
                 ]
+                x_other_s = delayed(x_other, stage_s - stage_c, f"x_other_{tag}")
+                x_is_other_s = delayed(x_is_other, stage_s - stage_c, f"x_is_other_{tag}")
+                x_ew = Signal(width, name=f"x_{tag}")
+                m.d.comb += x_ew.eq(Mux(x_is_other_s, x_other_s, product_s))
+                y_ew = delayed(y_c, stage_s - stage_c, f"y_{tag}")
                 elementwise_inputs[row][col] = (x_ew, y_ew)
 
                 if col == cols - 1:
-                    bias_a[row] = delayed(c_lane, stage_a, f"bias_{row}")
+                    bias_a[row] = delayed(c_lane, stage_a - stage_i, f"bias_{row}")
 
                 if self._extensions:
                     extension = m.submodules[f"extension_{tag}"] = self._extensions[row * cols + col]
@@ -397,11 +423,33 @@ class PEArray(wiring.Component):
                         extension.a.eq(a_lane), extension.b.eq(b_lane), extension.c.eq(c_lane),
                     ]
                     if self.function_bits:
-                        m.d.comb += extension.function.eq(payload.function)
-                    extension_results[row][col] = delayed(extension.result, lat_ew - lat_ext,
+                        m.d.comb += extension.function.eq(function_i)
+                    extension_results[row][col] = delayed(extension.result, lat_ew - stage_i - lat_ext,
                                                           f"extension_{tag}")
 
         # Adder wiring: tree nodes, accumulators, element-wise lanes ------------------------------------
+        # Which value the accumulator adders read as their second operand, decided one stage before the
+        # accumulator stage A and registered: every control term below is the one-cycle-early view of
+        # the same term at stage A (the pipeline moves as one, so they stay aligned under stalls).
+        def registered_early(select, name):
+            """``select`` one enabled cycle later: a control term decoded a stage early."""
+            register = Signal(name=name)
+            with m.If(enable):
+                m.d.sync += register.eq(select)
+            return register
+        early_turn = linear_at(stage_a - 1)
+        early_first = control[stage_a - 1].first
+        early_slot = control[stage_a - 1].slot
+        if lat_add >= 1:
+            early_forward = linear_at(stage_a + lat_add - 1) & (control[stage_a + lat_add - 1].slot == early_slot)
+            b_takes_forward = registered_early(early_turn & ~early_first & early_forward, "b_takes_forward")
+        else:
+            early_forward = Const(0, 1)
+            b_takes_forward = None
+        b_takes_bias = registered_early(early_turn & early_first, "b_takes_bias")
+        b_takes_elementwise = registered_early(~early_turn, "b_takes_elementwise")
+        b_takes_slot = [registered_early(early_turn & ~early_first & ~early_forward & (early_slot == slot),
+                                  f"b_takes_slot_{slot}") for slot in range(self.accumulators)]
         accumulator_results = []
         for row in range(rows):
             node_result = {}   # (level, first_leaf) -> adder result value
@@ -436,44 +484,45 @@ class PEArray(wiring.Component):
             accumulator_adder = adders[row][cols - 1]
             slots = Array(Signal(width, name=f"accumulator_{row}_{slot}")
                           for slot in range(self.accumulators))
-            running = Signal(width, name=f"running_{row}")
-            slot_a = control[stage_a].slot
             written = control[stage_a + lat_add]   # the linear beat whose sum leaves the adder now
             with m.If(enable & linear_at(stage_a + lat_add)):
                 m.d.sync += slots[written.slot].eq(accumulator_adder.result)
-            if lat_add >= 1:
-                # The same slot's previous sum may be leaving the adder right now: forward it.
-                forward = linear_at(stage_a + lat_add) & (written.slot == slot_a)
-                m.d.comb += running.eq(Mux(forward, accumulator_adder.result, slots[slot_a]))
-            else:
-                m.d.comb += running.eq(slots[slot_a])
-            accumulate_turn = linear_at(stage_a)
             x_ew, y_ew = elementwise_inputs[row][cols - 1]
+            # Second operand: bias (first beat), the slot's running sum (forwarded when the same slot's
+            # previous sum leaves the adder right now), or the element-wise y. The one-hot choice is the
+            # same for every row and registered (below), so here it is an AND-OR of registers.
+            choices = [(b_takes_bias, bias_a[row]), (b_takes_elementwise, y_ew)]
+            if b_takes_forward is not None:
+                choices.append((b_takes_forward, accumulator_adder.result))
+            choices += [(b_takes_slot[slot], slots[slot]) for slot in range(self.accumulators)]
+            accumulator_b = Signal(width, name=f"accumulator_b_{row}")
+            m.d.comb += accumulator_b.eq(any_of(Mux(select, value, 0) for select, value in choices))
             m.d.comb += [
-                accumulator_adder.a.eq(Mux(accumulate_turn, tree_sum, x_ew)),
-                accumulator_adder.b.eq(Mux(accumulate_turn,
-                                           Mux(control[stage_a].first, bias_a[row], running), y_ew)),
+                accumulator_adder.a.eq(Mux(linear_at(stage_a), tree_sum, x_ew)),
+                accumulator_adder.b.eq(accumulator_b),
             ]
             accumulator_results.append(delayed(accumulator_adder.result,
                                                lat_lin - (stage_a + lat_add), f"row_result_{row}"))
 
         # Output ----------------------------------------------------------------------------------------
-        linear_out = linear_at(lat_lin) & control[lat_lin].last
-        elementwise_out = elementwise_at(lat_ew)
+        # Decoded one stage early and registered (the same terms at the output stage): o.valid, and
+        # with it the pipeline enable that every register waits on, comes straight from flip-flops.
+        linear_out = registered_early(linear_at(lat_lin - 1) & control[lat_lin - 1].last, "linear_out")
+        elementwise_out = registered_early(elementwise_at(lat_ew - 1), "elementwise_out")
         if self._fault == "drop_beat":   # deliberately broken: loses every 8th element-wise result
             dropped = Signal(3)
             with m.If(enable & elementwise_out):
                 m.d.sync += dropped.eq(dropped + 1)
             elementwise_out = elementwise_out & (dropped != 7)
         m.d.comb += self.o.valid.eq(linear_out | elementwise_out)
-        op_e = control[lat_ew].op
+        function_out = registered_early(control[lat_ew - 1].op == ElementwiseOp.FUNCTION, "function_out")
         lane_results = []
         for row in range(rows):
             for col in range(cols):
                 lane_sum = delayed(adders[row][col].result, lat_ew - (stage_s + lat_add),
                                    f"lane_result_{row}_{col}")
                 if self._extensions:
-                    lane_sum = Mux(op_e == ElementwiseOp.FUNCTION, extension_results[row][col], lane_sum)
+                    lane_sum = Mux(function_out, extension_results[row][col], lane_sum)
                 lane_results.append(lane_sum)
         with m.If(linear_out):
             m.d.comb += self.o.payload.mode.eq(ArrayMode.LINEAR)

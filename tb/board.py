@@ -321,6 +321,7 @@ async def test_memory_axi(dut):
                 dut.bridge_read_enable.value = 1
                 await RisingEdge(dut.clk)
                 dut.bridge_read_enable.value = 0
+                await RisingEdge(dut.clk)      # read latency 2
                 await FallingEdge(dut.clk)
                 got = int(dut.bridge_read_data.value)
                 assert got == written[word], f"word port read {word:#x}: {got:#x} != {written[word]:#x}"
@@ -354,6 +355,33 @@ async def test_memory_axi(dut):
     # Everything in the AXI half, once more, in one long read.
     got = await master.read(0, half)
     assert got.data == bytes(model[:half]), "final read of the AXI half differs"
+    # Throughput: without pauses a long burst takes one beat per cycle (plus a few cycles of latency).
+    for channel in (master.write_if.aw_channel, master.write_if.w_channel, master.write_if.b_channel,
+                    master.read_if.ar_channel, master.read_if.r_channel):
+        channel.clear_pause_generator()
+        channel.pause = False          # clearing the generator leaves the last value in place
+    beats = 64
+    data = rng.randbytes(beats * beat)
+
+    async def count_cycles(state):
+        while state["counting"]:
+            await RisingEdge(dut.clk)
+            state["cycles"] += 1
+
+    for direction in ("write", "read"):
+        state = {"counting": True, "cycles": 0}
+        counter = cocotb.start_soon(count_cycles(state))
+        if direction == "write":
+            await master.write(0, data)
+        else:
+            got = await master.read(0, beats * beat)
+            assert got.data == data, "back-to-back burst read differs"
+        state["counting"] = False
+        await counter
+        cycles = state["cycles"]
+        assert cycles <= beats + 12, f"a {beats}-beat {direction} burst took {cycles} cycles"
+        dut._log.info(f"{beats}-beat {direction} burst: {cycles} cycles")
+    model[:beats * beat] = data
     # Beats outside the memory: writes answer SLVERR, reads DECERR and zeros.
     from cocotbext.axi import AxiResp
     result = await master.write(memory_bytes, bytes(beat), )

@@ -88,10 +88,11 @@ def test_csr_register_map_and_counters():
         assert await _read(ctx, bus, rng, REGISTERS["PROGRAM_LO"]) == 0x1234_5660
         assert await _read(ctx, bus, rng, REGISTERS["PROGRAM_HI"]) == 0xFFAB
         assert ctx.get(dut.program_address) == 0xAB_1234_5660       # 40 bits kept
-        # Status, error code, error pc come from the inputs.
+        # Status, error code, error pc come from the inputs (STATUS one cycle late, like the counters).
         ctx.set(dut.busy, 1)
         ctx.set(dut.error_code, 6)
         ctx.set(dut.error_pc, 0x40)
+        await ctx.tick()
         assert await _read(ctx, bus, rng, REGISTERS["STATUS"]) == 0b101
         assert await _read(ctx, bus, rng, REGISTERS["ERROR_CODE"]) == 6
         assert await _read(ctx, bus, rng, REGISTERS["ERROR_PC"]) == 0x40
@@ -103,6 +104,7 @@ def test_csr_register_map_and_counters():
         ctx.set(dut.busy, 0)
         ctx.set(dut.error_code, 0)
         ctx.set(dut.done, 1)
+        await ctx.tick()
         assert await _read(ctx, bus, rng, REGISTERS["STATUS"]) == 0b010
         # Counters: cleared by start, advance while counting, 64 bits read low-then-high.
         await _write(ctx, bus, rng, REGISTERS["CONTROL"], 1)
@@ -135,3 +137,36 @@ def test_csr_rejects_bad_parameters():
         CSRFile(program_address_width=32, counters={})
     with pytest.raises(ValueError, match="program_address_width"):
         CSRFile(program_address_width=8, counters={"a": 1})
+
+
+def test_csr_registered_increments_count_exactly():
+    """Increments are registered and added a cycle late: none lost or doubled, and a start clears the
+    counts; STATUS and ``irq`` follow the controller one cycle late, so counts are complete when done shows."""
+    dut = CSRFile(program_address_width=32, counters={"cycles": 1, "bytes": 8}, error_code_width=4)
+    rng = random.Random(5)
+
+    async def bench(ctx):
+        bus = dut.bus
+        for run, length in enumerate((37, 5)):
+            ctx.set(dut.counter_increments.cycles, 1)
+            ctx.set(dut.counter_increments.bytes, 200)
+            await _write(ctx, bus, rng, REGISTERS["CONTROL"], 1)
+            ctx.set(dut.busy, 1)
+            ctx.set(dut.done, 0)
+            ctx.set(dut.counting, 1)
+            for _ in range(length):
+                await ctx.tick()
+            ctx.set(dut.counting, 0)
+            ctx.set(dut.busy, 0)
+            ctx.set(dut.done, 1)
+            assert not ctx.get(dut.irq)
+            await ctx.tick()
+            assert ctx.get(dut.irq)
+            assert await _read(ctx, bus, rng, REGISTERS["STATUS"]) == 0b010
+            assert await _read(ctx, bus, rng, counter_offset(0)) == length, f"run {run}"
+            assert await _read(ctx, bus, rng, counter_offset(1)) == 200 * length, f"run {run}"
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()

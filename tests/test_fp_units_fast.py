@@ -168,7 +168,7 @@ def test_truncating_variant_is_caught():
 
 def test_latencies_and_ports():
     assert hw.FloatMultiplier(fmt=FP32).latency == 2
-    assert hw.FloatAdder(fmt=FP32).latency == 3
+    assert hw.FloatAdder(fmt=FP32).latency == 4
     assert hw.FloatCompare(fmt=FP32).latency == 1
     assert hw.FloatConvert(source=FP32, target=BF16).latency == 1
     assert hw.FloatToInt(fmt=FP32, int_bits=8).latency == 2

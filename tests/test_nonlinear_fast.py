@@ -123,14 +123,19 @@ def _lane_vectors(fmt, count, seed):
 def _simulate_lane(lane, codes, a, b, c):
     out = []
 
+    inputs = [(int(code), x, y, z) for code in codes for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())]
+
     async def bench(ctx):
-        for code in codes:
-            for x, y, z in zip(a.tolist(), b.tolist(), c.tolist()):
-                ctx.set(lane.function, int(code))
+        # The result of the inputs set before tick t is read after tick t + latency - 1.
+        for index in range(len(inputs) + lane.latency - 1):
+            if index < len(inputs):
+                code, x, y, z = inputs[index]
+                ctx.set(lane.function, code)
                 ctx.set(lane.a, x)
                 ctx.set(lane.b, y)
                 ctx.set(lane.c, z)
-                await ctx.tick()
+            await ctx.tick()
+            if index >= lane.latency - 1:
                 out.append(ctx.get(lane.result))
 
     simulator = Simulator(lane)

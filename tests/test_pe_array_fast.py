@@ -161,7 +161,7 @@ def test_lane_extension_hook():
     element-wise-to-linear gap is exercised too."""
     extension = SelectExtension(width=BF16.width, latency=12)
     dut = PEArray(rows=2, cols=2, fmt=BF16, lane_extension=extension)
-    assert dut.function_bits == 2 and dut.elementwise_latency == 12 > dut.linear_latency
+    assert dut.function_bits == 2 and dut.elementwise_latency == dut.input_stage + 12 > dut.linear_latency
     beats = random_beats(rows=2, cols=2, fmt=BF16, count=120, generator=torch.Generator().manual_seed(7),
                          function_bits=2, slots=dut.accumulators)
     beats["op"] = torch.where(torch.rand(len(beats["op"])) < 0.4, int(ElementwiseOp.FUNCTION), beats["op"])
