@@ -594,8 +594,17 @@ class ComputeEngine(wiring.Component):
         # Both outcomes of `issue` (the latest signal here) are ready before it arrives.
         m.d.sync += count.eq(Mux(issue, count + 1 - pop, count - pop))
 
+        # Results land in a queue as deep as the scoreboard, so the array never waits for a write port:
+        # every beat in the queue is also in flight (count <= depth - 1 at issue), so it cannot overflow.
+        # Its `o.ready` is then constant and the array's pipeline has no enable net spanning thousands of
+        # flip-flops (which is what limited the clock on the FPGA).
         out = self.array_out
-        result = out.payload.result.as_value()
+        m.submodules.result_queue = results = SyncFIFOBuffered(width=len(out.payload.result.as_value()),
+                                                               depth=depth)
+        m.d.comb += [out.ready.eq(1), results.w_en.eq(out.valid),
+                     results.w_data.eq(out.payload.result.as_value())]
+        result = results.r_data
+        result_valid = results.r_rdy
         target = destination(destinations.r_data)
         write_data = Signal(line_bits)
         write_enable = Signal(lanes)
@@ -613,18 +622,18 @@ class ComputeEngine(wiring.Component):
                     continue
                 port = getattr(self, f"writes_{buffer.name.lower()}")
                 with m.Case(int(buffer)):
-                    m.d.comb += [port.data.eq(write_data), port.en.eq(Mux(out.valid, write_enable, 0)),
+                    m.d.comb += [port.data.eq(write_data), port.en.eq(Mux(result_valid, write_enable, 0)),
                                  ready.eq(port.ready)]
                 m.d.comb += port.addr.eq(target.line[:self.line_widths[buffer]])
             with m.Case(SCRATCH_SOURCE):
-                m.d.comb += [scratch_write.data.eq(write_data), scratch_write.en.eq(out.valid), ready.eq(1)]
+                m.d.comb += [scratch_write.data.eq(write_data), scratch_write.en.eq(result_valid), ready.eq(1)]
             with m.Default():
                 m.d.comb += ready.eq(1)
         m.d.comb += scratch_write.addr.eq(target.line[:scratch_width])
         # A result never arrives before its destination left the queue's two-cycle path (the array's
         # latency is longer); the r_rdy term only makes that explicit.
-        m.d.comb += [out.ready.eq(ready & destinations.r_rdy), pop.eq(out.valid & ready & destinations.r_rdy),
-                     self.write_stall.eq(out.valid & ~(ready & destinations.r_rdy))]
+        m.d.comb += [pop.eq(result_valid & ready & destinations.r_rdy), results.r_en.eq(pop),
+                     self.write_stall.eq(result_valid & ~(ready & destinations.r_rdy))]
         m.d.comb += self.idle.eq(~active & ~head_valid & ~skid_valid & (count == 0) & ~fetch_valid & ~staged_valid)
         return m
 
