@@ -23,7 +23,7 @@ from marca.config import MarcaConfig
 from marca.isa import Buffer, Opcode
 from marca.ops import ArrayMode
 
-from .axi import AXI4LiteSignature, AXI4Signature, flat_members, interface_view
+from .axi import AXI4LiteSignature, AXI4Signature, SkidBuffer, flat_members, interface_view
 from .buffers import LineBuffer, WriteArbiter
 from .controller import COUNTERS, Controller, InstructionFetch
 from .engine import ComputeEngine, check_accelerator_config
@@ -167,30 +167,23 @@ class Accelerator(wiring.Component):
         ar_names = ("arid", "araddr", "arlen", "arsize", "arburst")
         ar_width = sum(len(getattr(bus, name)) for name in ar_names)
         grant_fetch = Signal()
-        slot_valid, slot_request = Signal(), Signal(ar_width)        # drives the bus
-        skid_valid, skid_request = Signal(), Signal(ar_width)        # taken while the bus stalls the slot
-        requester_ready = ~skid_valid
-        m.d.comb += [fetch.axi.arready.eq(requester_ready & grant_fetch),
-                     dma.axi.arready.eq(requester_ready & ~grant_fetch)]
+        ar_slice = SkidBuffer(m, "ar_slice", {"request": ar_width})
+        m.d.comb += [fetch.axi.arready.eq(ar_slice.in_ready & grant_fetch),
+                     dma.axi.arready.eq(ar_slice.in_ready & ~grant_fetch)]
         fetch_fire = fetch.axi.arvalid & fetch.axi.arready
         dma_fire = dma.axi.arvalid & dma.axi.arready
-        incoming = Mux(grant_fetch, Cat(*(getattr(fetch.axi, name) for name in ar_names)),
-                       Cat(*(getattr(dma.axi, name) for name in ar_names)))
-        incoming_fire = fetch_fire | dma_fire
-        with m.If(~slot_valid | bus.arready):
-            with m.If(skid_valid):
-                m.d.sync += [slot_request.eq(skid_request), slot_valid.eq(1), skid_valid.eq(0)]
-            with m.Else():
-                m.d.sync += [slot_request.eq(incoming), slot_valid.eq(incoming_fire)]
-        with m.Elif(incoming_fire):
-            m.d.sync += [skid_request.eq(incoming), skid_valid.eq(1)]
+        m.d.comb += [ar_slice.in_valid.eq(fetch_fire | dma_fire),
+                     ar_slice.i["request"].eq(Mux(grant_fetch, Cat(*(getattr(fetch.axi, name) for name in ar_names)),
+                                                Cat(*(getattr(dma.axi, name) for name in ar_names)))),
+                     ar_slice.out_ready.eq(bus.arready)]
         fetch_waits = fetch.axi.arvalid & ~fetch_fire
         dma_waits = dma.axi.arvalid & ~dma_fire
         with m.If(fetch_waits & ~dma_waits):
             m.d.sync += grant_fetch.eq(1)
         with m.Elif(dma_waits & ~fetch_waits):
             m.d.sync += grant_fetch.eq(0)
-        m.d.comb += [Cat(*(getattr(bus, name) for name in ar_names)).eq(slot_request), bus.arvalid.eq(slot_valid)]
+        m.d.comb += [Cat(*(getattr(bus, name) for name in ar_names)).eq(ar_slice.o["request"]),
+                     bus.arvalid.eq(ar_slice.out_valid)]
         for unit, identity in ((fetch, FETCH_ID), (dma, DMA_ID)):
             mine = bus.rid == identity
             m.d.comb += [unit.axi.rvalid.eq(bus.rvalid & mine), unit.axi.rid.eq(bus.rid),

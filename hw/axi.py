@@ -7,12 +7,17 @@ component that exposes a bus as ``m_axi`` gets flat port names the way the top l
 
 Only the signals this design uses are present: INCR bursts (``axsize`` is always the full bus width),
 a single ID, no locks, caches, QoS or user signals (AXI slaves treat the absent ones as their defaults).
+
+:class:`SkidBuffer` is the register slice the design puts on its AXI channels (and other ready/valid
+boundaries) so that no combinational path crosses a unit.
 """
 
+from amaranth.hdl import Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["AXIResponse", "AXIBurst", "AXI4Signature", "AXI4LiteSignature", "flat_members", "interface_view"]
+__all__ = ["AXIResponse", "AXIBurst", "AXI4Signature", "AXI4LiteSignature", "flat_members", "interface_view",
+           "SkidBuffer"]
 
 
 class AXIResponse:
@@ -142,3 +147,36 @@ def interface_view(component: wiring.Component, prefix: str, signature: wiring.S
     return _InterfaceView(signature, {name: getattr(component, f"{prefix}_{name}")
                                       for name in signature.members})
 
+
+class SkidBuffer:
+    """A two-entry pipeline register whose outputs are all flip-flops: ``in_ready`` (a registered ready),
+    ``out_valid`` and the payload ``o``. It passes one transfer per cycle while the consumer is ready;
+    the consumer's ``out_ready`` only moves the skid buffer's own registers, and ``in_valid`` / ``i`` only
+    reach its data inputs, so no combinational path crosses it. Fields named in ``clear_when_empty`` read
+    zero while ``out_valid`` is low (write enables). Used as the register slice on AXI channels (the
+    DMA's, the accelerator's shared AR) and on the DMA's line-write port.
+    """
+
+    def __init__(self, m, name, fields, *, clear_when_empty=()):
+        self.in_valid = Signal(name=f"{name}_in_valid")
+        self.in_ready = Signal(name=f"{name}_in_ready")
+        self.out_valid = Signal(name=f"{name}_out_valid")
+        self.out_ready = Signal(name=f"{name}_out_ready")
+        self.i = {key: Signal(width, name=f"{name}_in_{key}") for key, width in fields.items()}
+        self.o = {key: Signal(width, name=f"{name}_out_{key}") for key, width in fields.items()}
+        skid_valid = Signal(name=f"{name}_skid_valid")
+        skid = {key: Signal(width, name=f"{name}_skid_{key}") for key, width in fields.items()}
+        self.empty = Signal(name=f"{name}_empty")
+        m.d.comb += [self.in_ready.eq(~skid_valid), self.empty.eq(~self.out_valid & ~skid_valid)]
+        with m.If(~self.out_valid | self.out_ready):
+            with m.If(skid_valid):
+                m.d.sync += [self.out_valid.eq(1), skid_valid.eq(0)]
+                m.d.sync += [self.o[key].eq(skid[key]) for key in fields]
+            with m.Else():
+                m.d.sync += self.out_valid.eq(self.in_valid)
+                m.d.sync += [self.o[key].eq(Mux(self.in_valid, self.i[key], 0)) for key in clear_when_empty]
+                with m.If(self.in_valid):
+                    m.d.sync += [self.o[key].eq(self.i[key]) for key in fields if key not in clear_when_empty]
+        with m.Elif(self.in_valid & ~skid_valid):
+            m.d.sync += skid_valid.eq(1)
+            m.d.sync += [skid[key].eq(self.i[key]) for key in fields]

@@ -27,7 +27,7 @@ Each direction has an *address side* and a *data side* that walk the same rows i
   read lines ahead into a three-line queue and cut each beat out of its first two (then register it).
 
 Every boundary is a flip-flop (for timing closure, docs/shell.md): AR, AW, W, R and the line-write port
-pass through two-entry skid buffers with registered ready (``_SkidBuffer``), B is registered, and
+pass through two-entry skid buffers with registered ready (``SkidBuffer``), B is registered, and
 ``done``/``bytes_read``/``bytes_written`` come from registers. No combinational path runs from an input
 of the DMA to an output or deep into its logic; the pipelines keep one beat per cycle.
 
@@ -47,7 +47,7 @@ from amaranth.utils import ceil_log2, exact_log2
 
 from marca.formats import FloatFormat
 
-from .axi import AXI4Signature, AXIBurst, AXIResponse
+from .axi import AXI4Signature, AXIBurst, AXIResponse, SkidBuffer
 from .buffers import ReadPortSignature, WritePortSignature
 from .fp import FloatConvert
 
@@ -114,39 +114,6 @@ class _RowWalker:
                 self.position.eq(Mux(carry, position_sum - self._lanes, position_sum)),
                 self.line.eq(self.line + command.row_step_lines + carry),
                 self.rows_left.eq(self.rows_left - 1)]
-
-
-class _SkidBuffer:
-    """A two-entry pipeline register whose outputs are all flip-flops: ``in_ready`` (a registered ready),
-    ``out_valid`` and the payload ``o``. It passes one transfer per cycle while the consumer is ready;
-    the consumer's ``out_ready`` only moves the skid buffer's own registers, and ``in_valid`` / ``i`` only
-    reach its data inputs, so no combinational path crosses it. Fields named in ``clear_when_empty`` read
-    zero while ``out_valid`` is low (write enables).
-    """
-
-    def __init__(self, m, name, fields, *, clear_when_empty=()):
-        self.in_valid = Signal(name=f"{name}_in_valid")
-        self.in_ready = Signal(name=f"{name}_in_ready")
-        self.out_valid = Signal(name=f"{name}_out_valid")
-        self.out_ready = Signal(name=f"{name}_out_ready")
-        self.i = {key: Signal(width, name=f"{name}_in_{key}") for key, width in fields.items()}
-        self.o = {key: Signal(width, name=f"{name}_out_{key}") for key, width in fields.items()}
-        skid_valid = Signal(name=f"{name}_skid_valid")
-        skid = {key: Signal(width, name=f"{name}_skid_{key}") for key, width in fields.items()}
-        self.empty = Signal(name=f"{name}_empty")
-        m.d.comb += [self.in_ready.eq(~skid_valid), self.empty.eq(~self.out_valid & ~skid_valid)]
-        with m.If(~self.out_valid | self.out_ready):
-            with m.If(skid_valid):
-                m.d.sync += [self.out_valid.eq(1), skid_valid.eq(0)]
-                m.d.sync += [self.o[key].eq(skid[key]) for key in fields]
-            with m.Else():
-                m.d.sync += self.out_valid.eq(self.in_valid)
-                m.d.sync += [self.o[key].eq(Mux(self.in_valid, self.i[key], 0)) for key in clear_when_empty]
-                with m.If(self.in_valid):
-                    m.d.sync += [self.o[key].eq(self.i[key]) for key in fields if key not in clear_when_empty]
-        with m.Elif(self.in_valid & ~skid_valid):
-            m.d.sync += skid_valid.eq(1)
-            m.d.sync += [skid[key].eq(self.i[key]) for key in fields]
 
 
 class _DMAEngine(wiring.Component):
@@ -359,8 +326,8 @@ class _DMAEngine(wiring.Component):
         # `burst_fifo` for the W side) when it enters its skid buffer, so W beats never wait for AWREADY
         # and an abort still completes every burst already requested.
         request_fields = {"address": self.addr_width, "length": 8}
-        read_address = _SkidBuffer(m, "read_address", request_fields)
-        write_address = _SkidBuffer(m, "write_address", request_fields)
+        read_address = SkidBuffer(m, "read_address", request_fields)
+        write_address = SkidBuffer(m, "write_address", request_fields)
         m.d.comb += [axi.arid.eq(self.axi_id), axi.araddr.eq(read_address.o["address"]),
                      axi.arlen.eq(read_address.o["length"]), axi.arsize.eq(beat_shift),
                      axi.arburst.eq(AXIBurst.INCR), axi.arvalid.eq(read_address.out_valid),
@@ -430,7 +397,7 @@ class _DMAEngine(wiring.Component):
         m.d.comb += last_beat.eq(load_remaining <= k)
 
         # R enters a skid buffer (RREADY is a flip-flop); the engine takes beats from its registered end.
-        read_data = _SkidBuffer(m, "read_data", {"data": self.data_width, "error": 1})
+        read_data = SkidBuffer(m, "read_data", {"data": self.data_width, "error": 1})
         m.d.comb += [read_data.in_valid.eq(axi.rvalid & (axi.rid == self.axi_id)),
                      read_data.i["data"].eq(axi.rdata),
                      read_data.i["error"].eq(axi.rresp != AXIResponse.OKAY),
@@ -525,7 +492,7 @@ class _DMAEngine(wiring.Component):
         merged_mask = accumulator_mask | low_mask
         write_now = Signal()
         m.d.comb += write_now.eq(out_valid & (reaches_end | out_last) & (merged_mask != 0))
-        line_write = _SkidBuffer(m, "line_write", {"addr": self.line_width, "data": lanes * cw, "en": lanes},
+        line_write = SkidBuffer(m, "line_write", {"addr": self.line_width, "data": lanes * cw, "en": lanes},
                                  clear_when_empty=("en",))
         write = self.buffer_write
         m.d.comb += [write.addr.eq(line_write.o["addr"]), write.data.eq(line_write.o["data"]),
@@ -678,7 +645,7 @@ class _DMAEngine(wiring.Component):
             with m.If(w_enable):
                 m.d.sync += [w_valid[i + 1].eq(w_valid[i]), w_strb[i + 1].eq(w_strb[i]),
                              w_last[i + 1].eq(w_last[i])]
-        write_data = _SkidBuffer(m, "write_data", {"data": self.data_width, "strb": self.beat_bytes, "last": 1,
+        write_data = SkidBuffer(m, "write_data", {"data": self.data_width, "strb": self.beat_bytes, "last": 1,
                                                    "bytes": len(self.bytes_written)})
         m.d.comb += [write_data.in_valid.eq(w_valid[store_latency]), write_data.i["data"].eq(store_converted),
                      write_data.i["strb"].eq(w_strb[store_latency]), write_data.i["last"].eq(w_last[store_latency]),

@@ -57,10 +57,10 @@ def test_skid_buffer_passes_every_item_once_in_order():
 
     from amaranth.hdl import Module
     from amaranth.sim import Simulator
-    from marca.hw.dma import _SkidBuffer
+    from marca.hw.axi import SkidBuffer
 
     m = Module()
-    skid = _SkidBuffer(m, "skid", {"data": 16, "en": 4}, clear_when_empty=("en",))
+    skid = SkidBuffer(m, "skid", {"data": 16, "en": 4}, clear_when_empty=("en",))
     rng = random.Random(3)
     items = [rng.randrange(1 << 16) for _ in range(300)]
     received = []
