@@ -24,7 +24,7 @@ import pathlib
 import time
 
 from marca import isa, sim
-from marca.config import FPGA_SMALL, MarcaConfig
+from marca.config import FPGA_MEDIUM, MarcaConfig
 from marca.isa import (
     Barrier,
     Buffer,
@@ -42,7 +42,7 @@ from marca.ops import Broadcast, ElementwiseOp
 __all__ = ["BENCH_CONFIG", "programs", "run"]
 
 BENCH_CONFIG = dataclasses.replace(
-    FPGA_SMALL, name="bench-4x4-bus256", axi_data_width=256, weight_buffer_kib=32, activation_buffer_kib=16,
+    FPGA_MEDIUM, name="bench-4x4-bus256", axi_data_width=256, weight_buffer_kib=32, activation_buffer_kib=16,
     state_buffer_kib=4, scratch_buffer_kib=16)
 
 

@@ -13,9 +13,9 @@
 clock from the 25 MHz oscillator and the UART goes to the FT231X USB-serial chip.
 """
 
-from amaranth import Array, Cat, ClockDomain, ClockSignal, Const, Elaboratable, Instance, Module, Mux, Signal
+from amaranth import (Array, Cat, ClockDomain, ClockSignal, Const, Elaboratable, Instance, Module, Mux,
+                      ResetSignal, Signal)
 from amaranth.lib import io, wiring
-from amaranth.lib.cdc import ResetSynchronizer
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
@@ -458,7 +458,16 @@ class ULX3SBoardTop(Elaboratable):
             o_CLKOP=pll_clock, o_LOCK=pll_locked)
         m.domains.sync = ClockDomain("sync")
         m.d.comb += ClockSignal("sync").eq(pll_clock)
-        m.submodules.reset_sync = ResetSynchronizer(~pll_locked, domain="sync")
+        # The reset leaves the PLL's lock through a two-flip-flop synchronizer (high from configuration
+        # until two clocks after lock) and then a DCCA onto a global network: it reaches ~15,000 flip-flops,
+        # which over general routing made one of the slowest and most congested nets of the design
+        # (nextpnr promotes only clocks to globals by itself).
+        m.domains.reset_source = ClockDomain("reset_source", reset_less=True, local=True)
+        m.d.comb += ClockSignal("reset_source").eq(pll_clock)
+        reset_stages = Signal(2, init=0b11)
+        m.d.reset_source += reset_stages.eq(Cat(~pll_locked, reset_stages[0]))
+        m.submodules.reset_buffer = Instance("DCCA", i_CLKI=reset_stages[1], i_CE=1,
+                                             o_CLKO=ResetSignal("sync"))
         # No explicit constraint on pll_clock: nextpnr derives it from the PLL dividers and the 25 MHz
         # oscillator's constraint (a constraint on the net would name a net that synthesis renames).
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .formats import FloatFormat
 
-__all__ = ["MarcaConfig", "DEFAULT", "FPGA_SMALL", "PAPER", "TINY", "PRESETS", "preset"]
+__all__ = ["MarcaConfig", "DEFAULT", "FPGA_SMALL", "FPGA_MEDIUM", "PAPER", "TINY", "PRESETS", "preset"]
 
 
 def _is_int(value) -> bool:
@@ -179,13 +179,17 @@ class MarcaConfig:
 
 DEFAULT = MarcaConfig()
 
-# Fits an ECP5-85F with room to spare: 16 BF16 PEs, small buffers, a 32-bit bus.
+# The FPGA preset (`make bitstream`): an ECP5-85F with room to spare at 50 MHz (docs/fpga.md): 8 BF16 PEs
+# (2x4), small buffers, a 32-bit bus.
 FPGA_SMALL = dataclasses.replace(
-    DEFAULT, name="fpga-small", array_rows=4, array_cols=4,
+    DEFAULT, name="fpga-small", array_rows=2, array_cols=4,
     compute_format="bf16", storage_format="bf16",
     exp_degree=2, silu_segments=8, softplus_segments=8,
     weight_buffer_kib=4, activation_buffer_kib=2, state_buffer_kib=2, scratch_buffer_kib=1,
     axi_data_width=32)
+
+# The same with 16 PEs (4x4): the bigger FPGA build of docs/fpga.md, and the array of the benchmarks.
+FPGA_MEDIUM = dataclasses.replace(FPGA_SMALL, name="fpga-medium", array_rows=4)
 
 # The scale of the MARCA chip (24 MB on chip); for generation and resource estimates, not simulation.
 PAPER = dataclasses.replace(
@@ -200,7 +204,7 @@ TINY = dataclasses.replace(
     weight_buffer_kib=1, activation_buffer_kib=1, state_buffer_kib=1, scratch_buffer_kib=1,
     axi_data_width=32)
 
-PRESETS = {config.name: config for config in (DEFAULT, FPGA_SMALL, PAPER, TINY)}
+PRESETS = {config.name: config for config in (DEFAULT, FPGA_SMALL, FPGA_MEDIUM, PAPER, TINY)}
 
 
 def preset(name: str) -> MarcaConfig:
