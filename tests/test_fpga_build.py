@@ -102,3 +102,31 @@ def test_placement_estimate_warning(tmp_path, capsys):
     assert build._warn_placement_estimate(log, 50)
     output = capsys.readouterr().out
     assert "estimated Fmax 15.33 MHz: the routed design will most likely miss 50 MHz" in output
+
+
+def test_nextpnr_options():
+    assert build.nextpnr_options(seed=3) == ("--report report.json --timing-allow-fail --seed 3 "
+                                             "--placer static --router router2")
+    # A placer or router named by the user replaces the default instead of being given twice.
+    chosen = build.nextpnr_options(seed=1, extra="--placer heap --router router1")
+    assert chosen.count("--placer") == 1 and chosen.count("--router ") == 1 and chosen.endswith("router1")
+    assert "--router router2 --router2-heatmap h" in build.nextpnr_options(seed=1, extra="--router2-heatmap h")
+
+
+def test_router_status(tmp_path):
+    log = tmp_path / "marca_top.tim"
+    assert build._router_status(log) == ""                              # not written yet
+    log.write_text("Info: Running Static placer...\n")
+    assert build._router_status(log) == "placing"
+    log.write_text("Info:     iter=1 wires=950751 overused=80320 overuse=100437 archfail=NA\n"
+                   "Info:     iter=2 wires=992087 overused=59845 overuse=66674 archfail=NA\n")
+    assert build._router_status(log) == "routing: iteration 2, 59845 overused wires"
+    log.write_text("Info:     216000 |    69554     145807 |  322   678 |     55200|       4.52     988.50|\n")
+    assert build._router_status(log) == "routing: 55200 arcs left after 216000 iterations"
+
+
+@pytest.mark.skipif(not _TOOLS_INSTALLED, reason="FPGA tools not installed (pip install marca[fpga])")
+def test_time_limit_stops_the_build(tmp_path):
+    with pytest.raises(build.BuildError, match=r"stopped after 0.01 min \(--time-limit\) in synthesis"):
+        build.build_bitstream(FPGA_SMALL, out_dir=tmp_path, with_accelerator=False, memory_bytes=16 * 1024,
+                              time_limit_minutes=0.01)
