@@ -8,6 +8,7 @@ STAMP   := $(VENV)/.installed
 FPGA_STAMP := $(VENV)/.installed-fpga
 BOARD   ?= ulx3s-85f
 FPGA_CONFIG ?= fpga-small
+FPGA_OPTS ?=
 CONFIG  ?= default
 OUT     ?= build/verilog/$(CONFIG)
 JOBS    ?= 2
@@ -18,7 +19,8 @@ JOBS    ?= 2
 help:  ## list the commands
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: CONFIG=<preset or config.json> (default: default), OUT=<folder>, JOBS=<test workers>,"
-	@echo "             FPGA_CONFIG=<preset or config.json> (default: fpga-small), BOARD=ulx3s-85f"
+	@echo "             FPGA_CONFIG=<preset or config.json> (default: fpga-small), BOARD=ulx3s-85f,"
+	@echo "             FPGA_OPTS=<more build options, e.g. --time-limit 60>"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +55,7 @@ bench: $(FPGA_STAMP)  ## run the benchmarks; figures printed and written to buil
 	$(PY) -m marca bench --out build/bench
 
 bitstream: $(FPGA_STAMP)  ## build an FPGA bitstream (FPGA_CONFIG=fpga-small, BOARD=ulx3s-85f) with PyPI tools
-	$(PY) -m marca.fpga.build --config $(FPGA_CONFIG) --board $(BOARD)
+	$(PY) -m marca.fpga.build --config $(FPGA_CONFIG) --board $(BOARD) $(FPGA_OPTS)
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf build
