@@ -78,6 +78,23 @@ def test_program_end_to_end(tmp_path):
                         (program.data_address, program.data_bytes)],
             "error_code": int(result.error), "error_pc": -1 if result.error_pc is None else result.error_pc,
         })
+    # A tiny Mamba block: the compiler's prefill program for one mixer with its weights and tokens; the
+    # outputs and the states it writes back are read over the link and compared bit for bit with the ISS.
+    from marca.tb import mamba
+    prepared = mamba.prepare(mamba.MixerCase(name="d16-n4-L4", config=config, d_model=16, d_state=4, length=4,
+                                             seed=8))
+    compiled = prepared.prefill
+    assert len(prepared.prefill_image) <= memory_bytes
+    result, machine = golden_run(config, prepared.prefill_image, compiled.program_address)
+    assert result.error == ErrorCode.NONE, result
+    cases.append({
+        "image": np.frombuffer(prepared.prefill_image, dtype=np.uint8),
+        "expected": np.frombuffer(machine.memory_bytes(), dtype=np.uint8),
+        "program_address": compiled.program_address,
+        "regions": [(place.address, place.rows * place.row_stride)
+                    for place in (compiled.output, compiled.conv_state, compiled.ssm_state)],
+        "error_code": 0, "error_pc": -1,
+    })
     case_files = []
     for index, case in enumerate(cases):
         path = tmp_path / f"case{index}.npz"
