@@ -14,6 +14,7 @@ Command line::
     python -m marca.fpga.host --port /dev/ttyUSB0 run --config fpga-small --image memory.bin \\
         --program-address 0x8000 --compare 0x4000:0x1000 [--expect golden.bin | --golden]
     python -m marca.fpga.host --port /dev/ttyUSB0 run --config fpga-small --random-program 7
+    python -m marca.fpga.host --port /dev/ttyUSB0 run --config fpga-small --mamba 1
 
 Errors are exceptions derived from :class:`HostError`, each with a message that says what to check:
 :class:`LinkTimeout` (no or short reply), :class:`FramingError` (the board saw a corrupt byte, or the reply
@@ -410,9 +411,21 @@ async def _main_async(args) -> int:
             args.golden = True
             print(f"random program {args.random_program}: {len(program.instructions)} instructions, "
                   f"image {len(image)} bytes")
+        elif args.mamba is not None:
+            from marca.tb import mamba
+            config = resolve_config(args.config)
+            prepared = mamba.prepare(mamba.MixerCase(name="host", config=config, d_model=16, d_state=4,
+                                                     length=4, seed=args.mamba, decode=False))
+            compiled = prepared.prefill
+            image, program_address = prepared.prefill_image, compiled.program_address
+            args.golden = True
+            args.compare = args.compare or [(place.address, place.rows * place.row_stride)
+                                            for place in (compiled.output, compiled.conv_state, compiled.ssm_state)]
+            print(f"Mamba block (d_model 16, d_state 4, 4 tokens, seed {args.mamba}): "
+                  f"{len(compiled.instructions)} instructions, image {len(image)} bytes")
         else:
             if args.image is None or args.program_address is None:
-                raise HostError("run needs --image and --program-address (or --random-program SEED)")
+                raise HostError("run needs --image and --program-address (or --random-program SEED, --mamba SEED)")
             image, program_address = Path(args.image).read_bytes(), args.program_address
         regions = args.compare or [(0, len(image))]
         if args.golden:
@@ -451,6 +464,10 @@ def main(argv=None) -> int:
     run.add_argument("--random-program", type=int, metavar="SEED",
                      help="instead of --image: a constrained-random program for --config, "
                           "checked with --golden")
+    run.add_argument("--mamba", type=int, metavar="SEED",
+                     help="instead of --image: a tiny Mamba block (the compiler's prefill program for a "
+                          "d_model 16, d_state 4 mixer over 4 tokens, random weights from SEED), its outputs "
+                          "and states checked with --golden")
     run.add_argument("--compare", type=_parse_region, action="append",
                      help="ADDRESS:LENGTH region to read back and compare (repeatable; default: all)")
     run.add_argument("--expect", help="expected memory image after the run (raw bytes from address 0)")

@@ -241,20 +241,20 @@ def test_cli_reports_a_missing_port(capsys):
     assert "cannot open serial port" in capsys.readouterr().err
 
 
-def test_serial_transport_over_a_pty(capsys):
-    """The pyserial transport and the command line, against the model board behind a pseudo-terminal."""
+def _over_a_pty(board, *commands):
+    """Run the host tool's command line once per ``commands`` entry against ``board`` behind a
+    pseudo-terminal (the real pyserial transport); returns their exit statuses."""
     import os
+    import select
     import threading
     import tty
 
     controller, device = os.openpty()
     tty.setraw(device)
-    board = ModelBoard(memory_bytes=16384)
     stop = threading.Event()
 
     def serve():
         while not stop.is_set():
-            import select
             if not select.select([controller], [], [], 0.05)[0]:
                 continue
             try:
@@ -269,10 +269,51 @@ def test_serial_transport_over_a_pty(capsys):
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     try:
-        assert host.main(["--port", os.ttyname(device), "identify"]) == 0
-        assert "'memory_bytes': 16384" in capsys.readouterr().out
+        return [host.main(["--port", os.ttyname(device), *command]) for command in commands]
     finally:
         stop.set()
         server.join()
         os.close(controller)
         os.close(device)
+
+
+def test_serial_transport_over_a_pty(capsys):
+    """The pyserial transport and the command line, against the model board behind a pseudo-terminal."""
+    assert _over_a_pty(ModelBoard(memory_bytes=16384), ["identify"]) == [0]
+    assert "'memory_bytes': 16384" in capsys.readouterr().out
+
+
+def test_cli_runs_a_mamba_block(capsys):
+    """``run --mamba SEED``: the compiled block is loaded, started at its program address and its outputs
+    and states compared with the ISS. The model board's "accelerator" checks that it was given the
+    block's image and program address and leaves the ISS's result in memory (computed beforehand: the
+    board must answer within the host's reply timeout); one that corrupts a state byte is caught."""
+    from marca.config import FPGA_SMALL
+    from marca.golden.iss import run_program as golden_run
+    from marca.tb import mamba
+
+    prepared = mamba.prepare(mamba.MixerCase(name="host", config=FPGA_SMALL, d_model=16, d_state=4, length=4,
+                                             seed=1, decode=False))
+    image, address = prepared.prefill_image, prepared.prefill.program_address
+    _, machine = golden_run(FPGA_SMALL, image, address)
+    result = machine.memory_bytes()
+
+    def accelerator(corrupt):
+        def effect(memory):
+            assert board.registers[REGISTERS["PROGRAM_LO"]] == address
+            assert bytes(memory[:len(image)]) == image
+            memory[:len(result)] = result
+            if corrupt:
+                memory[address - 8] ^= 0x40                     # a byte of the state just below the program
+        return effect
+
+    board = ModelBoard(memory_bytes=16384)
+    board.effect = accelerator(corrupt=False)
+    assert _over_a_pty(board, ["run", "--config", "fpga-small", "--mamba", "1", "--timeout", "5"]) == [0]
+    output = capsys.readouterr().out
+    assert "Mamba block (d_model 16, d_state 4, 4 tokens, seed 1)" in output
+    assert "results match the golden model" in output
+    board = ModelBoard(memory_bytes=16384)
+    board.effect = accelerator(corrupt=True)
+    assert _over_a_pty(board, ["run", "--config", "fpga-small", "--mamba", "1", "--timeout", "5"]) == [1]
+    assert "differ" in capsys.readouterr().err
