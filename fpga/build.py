@@ -253,7 +253,7 @@ def build_bitstream(config: MarcaConfig, *, board: str = "ulx3s-85f", out_dir: P
 
 def _warn_placement_estimate(log_path: Path, target_mhz: float) -> bool:
     """Print nextpnr's post-placement Fmax estimate once it is in the log (routing can take far longer
-    than placement, so a hopeless build is worth stopping early). Returns whether it was found."""
+    than placement). Returns whether it was found."""
     import re
     try:
         text = log_path.read_text(errors="replace")
@@ -263,8 +263,9 @@ def _warn_placement_estimate(log_path: Path, target_mhz: float) -> bool:
     if found is None:
         return False
     estimate = float(found.group(2))
+    # Only an estimate: fpga-small is estimated at 45.2 MHz after placement and routes at 58.5 MHz.
     verdict = "" if estimate >= target_mhz else (
-        f": the routed design will most likely miss {target_mhz:g} MHz too (Ctrl-C stops the build)")
+        f", below the {target_mhz:g} MHz target; the post-route figure decides (it can come out higher)")
     _log(f"      after placement: estimated Fmax {estimate:.2f} MHz{verdict}")
     return True
 
