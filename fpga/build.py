@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -254,7 +255,6 @@ def build_bitstream(config: MarcaConfig, *, board: str = "ulx3s-85f", out_dir: P
 def _warn_placement_estimate(log_path: Path, target_mhz: float) -> bool:
     """Print nextpnr's post-placement Fmax estimate once it is in the log (routing can take far longer
     than placement). Returns whether it was found."""
-    import re
     try:
         text = log_path.read_text(errors="replace")
     except OSError:
@@ -272,7 +272,6 @@ def _warn_placement_estimate(log_path: Path, target_mhz: float) -> bool:
 
 def _router_status(log_path: Path) -> str:
     """The router's latest progress line (router2: ``iter=N ... overused=M``; router1: arcs left), or ''."""
-    import re
     try:
         text = log_path.read_text(errors="replace")[-20000:]
     except OSError:

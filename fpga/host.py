@@ -37,7 +37,7 @@ from .uart import IDENTIFY_MAGIC, PROTOCOL_VERSION, Command, Status
 __all__ = [
     "HostError", "LinkTimeout", "FramingError", "BridgeError", "AcceleratorError", "AcceleratorTimeout",
     "ResultMismatch", "Transport", "SerialTransport", "BoardLink", "RunResult", "run_program",
-    "compare_memory", "golden_image", "main",
+    "compare_memory", "golden_image", "MambaBlock", "mamba_block", "main",
 ]
 
 # Words per READ_MEM / WRITE_MEM request: small enough that a lost reply is noticed quickly, large enough
@@ -383,6 +383,37 @@ def golden_image(config, image: bytes, program_address: int) -> bytes:
     return bytes(machine.memory_bytes())
 
 
+@dataclasses.dataclass
+class MambaBlock:
+    """A tiny Mamba block ready to load: the memory image (program, weights, tokens, zero states), where
+    its program starts and the regions it writes (outputs, conv state, SSM state)."""
+
+    image: bytes
+    program_address: int
+    regions: list
+    instructions: int
+
+    D_MODEL, D_STATE, LENGTH = 16, 4, 4
+
+    def describe(self, seed: int) -> str:
+        return (f"Mamba block (d_model {self.D_MODEL}, d_state {self.D_STATE}, {self.LENGTH} tokens, seed {seed}): "
+                f"{self.instructions} instructions, image {len(self.image)} bytes")
+
+
+def mamba_block(config, seed: int) -> MambaBlock:
+    """The compiler's prefill program for one d_model 16, d_state 4 mixer over 4 tokens, with random
+    weights and tokens from ``seed``."""
+    from marca.tb import mamba
+
+    prepared = mamba.prepare(mamba.MixerCase(name=f"block-{seed}", config=config, d_model=MambaBlock.D_MODEL,
+                                             d_state=MambaBlock.D_STATE, length=MambaBlock.LENGTH, seed=seed,
+                                             decode=False))
+    compiled = prepared.prefill
+    regions = [(place.address, place.rows * place.row_stride)
+               for place in (compiled.output, compiled.conv_state, compiled.ssm_state)]
+    return MambaBlock(prepared.prefill_image, compiled.program_address, regions, len(compiled.instructions))
+
+
 def resolve_config(value: str):
     """A preset name or a config.json path."""
     from marca.config import MarcaConfig, preset
@@ -412,17 +443,11 @@ async def _main_async(args) -> int:
             print(f"random program {args.random_program}: {len(program.instructions)} instructions, "
                   f"image {len(image)} bytes")
         elif args.mamba is not None:
-            from marca.tb import mamba
-            config = resolve_config(args.config)
-            prepared = mamba.prepare(mamba.MixerCase(name="host", config=config, d_model=16, d_state=4,
-                                                     length=4, seed=args.mamba, decode=False))
-            compiled = prepared.prefill
-            image, program_address = prepared.prefill_image, compiled.program_address
+            block = mamba_block(resolve_config(args.config), args.mamba)
+            image, program_address = block.image, block.program_address
             args.golden = True
-            args.compare = args.compare or [(place.address, place.rows * place.row_stride)
-                                            for place in (compiled.output, compiled.conv_state, compiled.ssm_state)]
-            print(f"Mamba block (d_model 16, d_state 4, 4 tokens, seed {args.mamba}): "
-                  f"{len(compiled.instructions)} instructions, image {len(image)} bytes")
+            args.compare = args.compare or block.regions
+            print(block.describe(args.mamba))
         else:
             if args.image is None or args.program_address is None:
                 raise HostError("run needs --image and --program-address (or --random-program SEED, --mamba SEED)")

@@ -189,8 +189,8 @@ def print_report(report: dict, stream=sys.stdout) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m marca.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="demo",
-                        help="'demo' (4x4 BF16, 256-bit bus; the default), a preset (default, fpga-small, fpga-medium, "
-                             "tiny, paper) or a config JSON file")
+                        help="'demo' (4x4 BF16, 256-bit bus; the default), a preset (default, fpga-small, "
+                             "fpga-medium, tiny, paper) or a config JSON file")
     parser.add_argument("--d-model", type=int, default=32, help="model width (d_inner = 2 d_model)")
     parser.add_argument("--d-state", type=int, default=16, help="SSM state size per channel")
     parser.add_argument("--tokens", type=int, default=16, help="prefill length = decode steps")

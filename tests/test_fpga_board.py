@@ -80,19 +80,15 @@ def test_program_end_to_end(tmp_path):
         })
     # A tiny Mamba block: the compiler's prefill program for one mixer with its weights and tokens; the
     # outputs and the states it writes back are read over the link and compared bit for bit with the ISS.
-    from marca.tb import mamba
-    prepared = mamba.prepare(mamba.MixerCase(name="d16-n4-L4", config=config, d_model=16, d_state=4, length=4,
-                                             seed=8))
-    compiled = prepared.prefill
-    assert len(prepared.prefill_image) <= memory_bytes
-    result, machine = golden_run(config, prepared.prefill_image, compiled.program_address)
+    from marca.fpga.host import mamba_block
+    block = mamba_block(config, seed=8)
+    assert len(block.image) <= memory_bytes
+    result, machine = golden_run(config, block.image, block.program_address)
     assert result.error == ErrorCode.NONE, result
     cases.append({
-        "image": np.frombuffer(prepared.prefill_image, dtype=np.uint8),
+        "image": np.frombuffer(block.image, dtype=np.uint8),
         "expected": np.frombuffer(machine.memory_bytes(), dtype=np.uint8),
-        "program_address": compiled.program_address,
-        "regions": [(place.address, place.rows * place.row_stride)
-                    for place in (compiled.output, compiled.conv_state, compiled.ssm_state)],
+        "program_address": block.program_address, "regions": block.regions,
         "error_code": 0, "error_pc": -1,
     })
     case_files = []

@@ -290,11 +290,9 @@ def test_cli_runs_a_mamba_block(capsys):
     board must answer within the host's reply timeout); one that corrupts a state byte is caught."""
     from marca.config import FPGA_SMALL
     from marca.golden.iss import run_program as golden_run
-    from marca.tb import mamba
 
-    prepared = mamba.prepare(mamba.MixerCase(name="host", config=FPGA_SMALL, d_model=16, d_state=4, length=4,
-                                             seed=1, decode=False))
-    image, address = prepared.prefill_image, prepared.prefill.program_address
+    block = host.mamba_block(FPGA_SMALL, seed=1)
+    image, address = block.image, block.program_address
     _, machine = golden_run(FPGA_SMALL, image, address)
     result = machine.memory_bytes()
 
