@@ -56,10 +56,11 @@ _CLASS_COUNTER = {
     isa.Opcode.NONLINEAR: "nonlinear_instructions", isa.Opcode.BARRIER: "barrier_instructions",
 }
 _NONLINEAR_GOLDEN = {NonlinearFunction.EXP: nonlinear.exp, NonlinearFunction.SILU: nonlinear.silu,
-                     NonlinearFunction.SOFTPLUS: nonlinear.softplus}
+                     NonlinearFunction.SOFTPLUS: nonlinear.softplus, NonlinearFunction.RSQRT: nonlinear.rsqrt}
 _NONLINEAR_PROGRAM = {NonlinearFunction.EXP: nonlinear.exp_program,
                       NonlinearFunction.SILU: nonlinear.silu_program,
-                      NonlinearFunction.SOFTPLUS: nonlinear.softplus_program}
+                      NonlinearFunction.SOFTPLUS: nonlinear.softplus_program,
+                      NonlinearFunction.RSQRT: nonlinear.rsqrt_program}
 
 
 class ProgramError(RuntimeError):

@@ -1,14 +1,16 @@
 """Nonlinear functions on the PE lanes (issue #4): fitted constants, pass programs, bit-exact golden model.
 
-exp, SiLU and softplus are **programs**: short sequences of element-wise passes over the PE array's lanes
+exp, SiLU, softplus and rsqrt are **programs**: short sequences of element-wise passes over the PE array's lanes
 (``marca.ops.ElementwiseOp``: MUL, SUB, MULADD, ... and FUNCTION). A FUNCTION pass runs one of the few
 bit-logic sub-operations of the lane extension (:class:`LaneFunction`: floor, exponent insert, coefficient
 select, range select); all arithmetic runs on the PE's own multiplier and adder. This module is the single
 source of
 
 * the **constants** the generator emits: the 2^f polynomial of exp and the piecewise polynomial tables of
-  SiLU and softplus, fitted here in float64 and rounded to the compute format (:func:`build_constants`);
-* the **programs** (:func:`exp_program`, :func:`silu_program`, :func:`softplus_program`), a plain data
+  SiLU and softplus, the seed constant and correction polynomial of rsqrt, fitted here in float64 and
+  rounded to the compute format (:func:`build_constants`);
+* the **programs** (:func:`exp_program`, :func:`silu_program`, :func:`softplus_program`,
+  :func:`rsqrt_program`), a plain data
   structure (:class:`Program` of :class:`Pass` es with :class:`Operand` s) that the golden model below, the
   hardware testbenches and the controller all execute;
 * the **golden model** (:func:`run_program`, :func:`lane_function`), vectorized PyTorch on int64 bit
@@ -31,6 +33,7 @@ from ..ops import ElementwiseOp
 from . import fp
 
 __all__ = [
+    "FUNCTIONS",
     "FUNCTION_BITS",
     "INPUT",
     "LOG2E",
@@ -57,6 +60,11 @@ __all__ = [
     "range_select",
     "reference",
     "result_of",
+    "rsqrt",
+    "rsqrt_correction_is_fused",
+    "rsqrt_program",
+    "rsqrt_seed",
+    "rsqrt_select",
     "run_program",
     "silu",
     "silu_program",
@@ -67,6 +75,7 @@ __all__ = [
 LOG2E = 1.0 / math.log(2.0)
 MAX_DEGREE = 4
 PIECEWISE_FUNCTIONS = ("silu", "softplus")
+FUNCTIONS = ("exp", "silu", "softplus", "rsqrt")
 
 
 class LaneFunction(enum.IntEnum):
@@ -81,6 +90,12 @@ class LaneFunction(enum.IntEnum):
         Range select on ``x = a``: NaN -> NaN; ``x >= 2^K+`` -> ``x``; ``x <= -2^K-`` -> ``c``; else ``b``.
     ``SILU_COEFFICIENT_k`` / ``SOFTPLUS_COEFFICIENT_k``
         Coefficient ``k`` of the polynomial segment that ``x = a`` falls in (a small constant ROM).
+    ``RSQRT_SEED``
+        The bit-trick seed of ``1/sqrt(a)``: the integer ``magic - (|a| >> 1)`` on the bits (sign cleared),
+        a positive normal number for every ``a`` (:func:`rsqrt_seed`).
+    ``RSQRT_SELECT``
+        rsqrt's special cases by ``x = a``: NaN or negative -> NaN; ±0 (and subnormals) -> ±Inf; +Inf -> +0;
+        else ``b`` (:func:`rsqrt_select`).
     """
 
     FLOOR = 0
@@ -97,6 +112,8 @@ class LaneFunction(enum.IntEnum):
     SOFTPLUS_COEFFICIENT_2 = 11
     SOFTPLUS_COEFFICIENT_3 = 12
     SOFTPLUS_COEFFICIENT_4 = 13
+    RSQRT_SEED = 14
+    RSQRT_SELECT = 15
 
     @classmethod
     def coefficient(cls, function: str, k: int) -> "LaneFunction":
@@ -116,7 +133,7 @@ class LaneFunction(enum.IntEnum):
         return function.lower(), int(k)
 
 
-FUNCTION_BITS = 4  # width of the ``function`` field: 14 sub-operations
+FUNCTION_BITS = 4  # width of the ``function`` field: 16 sub-operations
 
 
 # Programs -------------------------------------------------------------------------------------------------
@@ -346,6 +363,8 @@ class FunctionConstants:
     exp_coefficients: tuple[int, ...]     # 2^f ≈ sum_k c_k f^k, bit patterns, c_0 first
     silu: PiecewiseTable
     softplus: PiecewiseTable
+    rsqrt_magic: int = 0                    # RSQRT_SEED's integer constant
+    rsqrt_coefficients: tuple[int, ...] = ()  # correction 1 + b1·d + b2·d², bit patterns (b1, b2)
 
     @property
     def exp_degree(self) -> int:
@@ -358,15 +377,18 @@ class FunctionConstants:
 
 
 def reference(function: str, x: torch.Tensor) -> torch.Tensor:
-    """float64 references: torch.exp, F.silu, F.softplus (the accuracy yardsticks, never bit-exact)."""
+    """float64 references: torch.exp, F.silu, F.softplus, torch.rsqrt (the accuracy yardsticks, never
+    bit-exact)."""
     x = torch.as_tensor(x, dtype=torch.float64)
+    if function == "rsqrt":
+        return torch.rsqrt(x)
     if function == "exp":
         return torch.exp(x)
     if function == "silu":
         return torch.nn.functional.silu(x)
     if function == "softplus":
         return torch.nn.functional.softplus(x)
-    raise ValueError(f"function must be 'exp', 'silu' or 'softplus', not {function!r}")
+    raise ValueError(f"function must be one of {FUNCTIONS}, not {function!r}")
 
 
 def _encode_value(value: float, fmt: FloatFormat) -> int:
@@ -432,6 +454,59 @@ def _horner_constant(coefficients, f_bits: int, fmt: FloatFormat) -> int:
     for k in range(degree - 2, -1, -1):
         value = fp.mul_add(value, f, torch.tensor([coefficients[k]]), fmt)
     return int(value[0])
+
+
+def _rsqrt_seed_ratios(fmt: FloatFormat, magic: int, samples: int = 1 << 16) -> np.ndarray:
+    """``seed(x) · sqrt(x)`` (the seed's ratio to the true result) over one period of the seed's error,
+    x in [1, 4): every mantissa of both exponent parities (at most ``samples`` evenly spaced ones each)."""
+    step = max(1, (1 << fmt.man_bits) // samples)
+    mantissa = np.arange(0, 1 << fmt.man_bits, step, dtype=np.int64)
+    mantissa = np.concatenate([mantissa, [(1 << fmt.man_bits) - 1]])
+    ratios = []
+    for parity in (0, 1):
+        bits = ((fmt.bias + parity) << fmt.man_bits) | mantissa
+        seed = magic - (bits >> 1)
+        x = (1.0 + mantissa / 2.0 ** fmt.man_bits) * 2.0 ** parity
+        seed_field = seed >> fmt.man_bits
+        seed_value = (1.0 + (seed & ((1 << fmt.man_bits) - 1)) / 2.0 ** fmt.man_bits) \
+            * np.exp2((seed_field - fmt.bias).astype(np.float64))
+        ratios.append(seed_value * np.sqrt(x))
+    return np.concatenate(ratios)
+
+
+def _fit_rsqrt(fmt: FloatFormat) -> tuple[int, tuple[int, ...]]:
+    """The seed constant and correction of rsqrt.
+
+    The seed ``magic - (bits >> 1)`` halves and negates the exponent and roughly the mantissa's logarithm
+    (the classic bit trick); ``magic`` is searched (coarse to fine, around ``1.5 · 2^m · (bias - 0.045)``)
+    for the smallest max relative error of the seed alone (FP32: 0x5f37642f, 3.4%). With
+    ``s = seed · sqrt(x)`` and ``d = x · seed² - 1 = s² - 1``, the result ``seed · (1 + b1·d + b2·d²)`` is a
+    one-step third-order (Householder) correction; ``b1, b2`` (≈ -1/2, 3/8) are fitted minimax for the
+    relative error over the seed's whole range of ``s``.
+    """
+    man = fmt.man_bits
+
+    def score(magic, samples):
+        ratios = _rsqrt_seed_ratios(fmt, magic, samples)
+        return max(ratios.max() - 1.0, 1.0 - ratios.min())
+
+    best = int(round(1.5 * (1 << man) * (fmt.bias - 0.0450466)))
+    step = 1 << max(0, man - 11)
+    span = 64 * step
+    while True:   # coarse to fine; the last, unit step on the full sample set
+        samples = 1 << 16 if step == 1 else 1 << 12
+        best = min(range(best - span, best + span + 1, step), key=lambda magic: score(magic, samples))
+        if step == 1:
+            break
+        span, step = 2 * step, max(1, step // 16)
+    ratios = _rsqrt_seed_ratios(fmt, best)
+    low, high = ratios.min(), ratios.max()
+    points = 400
+    s = (low + high) / 2 + (high - low) / 2 * np.cos(np.pi * (np.arange(points) + 0.5) / points)
+    s = np.concatenate([[low, high], s])
+    d = s * s - 1.0
+    b1, b2 = _lawson(np.stack([s * d, s * d * d], axis=1)[None], (1.0 - s)[None], np.ones_like(s)[None], 300)[0]
+    return best, (_encode_value(float(b1), fmt), _encode_value(float(b2), fmt))
 
 
 def _target(function: str, x: np.ndarray) -> np.ndarray:
@@ -573,8 +648,10 @@ def build_constants(*, fmt: FloatFormat, exp_degree: int = 3, silu_segments: int
     exp_coefficients = _fit_exp(fmt, exp_degree)
     silu_table = _best_table("silu", fmt, silu_segments, silu_degree)
     softplus_table = _best_table("softplus", fmt, softplus_segments, softplus_degree)
+    rsqrt_magic, rsqrt_coefficients = _fit_rsqrt(fmt)
     return FunctionConstants(fmt=fmt, log2e=log2e, exp_coefficients=exp_coefficients, silu=silu_table,
-                             softplus=softplus_table)
+                             softplus=softplus_table, rsqrt_magic=rsqrt_magic,
+                             rsqrt_coefficients=rsqrt_coefficients)
 
 
 def constants_for(config) -> FunctionConstants:
@@ -656,9 +733,46 @@ def softplus_program(source) -> Program:
     return Program("softplus", constants.fmt, tuple(passes))
 
 
+def rsqrt_correction_is_fused(fmt: FloatFormat) -> bool:
+    """Whether rsqrt's last arithmetic pass adds the correction as ``y·w + y`` (one rounding near the
+    result) or multiplies ``y · (1 + w)`` (the factor rounded near 1: up to 0.7 ulp more). The fused form
+    needs ``y·w`` normal down to half an ulp of the smallest result ``y ≈ 2^-(emax+1)/2``: FP32 and BF16
+    yes, FP16 no (there ``y·w`` would flush to zero for the smallest results: 16 ulps off)."""
+    smallest_result = -(fmt.emax + 1) / 2
+    return smallest_result - fmt.precision - 1 >= fmt.emin
+
+
+def rsqrt_program(source) -> Program:
+    """1/sqrt(x): 7 passes. The lane's bit-trick seed ``y``, one third-order correction on the multiplier
+    and adder (``d = x·y·y - 1``, ``w = d·(b1 + b2·d)``, then ``y·w + y`` or ``y·(1 + w)``:
+    :func:`rsqrt_correction_is_fused`; ``x·y`` first, so nothing under- or overflows for any normal x),
+    then the lane's special-case select."""
+    constants = _constants(source)
+    fmt = constants.fmt
+    b1, b2 = constants.rsqrt_coefficients
+    minus_one = fmt.one | fmt.sign_bit
+    y, h, d, q, w = (result_of(k) for k in range(5))
+    passes = [
+        Pass(ElementwiseOp.FUNCTION, INPUT, function=LaneFunction.RSQRT_SEED, comment="y = magic - (bits >> 1)"),
+        Pass(ElementwiseOp.MUL, INPUT, y, comment="h = x * y"),
+        Pass(ElementwiseOp.MULADD, h, y, constant(minus_one), comment="d = h * y - 1"),
+        Pass(ElementwiseOp.MULADD, d, constant(b2), constant(b1), comment="q = b2 * d + b1"),
+    ]
+    if rsqrt_correction_is_fused(fmt):
+        passes += [Pass(ElementwiseOp.MUL, q, d, comment="w = q * d"),
+                   Pass(ElementwiseOp.MULADD, y, w, y, comment="r = y * w + y")]
+    else:
+        passes += [Pass(ElementwiseOp.MULADD, q, d, constant(fmt.one), comment="g = q * d + 1"),
+                   Pass(ElementwiseOp.MUL, y, result_of(4), comment="r = y * g")]
+    passes.append(Pass(ElementwiseOp.FUNCTION, INPUT, result_of(5), function=LaneFunction.RSQRT_SELECT,
+                       comment="x NaN or < 0: NaN; ±0: ±Inf; +Inf: +0"))
+    return Program("rsqrt", fmt, tuple(passes))
+
+
 def programs(source) -> dict[str, Program]:
-    """All three programs of a configuration, by name."""
-    return {"exp": exp_program(source), "silu": silu_program(source), "softplus": softplus_program(source)}
+    """All four programs of a configuration, by name (:data:`FUNCTIONS`)."""
+    return {"exp": exp_program(source), "silu": silu_program(source), "softplus": softplus_program(source),
+            "rsqrt": rsqrt_program(source)}
 
 
 # Golden model of the lane extension ----------------------------------------------------------------------
@@ -704,6 +818,24 @@ def range_select(x, b, c, layout: SegmentLayout, fmt: FloatFormat) -> torch.Tens
     return torch.where(is_nan, fmt.canonical_nan, out)
 
 
+def rsqrt_seed(a, magic: int, fmt: FloatFormat) -> torch.Tensor:
+    """RSQRT_SEED: the integer ``magic - ((a with its sign cleared) >> 1)`` as a bit pattern. ``magic`` is
+    chosen so this is a positive normal number for every pattern (specials too; RSQRT_SELECT fixes them)."""
+    a = torch.as_tensor(a, dtype=torch.int64)
+    return magic - ((a & (fmt.sign_bit - 1)) >> 1)
+
+
+def rsqrt_select(x, b, fmt: FloatFormat) -> torch.Tensor:
+    """RSQRT_SELECT: NaN ``x`` or ``x < 0`` -> canonical NaN; ±0 (subnormals read as zeros) -> ±Inf (IEEE
+    rSqrt); +Inf -> +0; otherwise read(b)."""
+    x = torch.as_tensor(x, dtype=torch.int64)
+    value = fp.decode(x, fmt)
+    out = _read(b, fmt)
+    out = torch.where(value == torch.inf, 0, out)
+    out = torch.where(value == 0, fmt.inf | (x & fmt.sign_bit), out)
+    return torch.where(torch.isnan(value) | (value < 0), fmt.canonical_nan, out)
+
+
 def lane_function(function: LaneFunction, a, b, c, constants) -> torch.Tensor:
     """Golden model of one FUNCTION pass of the lane extension."""
     fmt = constants.fmt
@@ -712,6 +844,10 @@ def lane_function(function: LaneFunction, a, b, c, constants) -> torch.Tensor:
         return floor(a, fmt)
     if function == LaneFunction.EXP_SCALE:
         return exp_scale(a, b, fmt)
+    if function == LaneFunction.RSQRT_SEED:
+        return rsqrt_seed(a, constants.rsqrt_magic, fmt)
+    if function == LaneFunction.RSQRT_SELECT:
+        return rsqrt_select(a, b, fmt)
     if function in (LaneFunction.SILU_SELECT, LaneFunction.SOFTPLUS_SELECT):
         name = "silu" if function == LaneFunction.SILU_SELECT else "softplus"
         return range_select(a, b, c, constants.table(name).layout, fmt)
@@ -777,3 +913,8 @@ def silu(x, config) -> torch.Tensor:
 
 def softplus(x, config) -> torch.Tensor:
     return run_program(softplus_program(config), x, config)
+
+
+def rsqrt(x, config) -> torch.Tensor:
+    """Golden 1/sqrt(x) of bit patterns ``x`` (RMSNorm's reciprocal square root)."""
+    return run_program(rsqrt_program(config), x, config)

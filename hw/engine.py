@@ -68,7 +68,8 @@ def nonlinear_schedule(config: MarcaConfig):
     schedules, most = {}, 1
     programs = {NonlinearFunction.EXP: golden_nonlinear.exp_program(config),
                 NonlinearFunction.SILU: golden_nonlinear.silu_program(config),
-                NonlinearFunction.SOFTPLUS: golden_nonlinear.softplus_program(config)}
+                NonlinearFunction.SOFTPLUS: golden_nonlinear.softplus_program(config),
+                NonlinearFunction.RSQRT: golden_nonlinear.rsqrt_program(config)}
     for function, program in programs.items():
         passes = program.passes
         last_use = {}

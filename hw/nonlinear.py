@@ -1,6 +1,6 @@
 """Per-PE logic of the nonlinear functions (issue #4): the PE array's lane extension.
 
-exp, SiLU and softplus run as programs of element-wise passes on the PE array
+exp, SiLU, softplus and rsqrt run as programs of element-wise passes on the PE array
 (:mod:`marca.golden.nonlinear` holds the programs, the fitted constants and the bit-exact golden model).
 The arithmetic of those programs (x·log2 e, t − n, the Horner steps) runs on each PE's own multiplier and
 adder; what a PE cannot do with them is the bit logic in :class:`FunctionLane`, one per lane, selected by
@@ -14,6 +14,9 @@ the beat's ``function`` field when the op is ``ElementwiseOp.FUNCTION``:
   the exponent field and a few top mantissa bits; a constant ROM per function).
 * ``*_SELECT``: range select by sign and exponent field: ``a`` above the polynomial range, ``c`` below it,
   ``b`` (the polynomial) inside, NaN for a NaN ``a``.
+* ``RSQRT_SEED``: ``magic - (|a| >> 1)`` on the bits (one constant subtractor): rsqrt's bit-trick seed.
+* ``RSQRT_SELECT``: rsqrt's special cases by ``a`` (NaN or negative -> NaN, ±0 -> ±Inf, +Inf -> +0), else
+  ``b``.
 
 Build it for the array with ``PEArray(..., lane_extension=FunctionLane.factory(config))``.
 """
@@ -64,7 +67,7 @@ def _read(fmt: FloatFormat, operand: _Fields):
 
 
 class FunctionLane(wiring.Component):
-    """The bit logic of one PE for exp, SiLU and softplus (see the module docstring).
+    """The bit logic of one PE for exp, SiLU, softplus and rsqrt (see the module docstring).
 
     Parameters
     ----------
@@ -278,6 +281,19 @@ class FunctionLane(wiring.Component):
         return Mux(a.is_nan, fmt.canonical_nan,
                    Mux(above, _read(fmt, a), Mux(below, _read(fmt, c), _read(fmt, b))))
 
+    def _rsqrt_select(self, a: _Fields, b: _Fields):
+        fmt = self.fmt
+        return Mux(a.is_nan | (a.sign & ~a.is_zero), fmt.canonical_nan,
+                   Mux(a.is_zero, Cat(Const(fmt.inf, fmt.width - 1), a.sign),
+                       Mux(a.is_inf, Const(0, fmt.width), _read(fmt, b))))
+
+    def _rsqrt_seed(self, m: Module, a_1: _Fields):
+        """Stage 2 (from the registered operand): ``magic - (|a| >> 1)``; ``magic`` keeps it positive."""
+        fmt = self.fmt
+        seed = Signal(fmt.width, name="rsqrt_seed")
+        m.d.comb += seed.eq(Const(self.constants.rsqrt_magic, fmt.width) - a_1.value[1:fmt.width - 1])
+        return seed
+
     def elaborate(self, platform):
         # Two stages (the class docstring): stage 1 decodes the operands (FLOOR's fraction mask,
         # EXP_SCALE's integer n, the segment indices, the whole range select), stage 2 finishes from
@@ -292,11 +308,15 @@ class FunctionLane(wiring.Component):
         a_1 = _Fields(a_register, fmt)
         floor = self._floor(m, a, a_1)
         scale = self._exp_scale(m, b, a_1)
-        outputs = {LaneFunction.FLOOR: floor, LaneFunction.EXP_SCALE: scale}
-        # The range selects are done in stage 1; one register holds the selected function's.
+        outputs = {LaneFunction.FLOOR: floor, LaneFunction.EXP_SCALE: scale,
+                   LaneFunction.RSQRT_SEED: self._rsqrt_seed(m, a_1)}
+        # The range selects (and rsqrt's special-case select) are done in stage 1; one register holds the
+        # selected function's.
         selects = {LaneFunction.select(name): self._range_select(self.constants.table(name).layout, a, b, c)
                    for name in self.functions}
-        select_1 = Signal(fmt.width, name="select_1")
+        selects[LaneFunction.RSQRT_SELECT] = self._rsqrt_select(a, b)
+        outputs[LaneFunction.RSQRT_SELECT] = Signal(fmt.width, name="select_1")
+        select_1 = outputs[LaneFunction.RSQRT_SELECT]
         if selects:
             select_0 = Signal(fmt.width, name="select_0")
             m.d.comb += select_0.eq(list(selects.values())[-1])

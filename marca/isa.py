@@ -90,6 +90,8 @@ class NonlinearFunction(enum.IntEnum, shape=4):
     EXP = 0
     SILU = 1
     SOFTPLUS = 2
+    RSQRT = 3
+    """``1/sqrt(x)`` (RMSNorm): +Inf for +0, NaN for negative x and NaN, +0 for +Inf."""
 
 
 class MemoryFormat(enum.IntEnum, shape=1):
@@ -681,7 +683,7 @@ INSTRUCTION_DOCS = {
     Opcode.LINEAR: "matrix tiles times vector chunks, reduction on (GEMV; GEMM over tokens reusing each "
                    "tile)",
     Opcode.ELEMENTWISE: "one ElementwiseOp on every lane over a 2-D grid of beats, reduction off",
-    Opcode.NONLINEAR: "exp, SiLU or softplus of every element of contiguous lines",
+    Opcode.NONLINEAR: "exp, SiLU, softplus or rsqrt of every element of contiguous lines",
     Opcode.BARRIER: "wait until every earlier instruction (DMA and compute) has finished",
     Opcode.HALT: "finish everything, then stop with error code NONE",
 }

@@ -113,7 +113,7 @@ def _word(instruction_type, **overrides) -> int:
     (isa.Elementwise, {"op": int(ElementwiseOp.FUNCTION), "dst_buffer": 1}),
     (isa.Elementwise, {"dst_buffer": 0}),                             # compute writes the weight buffer
     (isa.Elementwise, {"inner_count": 0, "dst_buffer": 1}),           # zero count
-    (isa.Nonlinear, {"function": 3, "dst_buffer": 1}),
+    (isa.Nonlinear, {"function": 4, "dst_buffer": 1}),               # undefined NonlinearFunction
     (isa.Linear, {"output_buffer": 1, "token_count": 0}),
     (isa.Load, {"row_elements": 0}),
 ])

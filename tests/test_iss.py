@@ -245,12 +245,15 @@ def test_nonlinear_matches_golden(function):
     result, machine = image.run(program)
     assert result.error == ErrorCode.NONE
     golden = {isa.NonlinearFunction.EXP: nonlinear.exp, isa.NonlinearFunction.SILU: nonlinear.silu,
-              isa.NonlinearFunction.SOFTPLUS: nonlinear.softplus}[function]
+              isa.NonlinearFunction.SOFTPLUS: nonlinear.softplus,
+              isa.NonlinearFunction.RSQRT: nonlinear.rsqrt}[function]
     expected = golden(storage_bits(values, config), config)
     assert torch.equal(image.get(machine, 0x2000, 8 * lanes), expected)
     reference = {isa.NonlinearFunction.EXP: torch.exp, isa.NonlinearFunction.SILU: torch.nn.functional.silu,
-                 isa.NonlinearFunction.SOFTPLUS: torch.nn.functional.softplus}[function](values)
-    assert torch.allclose(fp.decode(expected, config.compute_format), reference, rtol=2e-2, atol=2e-2)
+                 isa.NonlinearFunction.SOFTPLUS: torch.nn.functional.softplus,
+                 isa.NonlinearFunction.RSQRT: torch.rsqrt}[function](values)
+    assert torch.allclose(fp.decode(expected, config.compute_format), reference, rtol=2e-2, atol=2e-2,
+                          equal_nan=True)
 
 
 # DMA ------------------------------------------------------------------------------------------------------

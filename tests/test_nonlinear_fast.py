@@ -1,6 +1,8 @@
 """Fast tier of the nonlinear functions (issue #4): the golden programs' properties and accuracy, and the
 lane extension (hw/nonlinear.py) against the golden sub-operations in Amaranth's simulator."""
 
+import dataclasses
+
 import pytest
 import torch
 from amaranth.sim import Simulator
@@ -49,7 +51,7 @@ def test_exp_polynomial_ends(fmt):
 
 def test_default_accuracy_targets():
     """Issue #4 targets for the default configuration (FP32): exp <= 2e-4 relative where the result is
-    normal; SiLU and softplus <= 1e-3 absolute everywhere."""
+    normal; SiLU and softplus <= 1e-3 absolute everywhere; rsqrt (issue 13) <= 2e-4 relative."""
     fmt = DEFAULT.compute_format
     x = fp.random_bits(150_000, fmt, torch.Generator().manual_seed(7), specials=0.0)
     values = fp.decode(x, fmt)
@@ -57,11 +59,68 @@ def test_default_accuracy_targets():
     for name, program in nl.programs(DEFAULT).items():
         got = fp.decode(nl.run_program(program, x, DEFAULT), fmt)
         want = nl.reference(name, values)
-        if name == "exp":
+        if name in ("exp", "rsqrt"):
             normal = finite & (want >= 2.0 ** fmt.emin) & (want < 2.0 ** (fmt.emax + 1))
             assert ((got - want).abs() / want)[normal].max() <= 2e-4
         else:
             assert (got - want).abs()[finite].max() <= 1e-3
+
+
+def _positive_normals_all_exponents(fmt, count, seed):
+    """``count`` random positive normals, exponents uniform over the whole range, plus every binade's
+    first and last pattern."""
+    generator = torch.Generator().manual_seed(seed)
+    field = torch.randint(1, fmt.exp_max, (count,), generator=generator)
+    mantissa = torch.randint(0, 1 << fmt.man_bits, (count,), generator=generator)
+    edges = torch.arange(1, fmt.exp_max)
+    last = (1 << fmt.man_bits) - 1
+    return torch.cat([(field << fmt.man_bits) | mantissa, edges << fmt.man_bits, (edges << fmt.man_bits) | last])
+
+
+def _rsqrt_error(x, constants):
+    """(max relative error, max error in ulps of the true result) of the rsqrt program on positive normals."""
+    fmt = constants.fmt
+    got = fp.decode(nl.run_program(nl.rsqrt_program(constants), x, constants), fmt)
+    want = torch.rsqrt(fp.decode(x, fmt))
+    ulp = torch.exp2(torch.floor(torch.log2(want)) - fmt.man_bits)
+    return float(((got - want).abs() / want).max()), float(((got - want).abs() / ulp).max())
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["rsqrt", "broken-b2"])
+def test_rsqrt_accuracy_fp32(broken):
+    """Issue 13: rsqrt <= 2e-4 relative on every positive normal FP32 input (10^6 random over all
+    exponents, every binade's ends); the constant b2 of the correction off by 1/8 must fail."""
+    constants = _constants(FP32)
+    if broken:
+        b1, b2 = constants.rsqrt_coefficients
+        constants = dataclasses.replace(constants, rsqrt_coefficients=(b1, int(_bits([0.5], FP32)[0])))
+    relative, _ = _rsqrt_error(_positive_normals_all_exponents(FP32, 1_000_000, 13), constants)
+    assert (relative <= 2e-4) != broken, relative
+
+
+@pytest.mark.parametrize("fmt", [BF16, FP16], ids=lambda f: f.name)
+def test_rsqrt_accuracy_16_bit_exhaustive(fmt):
+    """Every positive normal of the 16-bit formats within 2 ulps (measured: BF16 0.92, FP16 1.65)."""
+    x = torch.arange(1 << fmt.man_bits, fmt.exp_max << fmt.man_bits)
+    _, ulps = _rsqrt_error(x, _constants(fmt))
+    assert ulps <= 2.0, ulps
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_rsqrt_specials(fmt):
+    constants = _constants(fmt)
+    man_mask = (1 << fmt.man_bits) - 1
+    x = torch.tensor([0, 1, man_mask, fmt.sign_bit, fmt.sign_bit | 1, fmt.inf, fmt.inf | fmt.sign_bit,
+                      fmt.canonical_nan, fmt.inf | 1, fmt.one | fmt.sign_bit, fmt.smallest_normal | fmt.sign_bit,
+                      fmt.largest_finite | fmt.sign_bit])
+    nan, inf = fmt.canonical_nan, fmt.inf
+    assert nl.rsqrt(x, constants).tolist() == [inf, inf, inf, inf | fmt.sign_bit, inf | fmt.sign_bit, 0, nan,
+                                               nan, nan, nan, nan, nan]
+    # The seed is a positive normal for every pattern (the select alone handles the specials).
+    every = torch.arange(1 << fmt.width) if fmt.width <= 16 else fp.random_bits(100_000, fmt)
+    seed = nl.rsqrt_seed(every, constants.rsqrt_magic, fmt)
+    field = seed >> fmt.man_bits
+    assert bool(((field >= 1) & (field < fmt.exp_max)).all())
 
 
 @pytest.mark.parametrize("config", [DEFAULT, FPGA_SMALL, TINY], ids=lambda c: c.name)
@@ -77,6 +136,7 @@ def test_programs_are_well_formed(config):
     assert len(nl.exp_program(config)) == 4 + config.exp_degree
     assert len(nl.silu_program(config)) == 2 * config.silu_degree + 2
     assert len(nl.softplus_program(config)) == 4 + config.exp_degree + 2 * config.softplus_degree + 2
+    assert len(nl.rsqrt_program(config)) == 7
     for table in (constants.silu, constants.softplus):
         assert table.layout.segments <= {"silu": config.silu_segments,
                                          "softplus": config.softplus_segments}[table.function]
