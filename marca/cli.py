@@ -38,7 +38,7 @@ def top_component(config: MarcaConfig):
 
 
 def _verilog(args) -> int:
-    from .sim import emit_verilog
+    from .verilog import convert_rtlil, rtlil_to_verilog
     config = load_config(args.config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,11 +46,14 @@ def _verilog(args) -> int:
     print(f"[marca] elaborating {TOP_NAME} for configuration {config.name!r} "
           f"({config.array_rows}x{config.array_cols} PEs, compute {config.compute_format.name}, "
           f"storage {config.storage_format.name}) ...", flush=True)
-    text = emit_verilog(top_component(config), TOP_NAME)
+    rtlil, report = convert_rtlil(top_component(config), TOP_NAME, deduplicate=not args.no_deduplicate)
+    text = rtlil_to_verilog(rtlil)
     verilog_path = out / f"{TOP_NAME}.v"
     verilog_path.write_text(text)
     config_path = config.write(out / "config.json")
-    print(f"[marca] wrote {verilog_path} ({text.count(chr(10))} lines) and {config_path} "
+    modules = (f"{report.modules_after} distinct modules for {report.modules_before} instances"
+               if report else "one module per instance")
+    print(f"[marca] wrote {verilog_path} ({text.count(chr(10))} lines, {modules}) and {config_path} "
           f"in {time.monotonic() - started:.1f} s")
     return 0
 
@@ -120,6 +123,8 @@ def main(argv=None) -> int:
     verilog = commands.add_parser("verilog", help="emit the accelerator's Verilog and its config.json")
     verilog.add_argument("--config", default="default", help="preset name or config JSON file")
     verilog.add_argument("--out", default="build/verilog/default", help="output folder")
+    verilog.add_argument("--no-deduplicate", action="store_true",
+                         help="one module per instance, as Amaranth names them (for comparisons)")
     verilog.set_defaults(handler=_verilog)
     lint = commands.add_parser("lint", help="verilator --lint-only -Wall on emitted Verilog")
     lint.add_argument("--dir", default="build/verilog/default")
