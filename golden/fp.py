@@ -9,6 +9,13 @@ are rounded once to 53 bits, and since 53 >= 2 * 24 + 2 that first rounding neve
 round-to-nearest-even result (double rounding is innocuous at that precision for + and *). The float64
 result is then rounded to the target format by :func:`encode` with an unbounded exponent, and flushed or
 overflowed afterwards: exactly the contract's "round and flush".
+
+Those functions are the slow, obviously correct **oracle**. Beside them, the ``value_*`` functions are the
+fast paths of the golden instruction-set simulator (docs/iss.md): they work on float32 *values* instead of
+bit patterns (every number of every supported format is exactly a float32; NaN stands for the canonical
+NaN), use native float32 arithmetic for FP32 and float64 arithmetic plus an integer rounding step for the
+other formats, and apply flush-to-zero, "tininess after rounding" and NaN canonicalisation explicitly.
+tests/test_iss_fast.py holds them equal to the oracle bit for bit.
 """
 
 import torch
@@ -19,6 +26,8 @@ __all__ = [
     "decode", "encode", "mul", "add", "sub", "mul_add", "minimum", "maximum", "compare",
     "convert", "to_int", "from_int", "ldexp", "tree_sum", "special_values", "random_bits",
     "ROUNDING_MODES",
+    "to_values", "from_values", "round_values", "value_mul", "value_add", "value_sub", "value_mul_add",
+    "value_minimum", "value_maximum", "value_tree_sum", "value_convert", "subnormals_are_kept",
 ]
 
 ROUNDING_MODES = ("nearest_even", "toward_zero", "floor")
@@ -199,3 +208,184 @@ def random_bits(count: int, fmt: FloatFormat, generator: torch.Generator | None 
     table = special_values(fmt)
     special = table[torch.randint(0, len(table), (count,), generator=generator)]
     return torch.where(pick > 1 - specials, special, bits)
+
+
+# Fast paths on values ------------------------------------------------------------------------------------
+#
+# A *value* tensor is float32 and holds numbers as the contract reads them: zeros, normal numbers of the
+# format, ±Inf, and NaN (which stands for the canonical NaN; payloads are meaningless). Every format with
+# exp_bits <= 8 and man_bits <= 23 fits float32 exactly, and DAZ is applied once, when bits become values.
+#
+# FP32 arithmetic uses float32 itself. IEEE round-to-nearest-even with gradual underflow equals the
+# contract everywhere except where a result is below the smallest normal, 2^-126:
+# * a sum below 2^-126 is exact (both operands are multiples of 2^-149), so it is a subnormal float32 that
+#   the contract flushes to the zero of its sign: flush every subnormal sum;
+# * a product near or below 2^-126 is rounded by the contract to 24 bits with an unbounded exponent, by
+#   gradual underflow to the 2^-149 grid: they differ both ways (2^-126 - 2^-150 stays below 2^-126 for
+#   the contract but is a tie that gradual underflow rounds up to 2^-126; products just under 2^-126 that
+#   the contract rounds up become subnormals). In every lane whose float32 product is a nonzero
+#   subnormal or exactly ±2^-126 the product is recomputed scaled by 2^24 (exact, since |a| < 2 there),
+#   which float32 rounds to 24 bits in its normal range: it reaches 2^-102 exactly when the contract's
+#   rounding reaches 2^-126.
+# Other formats compute in float64: products of two <= 24-bit significands are exact and a sum rounded to
+# 53 bits and then to p <= 24 bits is innocuously double-rounded (53 >= 2p + 2), so one integer rounding
+# of the float64 result (:func:`round_values`) gives the contract's result, flush and overflow included.
+
+_FLOAT32_MIN_NORMAL = 2.0 ** -126
+_SCALE = 2.0 ** 24
+
+
+def _is_fp32(fmt: FloatFormat) -> bool:
+    return fmt.exp_bits == 8 and fmt.man_bits == 23
+
+
+def _fits_float32(fmt: FloatFormat) -> None:
+    if fmt.exp_bits > 8 or fmt.man_bits > 23:
+        raise ValueError(f"fmt {fmt.name} does not fit float32 values (exp_bits <= 8, man_bits <= 23)")
+
+
+def subnormals_are_kept(device="cpu") -> bool:
+    """True when float32 arithmetic on ``device`` keeps subnormal results (no FTZ/DAZ mode set in the
+    process). The FP32 fast paths need it: they detect the lanes to fix by their subnormal results."""
+    tiny = torch.tensor([_FLOAT32_MIN_NORMAL], dtype=torch.float32, device=device)
+    return bool((tiny * 0.5 != 0).item()) and bool(((tiny * 0.5) * 2 == tiny).item())
+
+
+def to_values(bits, fmt: FloatFormat) -> torch.Tensor:
+    """float32 values of bit patterns (any integer dtype; the low ``fmt.width`` bits count): subnormals
+    read as zeros of their sign, any NaN as NaN."""
+    _fits_float32(fmt)
+    bits = torch.as_tensor(bits).to(torch.int64) & ((1 << fmt.width) - 1)
+    if fmt.exp_bits == 8:             # float32's own exponent field: a shift, then DAZ
+        word = bits << (23 - fmt.man_bits)
+        word = torch.where((word & 0x7F800000) == 0, word & 0x80000000, word)
+    else:
+        sign = ((bits >> (fmt.width - 1)) & 1) << 31
+        exponent = (bits >> fmt.man_bits) & fmt.exp_max
+        mantissa = bits & ((1 << fmt.man_bits) - 1)
+        word = sign | ((exponent + (127 - fmt.bias)) << 23) | (mantissa << (23 - fmt.man_bits))
+        word = torch.where(exponent == 0, sign, word)
+        special = sign | 0x7F800000 | ((mantissa != 0).to(torch.int64) << 22)
+        word = torch.where(exponent == fmt.exp_max, special, word)
+    word = word - ((word >> 31) << 32)          # two's complement int32 range, explicitly
+    return word.to(torch.int32).view(torch.float32)
+
+
+def from_values(values, fmt: FloatFormat) -> torch.Tensor:
+    """Bit patterns (int64) of float32 values that ``fmt`` represents exactly (what the ``value_*``
+    functions return); NaN gives the canonical NaN."""
+    _fits_float32(fmt)
+    values = torch.as_tensor(values, dtype=torch.float32)
+    word = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    if fmt.exp_bits == 8:
+        bits = word >> (23 - fmt.man_bits)
+    else:
+        sign = (word >> 31) << (fmt.width - 1)
+        exponent = (word >> 23) & 0xFF
+        bits = sign | ((exponent - 127 + fmt.bias) << fmt.man_bits) | ((word & 0x7FFFFF) >> (23 - fmt.man_bits))
+        bits = torch.where(exponent == 0, sign, bits)
+        bits = torch.where(exponent == 0xFF, sign | fmt.inf, bits)
+    return torch.where(torch.isnan(values), fmt.canonical_nan, bits)
+
+
+def round_values(values, fmt: FloatFormat) -> torch.Tensor:
+    """float64 ``values`` rounded into ``fmt`` by the contract (nearest even with an unbounded exponent,
+    then ±Inf above range and a signed zero below the smallest normal), as float32 values.
+
+    Rounds the float64 significand in the integer domain: every float64 here is normal (the supported
+    formats' results lie far inside float64's exponent range), so adding half an ulp minus one plus the
+    lowest kept bit and truncating is round-to-nearest-even, a carry moving into the exponent field."""
+    _fits_float32(fmt)
+    x = torch.as_tensor(values).to(torch.float64)
+    word = x.view(torch.int64)
+    nan = torch.isnan(x)
+    magnitude = torch.where(nan, 0, word & 0x7FFFFFFFFFFFFFFF)
+    drop = 52 - fmt.man_bits
+    magnitude = magnitude + ((1 << (drop - 1)) - 1) + ((magnitude >> drop) & 1)
+    magnitude = (magnitude >> drop) << drop
+    exponent = (magnitude >> 52) - 1023
+    magnitude = torch.where(exponent > fmt.emax, 0x7FF0000000000000, magnitude)
+    magnitude = torch.where(exponent < fmt.emin, 0, magnitude)
+    rounded = (magnitude | (word & -0x8000000000000000)).view(torch.float64)
+    return torch.where(nan, torch.nan, rounded).to(torch.float32)
+
+
+def _fp32_product(a, b, product: torch.Tensor) -> torch.Tensor:
+    """Fix the lanes where float32 gradual underflow left ``product = a * b`` subnormal (module note)."""
+    # <= : gradual underflow rounds (2^-126 - 2^-150) up to 2^-126 (a tie on its 2^-149 grid), where the
+    # contract's 24-bit rounding keeps it below 2^-126 and flushes it.
+    tiny = (product != 0) & (product.abs() <= _FLOAT32_MIN_NORMAL)
+    if product.device.type == "cpu" and not bool(tiny.any()):
+        return product                         # the usual case; on CUDA a sync costs more than the fix
+    scaled = (a * _SCALE) * b
+    reaches = scaled.abs() >= _FLOAT32_MIN_NORMAL * _SCALE
+    fixed = torch.where(reaches, torch.copysign(torch.full_like(product, _FLOAT32_MIN_NORMAL), product),
+                        product * 0.0)
+    return torch.where(tiny, fixed, product)
+
+
+def _fp32_flush(total: torch.Tensor) -> torch.Tensor:
+    """Subnormal sums (exact) to the zero of their sign."""
+    tiny = total.abs() < _FLOAT32_MIN_NORMAL
+    if total.device.type == "cpu" and not bool((tiny & (total != 0)).any()):
+        return total
+    return torch.where(tiny, total * 0.0, total)
+
+
+def value_mul(a, b, fmt: FloatFormat) -> torch.Tensor:
+    """:func:`mul` on values."""
+    if _is_fp32(fmt):
+        return _fp32_product(a, b, a * b)
+    return round_values(a.to(torch.float64) * b.to(torch.float64), fmt)
+
+
+def value_add(a, b, fmt: FloatFormat) -> torch.Tensor:
+    """:func:`add` on values."""
+    if _is_fp32(fmt):
+        return _fp32_flush(a + b)
+    return round_values(a.to(torch.float64) + b.to(torch.float64), fmt)
+
+
+def value_sub(a, b, fmt: FloatFormat) -> torch.Tensor:
+    """:func:`sub` on values (IEEE defines a - b as a + (-b), signed zeros included)."""
+    if _is_fp32(fmt):
+        return _fp32_flush(a - b)
+    return round_values(a.to(torch.float64) - b.to(torch.float64), fmt)
+
+
+def value_mul_add(a, b, c, fmt: FloatFormat) -> torch.Tensor:
+    """:func:`mul_add` on values: two roundings."""
+    return value_add(value_mul(a, b, fmt), c, fmt)
+
+
+def value_minimum(a, b, fmt: FloatFormat) -> torch.Tensor:
+    """:func:`minimum` on values (-0 < +0, NaN wins)."""
+    a, b = torch.broadcast_tensors(torch.as_tensor(a), torch.as_tensor(b))
+    both_zero = (a == 0) & (b == 0)
+    chosen = torch.where(both_zero, torch.where(torch.signbit(a), a, b), torch.minimum(a, b))
+    return torch.where(torch.isnan(a) | torch.isnan(b), torch.nan, chosen)
+
+
+def value_maximum(a, b, fmt: FloatFormat) -> torch.Tensor:
+    """:func:`maximum` on values (-0 < +0, NaN wins)."""
+    a, b = torch.broadcast_tensors(torch.as_tensor(a), torch.as_tensor(b))
+    both_zero = (a == 0) & (b == 0)
+    chosen = torch.where(both_zero, torch.where(torch.signbit(a), b, a), torch.maximum(a, b))
+    return torch.where(torch.isnan(a) | torch.isnan(b), torch.nan, chosen)
+
+
+def value_convert(values, target: FloatFormat) -> torch.Tensor:
+    """Values rounded into ``target`` (for a source format that fits float32)."""
+    if _is_fp32(target):
+        return torch.as_tensor(values, dtype=torch.float32)     # every source value is an FP32 value
+    return round_values(values, target)
+
+
+def value_tree_sum(values, fmt: FloatFormat) -> torch.Tensor:
+    """:func:`tree_sum` on values: the same balanced pairwise order."""
+    width = values.shape[-1]
+    if width < 1 or width & (width - 1):
+        raise ValueError(f"value_tree_sum needs a power-of-two last dimension, not {width}")
+    while values.shape[-1] > 1:
+        values = value_add(values[..., 0::2], values[..., 1::2], fmt)
+    return values[..., 0]
