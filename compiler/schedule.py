@@ -17,7 +17,7 @@ from marca.golden.iss import access_indices, pack_elements
 
 __all__ = ["insert_barriers", "MemoryImage", "Region"]
 
-_DMA = (isa.Load, isa.Store)
+_DMA = (isa.Load, isa.Gather, isa.Store)
 _COMPUTE = (isa.Linear, isa.Elementwise, isa.Nonlinear)
 
 

@@ -51,7 +51,9 @@ COUNTER_NAMES = (
 """The deterministic counters, as the hardware counts them (docs/isa.md, Counters)."""
 
 _CLASS_COUNTER = {
-    isa.Opcode.LOAD: "load_instructions", isa.Opcode.STORE: "store_instructions",
+    # A GATHER is a load whose rows are named by ids: it counts as one (docs/isa.md, Counters).
+    isa.Opcode.LOAD: "load_instructions", isa.Opcode.GATHER: "load_instructions",
+    isa.Opcode.STORE: "store_instructions",
     isa.Opcode.LINEAR: "linear_instructions", isa.Opcode.ELEMENTWISE: "elementwise_instructions",
     isa.Opcode.NONLINEAR: "nonlinear_instructions", isa.Opcode.BARRIER: "barrier_instructions",
 }
@@ -263,7 +265,7 @@ class Machine:
         if code != ErrorCode.NONE:
             return code
         handler = {
-            isa.Load: self._load, isa.Store: self._store, isa.Linear: self._linear,
+            isa.Load: self._load, isa.Gather: self._gather, isa.Store: self._store, isa.Linear: self._linear,
             isa.Elementwise: self._elementwise, isa.Nonlinear: self._nonlinear,
             isa.Barrier: self._barrier, isa.Halt: self._barrier,
         }[type(instruction)]
@@ -302,6 +304,37 @@ class Machine:
         _write_last_wins(self.buffers[i.buffer], buffer.flatten(), values.flatten())
         self.written[i.buffer][buffer.flatten()] = True
         self.counters["dma_bytes_read"] += i.row_count * i.row_elements * size
+        return ErrorCode.NONE
+
+    def _gather(self, i: isa.Gather, pc) -> ErrorCode:
+        # The DMA takes rows in order: id r, its range check, then table row id[r]. The first row that
+        # fails decides the error (id beyond memory: BUS_ERROR; id >= table_rows: INDEX_RANGE; table row
+        # beyond memory: BUS_ERROR). On error the buffer is left as it was (the architecture: undefined).
+        size, fmt = self._memory_side(i)
+        rows = torch.arange(i.row_count, dtype=torch.int64)
+        id_addresses = i.index_address + isa.INDEX_BYTES * rows
+        id_readable = id_addresses + isa.INDEX_BYTES <= len(self.memory)
+        ids = torch.zeros(i.row_count, dtype=torch.int64)
+        if bool(id_readable.any()):
+            ids[id_readable] = self._gather_memory(id_addresses[id_readable], isa.INDEX_BYTES,
+                                                   8 * isa.INDEX_BYTES)
+        in_table = id_readable & (ids < i.table_rows)
+        ids = torch.where(in_table, ids, 0)           # (keeps id * stride far from int64 overflow)
+        row_readable = i.memory_address + ids * i.memory_row_stride + i.row_elements * size <= len(self.memory)
+        failure = torch.where(~id_readable, int(ErrorCode.BUS_ERROR),
+                              torch.where(~in_table, int(ErrorCode.INDEX_RANGE),
+                                          torch.where(~row_readable, int(ErrorCode.BUS_ERROR), 0)))
+        failing = torch.nonzero(failure)
+        if len(failing):
+            return ErrorCode(int(failure[failing[0, 0]]))
+        elements = torch.arange(i.row_elements, dtype=torch.int64)[None, :]
+        memory = i.memory_address + ids[:, None] * i.memory_row_stride + elements * size
+        buffer = i.buffer_address + rows[:, None] * i.buffer_row_stride + elements
+        self._check_streams("dma", [], [(i.buffer, self._mask(i.buffer, buffer))], pc)
+        values = fp.convert(self._gather_memory(memory, size, fmt.width), fmt, self.config.compute_format)
+        _write_last_wins(self.buffers[i.buffer], buffer.flatten(), values.flatten())
+        self.written[i.buffer][buffer.flatten()] = True
+        self.counters["dma_bytes_read"] += i.row_count * (isa.INDEX_BYTES + i.row_elements * size)
         return ErrorCode.NONE
 
     def _memory_side(self, i) -> tuple[int, FloatFormat]:

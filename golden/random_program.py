@@ -9,7 +9,10 @@ NaNs. Optionally the program ends with an instruction that faults with a chosen 
 ``HALT``, to test error reporting.
 
 Memory layout of the image (all addresses multiples of 64): the program at 0, then a data region of random
-storage-format elements, then an output region (zeros) that stores write to; loads read both regions.
+storage-format elements, then an id region of ``GATHER`` ids (little-endian uint32, each below
+:data:`GATHER_IDS`), then an output region (zeros) that stores write to; loads and gathers read the data
+and output regions (a gather's table: ``table_rows`` rows from its ``memory_address``, at least one more
+than the largest id it reads).
 """
 
 import random
@@ -25,7 +28,11 @@ from marca.ops import Broadcast, ElementwiseOp
 from . import fp
 from .iss import Machine, ProgramError
 
-__all__ = ["RandomProgram", "random_program"]
+__all__ = ["RandomProgram", "random_program", "GATHER_IDS"]
+
+GATHER_IDS = 8
+"""Ids in the id region are drawn from 0 .. GATHER_IDS-1."""
+_ID_COUNT = 64          # ids in the id region
 
 
 @dataclass
@@ -41,6 +48,8 @@ class RandomProgram:
     output_address: int
     output_bytes: int
     expected_error: ErrorCode
+    index_address: int = 0
+    index_bytes: int = 0
 
 
 def _align(value: int, alignment: int) -> int:
@@ -49,10 +58,11 @@ def _align(value: int, alignment: int) -> int:
 
 class _Drawer:
     def __init__(self, config: MarcaConfig, rng: random.Random, used_lines: dict, data_address: int,
-                 data_bytes: int, output_address: int, output_bytes: int):
+                 data_bytes: int, output_address: int, output_bytes: int, index_address: int, ids: list):
         self.config, self.rng, self.used_lines = config, rng, used_lines
         self.data_address, self.data_bytes = data_address, data_bytes
         self.output_address, self.output_bytes = output_address, output_bytes
+        self.index_address, self.ids = index_address, ids
 
     def used(self, buffer) -> int:
         return self.used_lines[Buffer(buffer)] * self.config.lanes
@@ -89,6 +99,29 @@ class _Drawer:
                    memory_row_stride=memory_stride,
                    buffer=buffer, buffer_address=rng.randrange(0, self.used(buffer)),
                    buffer_row_stride=buffer_stride, memory_format=memory_format)
+
+    def gather(self):
+        rng, lanes = self.rng, self.config.lanes
+        memory_format = rng.choice([isa.MemoryFormat.STORAGE] * 2 + [isa.MemoryFormat.COMPUTE])
+        size = self.config.compute_bytes if memory_format == isa.MemoryFormat.COMPUTE \
+            else self.config.storage_bytes
+        rows = rng.randint(1, 4)
+        first = rng.randrange(0, len(self.ids) - rows + 1)
+        table_rows = max(self.ids[first:first + rows]) + 1 + rng.choice([0, 0, rng.randint(1, 8)])
+        elements = rng.choice([1, rng.randint(1, lanes), lanes, rng.randint(1, 2 * lanes)])
+        buffer = rng.choice(list(Buffer))
+        buffer_stride = rng.choice([elements, elements + rng.randint(0, lanes), rng.randint(0, lanes)])
+        memory_stride = size * rng.choice([elements, elements + rng.randint(0, 8), rng.randint(0, elements)])
+        base, span = (self.output_address, self.output_bytes) if rng.random() < 0.3 \
+            else (self.data_address, self.data_bytes)
+        extent = (table_rows - 1) * memory_stride + elements * size
+        if extent > span:
+            return None
+        return isa.Gather(memory_address=base + size * rng.randrange(0, (span - extent) // size + 1),
+                          row_count=rows, row_elements=elements, memory_row_stride=memory_stride,
+                          buffer=buffer, buffer_address=rng.randrange(0, self.used(buffer)),
+                          buffer_row_stride=buffer_stride, memory_format=memory_format,
+                          index_address=self.index_address + isa.INDEX_BYTES * first, table_rows=table_rows)
 
     def writable(self):
         return self.rng.choice([Buffer.ACTIVATION, Buffer.STATE, Buffer.SCRATCH])
@@ -165,11 +198,16 @@ class _Drawer:
         if code == ErrorCode.BUS_ERROR:
             return isa.Store(memory_address=self.output_address + self.output_bytes, row_count=1,
                              row_elements=1, buffer=Buffer.STATE)
+        if code == ErrorCode.INDEX_RANGE:
+            # The largest of the first four ids (at least 1, see random_program) is one past the table.
+            return isa.Gather(memory_address=self.data_address, row_count=4, row_elements=lanes,
+                              memory_row_stride=lanes * config.storage_bytes, buffer=Buffer.STATE,
+                              index_address=self.index_address, table_rows=max(self.ids[:4]))
         raise ValueError(f"no faulting instruction for {code!r}")
 
 
 _ILLEGAL_WORDS = {
-    ErrorCode.ILLEGAL_OPCODE: lambda rng: rng.choice([0, 0x08, 0xFF]) | (rng.getrandbits(200) << 8),
+    ErrorCode.ILLEGAL_OPCODE: lambda rng: rng.choice([0, 0x09, 0xFF]) | (rng.getrandbits(200) << 8),
     # BARRIER with a reserved bit set; ELEMENTWISE with op FUNCTION (op field bits 11..8).
     ErrorCode.ILLEGAL_FIELD: lambda rng: rng.choice([int(isa.Opcode.BARRIER) | (1 << rng.randrange(8, 256)),
                                                     isa.encode(isa.Elementwise(
@@ -184,9 +222,9 @@ def random_program(config: MarcaConfig, *, seed: int, length: int = 40, used_lin
     """A legal random program of about ``length`` instructions (plus initial loads and barriers).
 
     ``used_lines``: lines at the start of each buffer that the program uses (all loaded first, so every
-    read is of defined data). ``weights``: relative frequency per class name (``load``, ``store``,
-    ``linear``, ``elementwise``, ``nonlinear``, ``barrier``). ``final_error``: end with an instruction that
-    faults with this code instead of HALT.
+    read is of defined data). ``weights``: relative frequency per class name (``load``, ``gather``,
+    ``store``, ``linear``, ``elementwise``, ``nonlinear``, ``barrier``). ``final_error``: end with an
+    instruction that faults with this code instead of HALT.
     """
     if not isinstance(config, MarcaConfig):
         raise ValueError(f"config must be a MarcaConfig, not {config!r}")
@@ -200,13 +238,20 @@ def random_program(config: MarcaConfig, *, seed: int, length: int = 40, used_lin
     data_bytes = max(data_bytes, init_bytes)
     program_bytes = _align((3 * length + 16) * isa.INSTRUCTION_BYTES, 64)
     data_address = program_bytes
-    output_address = _align(data_address + data_bytes, 64)
+    index_address = _align(data_address + data_bytes, 64)
+    index_bytes = _ID_COUNT * isa.INDEX_BYTES
+    output_address = _align(index_address + index_bytes, 64)
     memory = bytearray(output_address + output_bytes)
     data = fp.random_bits(data_bytes // size, config.storage_format, generator)
     for k, value in enumerate(data.tolist()):
         memory[data_address + k * size: data_address + (k + 1) * size] = int(value).to_bytes(size, "little")
+    ids = [rng.randrange(GATHER_IDS) for _ in range(_ID_COUNT)]
+    ids[2] = rng.randrange(1, GATHER_IDS)        # so that the INDEX_RANGE tail has a table of >= 1 row
+    memory[index_address:index_address + index_bytes] = b"".join(
+        id_.to_bytes(isa.INDEX_BYTES, "little") for id_ in ids)
 
-    drawer = _Drawer(config, rng, lines, data_address, data_bytes, output_address, output_bytes)
+    drawer = _Drawer(config, rng, lines, data_address, data_bytes, output_address, output_bytes,
+                     index_address, ids)
     shadow = Machine(config, memory)
     program = []
 
@@ -224,7 +269,8 @@ def random_program(config: MarcaConfig, *, seed: int, length: int = 40, used_lin
         offset += lines[buffer] * lanes * size
     emit(isa.Barrier())
 
-    weights = {"load": 3, "store": 2, "linear": 3, "elementwise": 5, "nonlinear": 2, "barrier": 1,
+    weights = {"load": 3, "gather": 1, "store": 2, "linear": 3, "elementwise": 5, "nonlinear": 2,
+               "barrier": 1,
                **(weights or {})}
     classes, frequencies = zip(*weights.items())
     while len(program) < length + len(Buffer) + 1:
@@ -254,7 +300,9 @@ def random_program(config: MarcaConfig, *, seed: int, length: int = 40, used_lin
         words = [isa.encode(i) for i in program] + [_ILLEGAL_WORDS[final_error](rng)]
     else:
         faulting = drawer.faulting(final_error)
-        assert isa.check_instruction(faulting, config) == final_error or final_error == ErrorCode.BUS_ERROR
+        # BUS_ERROR and INDEX_RANGE are found while the instruction runs, not by the static checks.
+        assert isa.check_instruction(faulting, config) == final_error \
+            or final_error in (ErrorCode.BUS_ERROR, ErrorCode.INDEX_RANGE)
         words = [isa.encode(i) for i in program + [faulting]]
         program.append(faulting)
     if len(words) * isa.INSTRUCTION_BYTES > program_bytes:
@@ -263,5 +311,5 @@ def random_program(config: MarcaConfig, *, seed: int, length: int = 40, used_lin
         start = k * isa.INSTRUCTION_BYTES
         memory[start:start + isa.INSTRUCTION_BYTES] = word.to_bytes(isa.INSTRUCTION_BYTES, "little")
     return RandomProgram(program, bytes(memory), 0, data_address, data_bytes, output_address, output_bytes,
-                         final_error)
+                         final_error, index_address, index_bytes)
 

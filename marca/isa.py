@@ -37,13 +37,14 @@ from .ops import Broadcast, ElementwiseOp
 __all__ = [
     "INSTRUCTION_BITS", "INSTRUCTION_BYTES", "OPCODE_BITS",
     "Opcode", "Buffer", "NonlinearFunction", "LinearInit", "MemoryFormat", "ErrorCode",
-    "Instruction", "Load", "Store", "Linear", "Elementwise", "Nonlinear", "Barrier", "Halt",
+    "Instruction", "Load", "Store", "Gather", "Linear", "Elementwise", "Nonlinear", "Barrier", "Halt",
     "INSTRUCTION_TYPES", "FieldLayout", "field_layout", "struct_layout", "IllegalInstruction",
     "encode", "decode", "encode_program", "decode_program",
     "assemble", "disassemble", "format_instruction", "parse_instruction",
     "check_config", "check_instruction", "memory_element_bytes", "granule", "operands_used",
     "buffer_lines", "buffer_elements",
-    "BufferAccess", "buffer_accesses", "memory_access", "render_markdown", "updated_doc",
+    "BufferAccess", "buffer_accesses", "memory_access", "index_access", "INDEX_BYTES",
+    "render_markdown", "updated_doc",
 ]
 
 INSTRUCTION_BITS = 256
@@ -68,6 +69,9 @@ class Opcode(enum.IntEnum, shape=OPCODE_BITS):
     """Wait until every earlier DMA and compute instruction has finished."""
     HALT = 0x07
     """Wait like BARRIER, then stop: status ``done``, error code ``NONE``."""
+    GATHER = 0x08
+    """DMA memory -> buffer like LOAD, but row ``r`` is table row ``id[r]``, the ids read from memory
+    (embedding lookup)."""
 
 
 class Buffer(enum.IntEnum, shape=2):
@@ -140,6 +144,9 @@ class ErrorCode(enum.IntEnum, shape=4):
     BUS_ERROR = 6
     """The AXI4 bus answered SLVERR/DECERR (instruction fetch or DMA); the golden ISS raises it for
     accesses beyond its memory image."""
+    INDEX_RANGE = 7
+    """A ``GATHER`` read an id ``>= table_rows``. Like ``BUS_ERROR`` it is found while the instruction runs:
+    the buffer elements of that ``GATHER`` are then undefined (memory is untouched)."""
 
 
 # Fields -------------------------------------------------------------------------------------------------
@@ -147,6 +154,11 @@ class ErrorCode(enum.IntEnum, shape=4):
 _ADDRESS = 24        # element address in a buffer
 _COUNT = 16          # loop counts
 _LINE_STRIDE = 12    # element-wise strides, in granules
+_INDEX_ADDRESS = 48  # GATHER's id array: a LOAD's fields plus these two fill the 256-bit word exactly
+_TABLE_ROWS = 21     # 2**21 - 1 rows: any vocabulary (50,280 for Mamba) with room to spare
+
+INDEX_BYTES = 4
+"""Bytes per ``GATHER`` id in memory (a little-endian uint32)."""
 
 
 def _field(width: int, kind=None, doc: str = "", default=0):
@@ -194,6 +206,21 @@ class Store(_Dma):
     ``buffer`` may be any buffer, the weight buffer included."""
 
     OPCODE = Opcode.STORE
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gather(_Dma):
+    """For ``r`` = 0 .. row_count-1 in order: ``id = u32 memory[index_address + 4r]``; if ``id >=
+    table_rows`` the machine halts with ``INDEX_RANGE``; else ``buffer[buffer_address +
+    r·buffer_row_stride + e] = convert(memory[memory_address + id·memory_row_stride + e·element_bytes],
+    memory_format -> compute)`` as :class:`Load` converts. The table is rows 0 .. table_rows-1 from
+    ``memory_address``; the static checks (MEMORY_RANGE) cover the whole table and the id array."""
+
+    OPCODE = Opcode.GATHER
+
+    index_address: int = _field(_INDEX_ADDRESS, doc="byte address of the row_count little-endian uint32 "
+                                                    "ids; a multiple of 4")
+    table_rows: int = _field(_TABLE_ROWS, doc="rows in the table (>= 1); an id must be below it")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -293,7 +320,7 @@ class Halt(Instruction):
 
 
 INSTRUCTION_TYPES: dict[Opcode, type] = {
-    cls.OPCODE: cls for cls in (Load, Store, Linear, Elementwise, Nonlinear, Barrier, Halt)}
+    cls.OPCODE: cls for cls in (Load, Store, Linear, Elementwise, Nonlinear, Barrier, Halt, Gather)}
 
 
 # Layout -------------------------------------------------------------------------------------------------
@@ -356,6 +383,7 @@ class IllegalInstruction(ValueError):
 
 _COUNT_FIELDS = {
     Opcode.LOAD: ("row_count", "row_elements"), Opcode.STORE: ("row_count", "row_elements"),
+    Opcode.GATHER: ("row_count", "row_elements", "table_rows"),
     Opcode.LINEAR: ("chunk_count", "row_tile_count", "token_count"),
     Opcode.ELEMENTWISE: ("outer_count", "inner_count"), Opcode.NONLINEAR: ("line_count",),
 }
@@ -451,7 +479,7 @@ def format_instruction(instruction: Instruction) -> str:
         kind = f.metadata["kind"]
         if kind is not None:
             parts.append(f"{f.name}={kind(value).name}")
-        elif f.name == "memory_address":
+        elif f.name in ("memory_address", "index_address"):
             parts.append(f"{f.name}={value:#x}")
         else:
             parts.append(f"{f.name}={value}")
@@ -581,8 +609,8 @@ def buffer_accesses(instruction: Instruction, config: MarcaConfig) -> list[Buffe
     visit them."""
     R, C, lanes = config.array_rows, config.array_cols, config.lanes
     i = instruction
-    if isinstance(i, (Load, Store)):
-        return [BufferAccess("buffer", i.buffer, isinstance(i, Load), i.buffer_address, i.row_elements,
+    if isinstance(i, (Load, Store, Gather)):
+        return [BufferAccess("buffer", i.buffer, not isinstance(i, Store), i.buffer_address, i.row_elements,
                              ((i.row_count, i.buffer_row_stride),), 1)]
     if isinstance(i, Linear):
         out = [BufferAccess("matrix", i.matrix_buffer, False, i.matrix_address, lanes,
@@ -619,24 +647,37 @@ def memory_element_bytes(instruction: Instruction, config: MarcaConfig) -> int:
 
 
 def memory_access(instruction: Instruction, config: MarcaConfig) -> tuple[int, int] | None:
-    """``(first byte, last byte)`` of a DMA instruction's memory range, else None."""
-    if not isinstance(instruction, (Load, Store)):
+    """``(first byte, last byte)`` of a DMA instruction's memory range (of a ``GATHER``: its whole table,
+    rows 0 .. table_rows-1), else None."""
+    if not isinstance(instruction, (Load, Store, Gather)):
         return None
-    last = instruction.memory_address + (instruction.row_count - 1) * instruction.memory_row_stride \
+    rows = instruction.table_rows if isinstance(instruction, Gather) else instruction.row_count
+    last = instruction.memory_address + (rows - 1) * instruction.memory_row_stride \
         + instruction.row_elements * memory_element_bytes(instruction, config) - 1
     return instruction.memory_address, last
 
 
+def index_access(instruction: Instruction) -> tuple[int, int] | None:
+    """``(first byte, last byte)`` of a ``GATHER``'s id array, else None."""
+    if not isinstance(instruction, Gather):
+        return None
+    return instruction.index_address, instruction.index_address + INDEX_BYTES * instruction.row_count - 1
+
+
 def check_instruction(instruction: Instruction, config: MarcaConfig) -> ErrorCode:
     """The configuration-dependent verdict on a decoded instruction, with the hardware's priority:
-    MISALIGNED (memory address and stride first, then each buffer access in :func:`buffer_accesses`
-    order), then BUFFER_RANGE (same order), then MEMORY_RANGE."""
+    MISALIGNED (memory address and stride first, a ``GATHER``'s index address next, then each buffer
+    access in :func:`buffer_accesses` order), then BUFFER_RANGE (same order), then MEMORY_RANGE (a
+    ``GATHER``: its table or its id array)."""
     accesses = buffer_accesses(instruction, config)
     memory = memory_access(instruction, config)
+    index = index_access(instruction)
     if memory is not None:
         size = memory_element_bytes(instruction, config)
         if instruction.memory_address % size or instruction.memory_row_stride % size:
             return ErrorCode.MISALIGNED
+    if index is not None and index[0] % INDEX_BYTES:
+        return ErrorCode.MISALIGNED
     for access in accesses:
         if access.address % access.alignment:
             return ErrorCode.MISALIGNED
@@ -644,6 +685,8 @@ def check_instruction(instruction: Instruction, config: MarcaConfig) -> ErrorCod
         if access.last >= buffer_elements(config, access.buffer):
             return ErrorCode.BUFFER_RANGE
     if memory is not None and memory[1] >= 1 << config.axi_addr_width:
+        return ErrorCode.MEMORY_RANGE
+    if index is not None and index[1] >= 1 << config.axi_addr_width:
         return ErrorCode.MEMORY_RANGE
     return ErrorCode.NONE
 
@@ -686,6 +729,8 @@ INSTRUCTION_DOCS = {
     Opcode.NONLINEAR: "exp, SiLU, softplus or rsqrt of every element of contiguous lines",
     Opcode.BARRIER: "wait until every earlier instruction (DMA and compute) has finished",
     Opcode.HALT: "finish everything, then stop with error code NONE",
+    Opcode.GATHER: "DMA memory -> buffer of the table rows named by uint32 ids in memory (embedding lookup); "
+                   "an id outside the table halts with INDEX_RANGE",
 }
 
 

@@ -89,7 +89,7 @@ a_buffer=STATE a_inner_stride=1 b_broadcast=ROW c_buffer=SCRATCH c_broadcast=SCA
 
 @pytest.mark.parametrize("word, code", [
     (0, ErrorCode.ILLEGAL_OPCODE),
-    (0x08, ErrorCode.ILLEGAL_OPCODE),
+    (0x09, ErrorCode.ILLEGAL_OPCODE),
     (0xFF | (1 << 100), ErrorCode.ILLEGAL_OPCODE),
     (int(Opcode.HALT) | (1 << 8), ErrorCode.ILLEGAL_FIELD),                  # reserved bit
     (int(Opcode.BARRIER) | (1 << 255), ErrorCode.ILLEGAL_FIELD),
@@ -116,6 +116,8 @@ def _word(instruction_type, **overrides) -> int:
     (isa.Nonlinear, {"function": 4, "dst_buffer": 1}),               # undefined NonlinearFunction
     (isa.Linear, {"output_buffer": 1, "token_count": 0}),
     (isa.Load, {"row_elements": 0}),
+    (isa.Gather, {"table_rows": 0, "row_elements": 1}),               # an empty table
+    (isa.Gather, {"row_count": 0, "row_elements": 1, "table_rows": 1}),
 ])
 def test_illegal_fields(instruction_type, overrides):
     with pytest.raises(IllegalInstruction) as info:
@@ -123,7 +125,7 @@ def test_illegal_fields(instruction_type, overrides):
     assert info.value.code == ErrorCode.ILLEGAL_FIELD
     # and the same word with the field repaired decodes
     repaired = {**overrides, "op": 1, "function": 0, "dst_buffer": 1, "output_buffer": 1,
-                "inner_count": 1, "token_count": 1, "row_elements": 1}
+                "inner_count": 1, "token_count": 1, "row_elements": 1, "row_count": 1, "table_rows": 1}
     isa.decode(_word(instruction_type, **{k: v for k, v in repaired.items() if k in overrides}))
 
 
@@ -163,6 +165,48 @@ def test_check_instruction():
                                  config) == ErrorCode.MEMORY_RANGE
     assert isa.check_instruction(dataclasses.replace(load, buffer_address=1 << 20),
                                  config) == ErrorCode.BUFFER_RANGE
+
+
+def test_check_gather():
+    """GATHER: LOAD's rules, the index address's alignment, and MEMORY_RANGE over the whole table and the
+    id array (not only the rows the ids name), in the documented priority."""
+    import dataclasses
+    config = DEFAULT                                  # bf16 storage (2 bytes), fp32 compute, 32-bit bus
+    gather = isa.Gather(memory_address=0x1000, row_count=3, row_elements=8, memory_row_stride=16,
+                        buffer=Buffer.STATE, buffer_address=5, buffer_row_stride=8, index_address=0x800,
+                        table_rows=100)
+    assert isa.check_instruction(gather, config) == ErrorCode.NONE
+
+    def verdict(**changes):
+        return isa.check_instruction(dataclasses.replace(gather, **changes), config)
+
+    assert isa.memory_access(gather, config) == (0x1000, 0x1000 + 99 * 16 + 15)
+    assert isa.index_access(gather) == (0x800, 0x800 + 11)
+    assert isa.index_access(isa.Load(row_count=1, row_elements=1)) is None
+    assert verdict(index_address=0x802) == ErrorCode.MISALIGNED
+    assert verdict(memory_row_stride=17) == ErrorCode.MISALIGNED
+    assert verdict(memory_format=isa.MemoryFormat.COMPUTE, memory_row_stride=18) == ErrorCode.MISALIGNED
+    top = 1 << config.axi_addr_width
+    # The last table row reaches past the address space although every id might be small.
+    assert verdict(memory_address=top - 100 * 16) == ErrorCode.NONE
+    assert verdict(memory_address=top - 100 * 16 + 2) == ErrorCode.MEMORY_RANGE
+    assert verdict(table_rows=(top - 0x1000) // 16 + 1) == ErrorCode.MEMORY_RANGE
+    assert verdict(index_address=top - 12) == ErrorCode.NONE
+    assert verdict(index_address=top - 8) == ErrorCode.MEMORY_RANGE
+    assert verdict(index_address=1 << 40) == ErrorCode.MEMORY_RANGE          # the field is wider than the bus
+    last_row = isa.buffer_elements(config, Buffer.STATE) - 8
+    assert verdict(buffer_address=last_row - 16) == ErrorCode.NONE
+    assert verdict(buffer_address=last_row - 15) == ErrorCode.BUFFER_RANGE
+    # Priority: misaligned before buffer range before memory range.
+    assert verdict(buffer_address=last_row, index_address=top - 2) == ErrorCode.MISALIGNED
+    assert verdict(buffer_address=last_row, index_address=top - 4) == ErrorCode.BUFFER_RANGE
+    # The weight buffer may be gathered into (it is a DMA destination), and the count fields are checked.
+    assert verdict(buffer=Buffer.WEIGHT) == ErrorCode.NONE
+    with pytest.raises(IllegalInstruction, match="table_rows"):
+        isa.encode(dataclasses.replace(gather, table_rows=0))
+    assert isa.disassemble([gather]) == (
+        "GATHER memory_address=0x1000 row_count=3 row_elements=8 memory_row_stride=16 buffer=STATE "
+        "buffer_address=5 buffer_row_stride=8 index_address=0x800 table_rows=100\n")
 
 
 def test_buffer_geometry():
