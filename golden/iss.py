@@ -6,6 +6,11 @@ golden unit models: :mod:`marca.golden.fp` (DMA format conversion), :mod:`marca.
 Each instruction is executed whole and vectorized (one PyTorch gather, compute and scatter per operand),
 which is exact because a legal program cannot observe the order of beats inside an instruction.
 
+Two machines implement the same semantics: :class:`Machine`, the fast one (float32 values, cached
+per-instruction plans, CPU or CUDA; what :func:`run_program` uses), and :class:`ReferenceMachine`, the
+slow oracle on bit patterns through the unit golden models, kept to test the fast one against bit for bit
+(docs/iss.md).
+
 Beyond the hardware's own errors (:class:`marca.isa.ErrorCode`, reported like the hardware: the machine
 halts and :class:`RunResult` says where), the simulator raises :class:`ProgramError` for programs whose
 result the architecture leaves undefined, so that a program that runs here means one thing on any legal
@@ -27,20 +32,23 @@ Usage::
 """
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from marca import isa
 from marca.config import MarcaConfig
 from marca.formats import FloatFormat
 from marca.isa import Buffer, ErrorCode, IllegalInstruction, LinearInit, NonlinearFunction
-from marca.ops import ElementwiseOp
+from marca.ops import Broadcast, ElementwiseOp
 
 from . import fp, nonlinear, pe_array
 
-__all__ = ["ProgramError", "RunResult", "Machine", "COUNTER_NAMES", "run_program", "memory_to_tensor",
-           "pack_elements", "unpack_elements", "access_indices", "elementwise_op"]
+__all__ = ["ProgramError", "RunResult", "Machine", "ReferenceMachine", "COUNTER_NAMES", "run_program",
+           "memory_to_tensor", "pack_elements", "unpack_elements", "access_indices", "elementwise_op",
+           "elementwise_values", "linear_values", "nonlinear_values"]
 
 COUNTER_NAMES = (
     "instructions", "load_instructions", "store_instructions", "linear_instructions",
@@ -122,8 +130,10 @@ def access_indices(access: isa.BufferAccess) -> torch.Tensor:
     return index[..., None] + torch.arange(access.extent, dtype=torch.int64)
 
 
-class Machine:
-    """The architectural state (memory image, four buffers, counters) and the instruction semantics.
+class ReferenceMachine:
+    """The architectural state (memory image, four buffers, counters) and the instruction semantics, on
+    bit patterns through the golden unit models: the slow, obviously correct oracle that :class:`Machine`
+    (the fast simulator everything else uses) is tested against bit for bit.
 
     Parameters
     ----------
@@ -457,6 +467,645 @@ class Machine:
         return ErrorCode.NONE
 
 
+# The fast machine ------------------------------------------------------------------------------------------
+#
+# Same semantics as ReferenceMachine (tests/test_iss_fast.py holds the two equal bit for bit on random and
+# Mamba programs); what makes it fast (docs/iss.md):
+# * buffers hold float32 *values* (fp.to_values), so arithmetic is native float32 for FP32 and float64 plus
+#   one integer rounding for the other formats (the fp.value_* paths), never the bit-pattern oracle;
+# * everything about an instruction that does not depend on the machine state (decoding, the config
+#   checks, operand shapes and strides, in-instruction overlaps, which duplicate writes win) is computed
+#   once per instruction and cached per configuration and device;
+# * every operand is an affine view of its buffer (``as_strided``), never an index tensor;
+# * the barrier and undefined-read checks are numpy views of per-element stamps and written flags: a
+#   barrier bumps an epoch instead of clearing masks.
+
+_PLAN_CACHE: dict = {}
+_PLAN_CACHE_LIMIT = 20_000
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _decode_word(word: int):
+    """The decoded instruction, or the IllegalInstruction the decoder raises (cached per word)."""
+    try:
+        return isa.decode(word)
+    except IllegalInstruction as error:
+        return error
+
+
+@functools.lru_cache(maxsize=64)
+def _bit_reversal(width: int) -> tuple[int, ...]:
+    """Column order that turns each level of the pairwise tree into "first half + second half": with
+    columns stored at bit-reversed positions, the pair (2i, 2i+1) sits at (q, q + width/2)."""
+    bits = width.bit_length() - 1
+    return tuple(int(f"{c:0{bits}b}"[::-1], 2) if bits else 0 for c in range(width))
+
+
+class _Access:
+    """One affine operand: ``shape``/``strides`` in elements from element ``offset`` of a buffer."""
+
+    __slots__ = ("buffer", "shape", "strides", "offset", "source", "dense", "numel")
+
+    def __init__(self, buffer: Buffer, shape, strides, offset: int, source: isa.BufferAccess):
+        self.buffer, self.shape, self.strides, self.offset = Buffer(buffer), tuple(shape), tuple(strides), offset
+        self.source = source
+        self.numel = 1
+        for size in self.shape:
+            self.numel *= size
+        self.dense = _is_dense(self.shape, self.strides)
+
+    @classmethod
+    def of(cls, access: isa.BufferAccess) -> "_Access":
+        shape = [count for count, _ in access.loops] + [access.extent]
+        strides = [stride for _, stride in access.loops] + [1]
+        return cls(access.buffer, shape, strides, access.address, access)
+
+    def tensor(self, values: torch.Tensor) -> torch.Tensor:
+        return values.as_strided(self.shape, self.strides, self.offset)
+
+    def array(self, array: np.ndarray) -> np.ndarray:
+        item = array.itemsize
+        return np.lib.stride_tricks.as_strided(array[self.offset:], self.shape,
+                                               tuple(s * item for s in self.strides))
+
+    def indices(self) -> np.ndarray:
+        """Element addresses in access order (for messages and the static overlap checks)."""
+        return access_indices(self.source).flatten().numpy()
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.offset, self.source.last
+
+
+def _is_dense(shape, strides) -> bool:
+    """Whether the view covers a contiguous range with no element twice (row-major, innermost stride 1)."""
+    expected = 1
+    for size, stride in reversed(list(zip(shape, strides))):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _overlaps(read: _Access, written: np.ndarray) -> np.ndarray:
+    """Per element of ``read`` (access order): whether the element is in the set ``written``."""
+    return np.isin(read.indices(), written)
+
+
+def _last_wins(index: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """For writes to ``index`` in order: (targets, positions) of the surviving writes, or None when no
+    element is written twice."""
+    reversed_index = index[::-1]
+    unique, first_from_end = np.unique(reversed_index, return_index=True)
+    if len(unique) == len(index):
+        return None
+    return unique, len(index) - 1 - first_from_end
+
+
+class _Plan:
+    """What an instruction does, independent of the machine state."""
+
+    __slots__ = ("instruction", "code", "handler", "access", "error", "extra")
+
+    def __init__(self, instruction, code, handler):
+        self.instruction, self.code, self.handler = instruction, code, handler
+        self.access: dict[str, _Access] = {}
+        self.error: ProgramError | None = None     # undefined behaviour visible without the state
+        self.extra: dict = {}
+
+
+class Machine:
+    """The golden ISS, fast: the semantics of :class:`ReferenceMachine`, vectorized on float32 values,
+    on CPU or a CUDA device.
+
+    Parameters
+    ----------
+    config : MarcaConfig
+    memory : bytes, bytearray or 1-D uint8 tensor
+        The memory image (copied); byte ``k`` is AXI address ``k``; accesses beyond it are BUS_ERROR.
+    buffer_fill : int or None
+        Bit pattern every buffer element holds at start (default: the compute format's canonical NaN).
+    check_hazards, check_undefined : bool
+        Raise :class:`ProgramError` for missing barriers / reads of never-written buffer elements.
+    device : str or torch.device
+        Where the memory image, the buffers and the arithmetic live ("cpu", "cuda", ...).
+    """
+
+    def __init__(self, config: MarcaConfig, memory, *, buffer_fill: int | None = None,
+                 check_hazards: bool = True, check_undefined: bool = True, device="cpu"):
+        if not isinstance(config, MarcaConfig):
+            raise ValueError(f"config must be a MarcaConfig, not {config!r}")
+        isa.check_config(config)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must name a torch device, not {device!r}") from None
+        fmt = config.compute_format
+        if fmt.exp_bits == 8 and fmt.man_bits == 23 and not fp.subnormals_are_kept(self.device):
+            raise RuntimeError("float32 arithmetic flushes subnormals in this process (FTZ/DAZ set, e.g. by "
+                               "torch.set_flush_denormal(True)); the FP32 fast path needs IEEE gradual underflow")
+        self.config = config
+        image = memory_to_tensor(memory)
+        if len(image) > 1 << config.axi_addr_width:
+            raise ValueError(f"memory of {len(image)} bytes exceeds the {config.axi_addr_width}-bit "
+                             f"address space")
+        self.memory_size = len(image)
+        padded = torch.zeros(-(-max(len(image), 1) // 8) * 8, dtype=torch.uint8)
+        padded[:len(image)] = image
+        self.memory = padded.to(self.device)
+        fill = config.compute_format.canonical_nan if buffer_fill is None else buffer_fill
+        fill_value = float(fp.to_values(torch.tensor([fill]), fmt)[0])
+        self.values = {b: torch.full((isa.buffer_elements(config, b),), fill_value, dtype=torch.float32,
+                                     device=self.device) for b in Buffer}
+        self.written = {b: np.zeros(isa.buffer_elements(config, b), dtype=bool) for b in Buffer}
+        self.check_hazards = check_hazards
+        self.check_undefined = check_undefined
+        self.counters = dict.fromkeys(COUNTER_NAMES, 0)
+        # Barrier bookkeeping: stamps[(stream, kind)][buffer][e] is the epoch in which the stream last
+        # touched element e that way; a barrier starts a new epoch. Arrays are made on first touch.
+        self._epoch = 0
+        self._stamps = {(stream, kind): {} for stream in ("dma", "compute") for kind in ("read", "write")}
+        key = (config, str(self.device))
+        self._plans = _PLAN_CACHE.setdefault(key, {})
+        self._fetched: dict[int, object] = {}
+        self._fetched_span = [None, None]
+        self.pc = None
+
+    # State in the reference representation ---------------------------------------------------------------
+
+    def memory_bytes(self) -> bytes:
+        return bytes(self.memory[:self.memory_size].cpu().numpy().tobytes())
+
+    def buffer_bits(self, buffer: Buffer) -> torch.Tensor:
+        """A buffer's contents as compute-format bit patterns (int64, on the CPU)."""
+        return fp.from_values(self.values[Buffer(buffer)].cpu(), self.config.compute_format)
+
+    def read_elements(self, address: int, count: int, *, storage: bool = True) -> torch.Tensor:
+        """``count`` contiguous elements at byte ``address`` (storage format by default) as bit patterns."""
+        size = self.config.storage_bytes if storage else self.config.compute_bytes
+        width = (self.config.storage_format if storage else self.config.compute_format).width
+        return unpack_elements(self.memory_bytes()[address:address + count * size], size, width)
+
+    def _memory_elements(self, size: int) -> torch.Tensor:
+        return self.memory.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[size])
+
+    # Checks ---------------------------------------------------------------------------------------------------
+
+    def _check_streams(self, stream: str, reads, writes, pc) -> None:
+        """As ReferenceMachine._check_streams, on accesses: conflicts with the other stream since the last
+        barrier raise ProgramError; then the accesses are recorded."""
+        other = "compute" if stream == "dma" else "dma"
+        epoch = self._epoch
+        if self.check_hazards:
+            for kind, accesses in (("read", reads), ("write", writes)):
+                against = ("write",) if kind == "read" else ("read", "write")
+                for access in accesses:
+                    for other_kind in against:
+                        stamps = self._stamps[(other, other_kind)].get(access.buffer)
+                        if stamps is not None and bool((access.array(stamps) == epoch).any()):
+                            index = access.indices()
+                            first = int(index[stamps[index] == epoch].min())
+                            raise ProgramError(
+                                "barrier", f"{stream} {kind} of {access.buffer.name} elements that an earlier "
+                                f"{other} instruction {other_kind}s (first {first}) with no BARRIER between "
+                                "them", pc)
+        for kind, accesses in (("read", reads), ("write", writes)):
+            table = self._stamps[(stream, kind)]
+            for access in accesses:
+                stamps = table.get(access.buffer)
+                if stamps is None:
+                    stamps = table[access.buffer] = np.full(len(self.written[access.buffer]), -1, np.int32)
+                access.array(stamps)[...] = epoch
+
+    def _check_defined(self, access: _Access, name: str, pc) -> None:
+        if self.check_undefined:
+            written = self.written[access.buffer]
+            if not bool(access.array(written).all()):
+                index = access.indices()
+                first = int(index[~written[index]][0])
+                raise ProgramError("undefined", f"{name} reads {access.buffer.name} element {first}, which "
+                                   "nothing has written", pc)
+
+    def _write(self, access: _Access, values: torch.Tensor, survivors) -> None:
+        """``values`` (access shape) into the buffer; where the access names an element twice the last
+        write wins (``survivors``: precomputed targets and positions)."""
+        target = self.values[access.buffer]
+        if survivors is None:
+            access.tensor(target).copy_(values.reshape(access.shape))
+        else:
+            elements, positions = survivors
+            target[elements.to(target.device)] = values.reshape(-1)[positions.to(target.device)]
+        access.array(self.written[access.buffer])[...] = True
+
+    # Execution --------------------------------------------------------------------------------------------------
+
+    def run(self, program_address: int = 0, *, max_instructions: int = 1_000_000) -> RunResult:
+        """Fetch, check and execute from ``program_address`` until HALT or an error."""
+        self.pc = program_address
+        if program_address % isa.INSTRUCTION_BYTES:
+            return RunResult(ErrorCode.MISALIGNED, program_address, program_address, dict(self.counters),
+                             "program address is not a multiple of the instruction size")
+        for _ in range(max_instructions):
+            pc = self.pc
+            if pc + isa.INSTRUCTION_BYTES > self.memory_size:
+                return RunResult(ErrorCode.BUS_ERROR, pc, pc, dict(self.counters), "fetch beyond memory")
+            instruction = self._fetched.get(pc)
+            if instruction is None:
+                word = int.from_bytes(self.memory[pc:pc + isa.INSTRUCTION_BYTES].cpu().numpy().tobytes(),
+                                      "little")
+                instruction = self._fetched[pc] = _decode_word(word)
+                low, high = self._fetched_span
+                self._fetched_span = [pc if low is None else min(low, pc),
+                                      pc + isa.INSTRUCTION_BYTES if high is None
+                                      else max(high, pc + isa.INSTRUCTION_BYTES)]
+            self.counters["fetch_bytes"] += isa.INSTRUCTION_BYTES
+            if isinstance(instruction, IllegalInstruction):
+                return RunResult(instruction.code, pc, pc, dict(self.counters), str(instruction))
+            code = self.execute(instruction, pc=pc)
+            if code != ErrorCode.NONE:
+                return RunResult(code, pc, pc, dict(self.counters), f"{instruction.OPCODE.name}: {code.name}")
+            self.pc = pc + isa.INSTRUCTION_BYTES
+            if isinstance(instruction, isa.Halt):
+                return RunResult(ErrorCode.NONE, None, self.pc, dict(self.counters))
+        raise ProgramError("runaway", f"no HALT within {max_instructions} instructions", self.pc)
+
+    def execute(self, instruction: isa.Instruction, *, pc: int | None = None) -> ErrorCode:
+        """Check and execute one decoded instruction. Returns its error code (the state is unchanged
+        unless NONE); raises ProgramError (state unchanged) for undefined behaviour."""
+        plan = self._plans.get(instruction)
+        if plan is None:
+            if len(self._plans) >= _PLAN_CACHE_LIMIT:
+                self._plans.clear()
+            plan = self._plans[instruction] = _make_plan(instruction, self.config)
+        if plan.handler is None:
+            return self._reference_step(instruction, pc)
+        if plan.code != ErrorCode.NONE:
+            return plan.code
+        code = plan.handler(self, plan, pc)
+        if code != ErrorCode.NONE:
+            return code
+        self.counters["instructions"] += 1
+        counter = _CLASS_COUNTER.get(instruction.OPCODE)
+        if counter:
+            self.counters[counter] += 1
+        return ErrorCode.NONE
+
+    def _reference_step(self, instruction, pc) -> ErrorCode:
+        """An instruction class without a fast handler runs on a ReferenceMachine holding this state."""
+        reference = ReferenceMachine(self.config, bytes(1), check_hazards=self.check_hazards,
+                                     check_undefined=self.check_undefined)
+        reference.memory = self.memory[:self.memory_size].cpu().clone()
+        reference.buffers = {b: self.buffer_bits(b) for b in Buffer}
+        reference.written = {b: torch.from_numpy(self.written[b].copy()) for b in Buffer}
+        reference.counters = dict(self.counters)
+        for key, table in self._stamps.items():
+            reference._pending[key] = {b: torch.from_numpy(stamps == self._epoch) for b, stamps in table.items()}
+        code = reference.execute(instruction, pc=pc)
+        if code == ErrorCode.NONE:
+            self.memory[:self.memory_size] = reference.memory.to(self.device)
+            self._fetched.clear()
+            fmt = self.config.compute_format
+            for b in Buffer:
+                self.values[b] = fp.to_values(reference.buffers[b], fmt).to(self.device)
+                self.written[b] = reference.written[b].numpy().copy()
+            self.counters = reference.counters
+            for key, table in reference._pending.items():
+                for b, mask in table.items():
+                    stamps = self._stamps[key].setdefault(b, np.full(len(self.written[b]), -1, np.int32))
+                    stamps[mask.numpy()] = self._epoch
+        return code
+
+    # Handlers: one per instruction class, each given the instruction's plan ----------------------------------
+
+    def _barrier(self, plan, pc) -> ErrorCode:
+        self._epoch += 1
+        return ErrorCode.NONE
+
+    def _load(self, plan: _Plan, pc) -> ErrorCode:
+        i, extra = plan.instruction, plan.extra
+        if extra["memory_last"] >= self.memory_size:
+            return ErrorCode.BUS_ERROR
+        access = plan.access["buffer"]
+        self._check_streams("dma", [], [access], pc)
+        bits = extra["memory"].tensor(self._memory_elements(extra["size"]))
+        values = fp.value_convert(fp.to_values(bits, extra["format"]), self.config.compute_format)
+        self._write(access, values, extra["survivors"])
+        self.counters["dma_bytes_read"] += i.row_count * i.row_elements * extra["size"]
+        return ErrorCode.NONE
+
+    def _store(self, plan: _Plan, pc) -> ErrorCode:
+        i, extra = plan.instruction, plan.extra
+        if extra["memory_last"] >= self.memory_size:
+            return ErrorCode.BUS_ERROR
+        access = plan.access["buffer"]
+        self._check_defined(access, "STORE", pc)
+        self._check_streams("dma", [access], [], pc)
+        size, fmt = extra["size"], extra["format"]
+        bits = fp.from_values(fp.value_convert(access.tensor(self.values[access.buffer]), fmt), fmt)
+        bits = bits - ((bits >> (8 * size - 1)) << (8 * size))          # the signed element dtype's range
+        elements = self._memory_elements(size)
+        bits = bits.to(elements.dtype)
+        survivors = extra["survivors"]
+        if survivors is None:
+            extra["memory"].tensor(elements).copy_(bits)
+        else:
+            targets, positions = survivors
+            elements[targets.to(self.device)] = bits.reshape(-1)[positions.to(self.device)]
+        first, last = extra["memory_first"], extra["memory_last"]
+        low, high = self._fetched_span
+        if low is not None and first < high and last >= low:         # the program overwrote fetched code
+            self._fetched = {pc_: word for pc_, word in self._fetched.items()
+                             if pc_ + isa.INSTRUCTION_BYTES <= first or pc_ > last}
+        self.counters["dma_bytes_written"] += i.row_count * i.row_elements * size
+        return ErrorCode.NONE
+
+    def _linear(self, plan: _Plan, pc) -> ErrorCode:
+        i, access = plan.instruction, plan.access
+        reads = [access[name] for name in ("matrix", "vector", "bias") if name in access]
+        for name, read in zip(("matrix", "vector", "bias"), reads):
+            self._check_defined(read, name, pc)
+        if plan.error is not None:
+            raise plan.error
+        self._check_streams("compute", reads, [access["output"]], pc)
+        R, C = self.config.array_rows, self.config.array_cols
+        K, J, T = i.chunk_count, i.row_tile_count, i.token_count
+        matrix = access["matrix"].tensor(self.values[i.matrix_buffer]).reshape(J, K, R, C)
+        vector = access["vector"].tensor(self.values[i.vector_buffer])                  # [T, K, C]
+        bias = access["bias"].tensor(self.values[i.bias_buffer]) if "bias" in access else None
+        out = linear_values(matrix, vector, bias, self.config.compute_format)
+        self._write(access["output"], out, None)
+        self.counters["linear_beats"] += T * J * K
+        return ErrorCode.NONE
+
+    def _elementwise(self, plan: _Plan, pc) -> ErrorCode:
+        i, access = plan.instruction, plan.access
+        names = isa.operands_used(i.op)
+        for name in names:
+            self._check_defined(access[name], name, pc)
+        if plan.error is not None:
+            raise plan.error
+        self._check_streams("compute", [access[name] for name in names], [access["dst"]], pc)
+        operands = {name: plan.extra["lanes"][name].tensor(self.values[access[name].buffer]) for name in names}
+        result = elementwise_values(i.op, operands, self.config.compute_format)
+        self._write(access["dst"], result, plan.extra["survivors"])
+        self.counters["elementwise_beats"] += i.outer_count * i.inner_count
+        return ErrorCode.NONE
+
+    def _nonlinear(self, plan: _Plan, pc) -> ErrorCode:
+        i, access = plan.instruction, plan.access
+        if plan.error is not None:
+            raise plan.error
+        self._check_defined(access["src"], "src", pc)
+        self._check_streams("compute", [access["src"]], [access["dst"]], pc)
+        source = access["src"].tensor(self.values[i.src_buffer]).reshape(-1)
+        result = nonlinear_values(i.function, source, self.config)
+        self._write(access["dst"], result, None)
+        self.counters["nonlinear_lines"] += i.line_count
+        self.counters["nonlinear_beats"] += i.line_count * plan.extra["passes"]
+        return ErrorCode.NONE
+
+
+def _make_plan(instruction: isa.Instruction, config: MarcaConfig) -> _Plan:
+    """Everything about ``instruction`` that does not depend on the machine state."""
+    maker = _PLAN_MAKERS.get(type(instruction))
+    if maker is None:
+        return _Plan(instruction, ErrorCode.NONE, None)
+    code = isa.check_instruction(instruction, config)
+    handler = getattr(Machine, maker[1])
+    plan = _Plan(instruction, code, handler)
+    if code == ErrorCode.NONE:
+        for access in isa.buffer_accesses(instruction, config):
+            plan.access[access.name] = _Access.of(access)
+        maker[0](plan, config)
+    return plan
+
+
+def _plan_nothing(plan: _Plan, config: MarcaConfig) -> None:
+    pass
+
+
+def _plan_dma(plan: _Plan, config: MarcaConfig) -> None:
+    i = plan.instruction
+    if i.memory_format == isa.MemoryFormat.COMPUTE:
+        size, fmt = config.compute_bytes, config.compute_format
+    else:
+        size, fmt = config.storage_bytes, config.storage_format
+    first, last = isa.memory_access(i, config)
+    memory = _Access(Buffer.WEIGHT, (i.row_count, i.row_elements), (i.memory_row_stride // size, 1),
+                     i.memory_address // size, None)
+    plan.extra.update(size=size, format=fmt, memory_first=first, memory_last=last, memory=memory)
+    access = plan.access["buffer"]
+    if isinstance(i, isa.Load):      # rows may overlap in the buffer: later rows win
+        plan.extra["survivors"] = None if access.dense else _tensor_survivors(_last_wins(access.indices()))
+    else:                            # rows may overlap in memory: later rows win
+        index = (memory.offset + np.arange(i.row_count)[:, None] * memory.strides[0]
+                 + np.arange(i.row_elements)[None, :]).reshape(-1)
+        plan.extra["survivors"] = None if memory.dense or i.row_count == 1 \
+            else _tensor_survivors(_last_wins(index))
+
+
+def _tensor_survivors(survivors):
+    if survivors is None:
+        return None
+    elements, positions = survivors
+    return torch.from_numpy(elements.astype(np.int64)), torch.from_numpy(positions.astype(np.int64))
+
+
+def _plan_linear(plan: _Plan, config: MarcaConfig) -> None:
+    i, access = plan.instruction, plan.access
+    output = access["output"]
+    out_index = output.indices()
+    if len(np.unique(out_index)) != len(out_index):
+        plan.error = ProgramError("overlap", "LINEAR writes an output element twice")
+        return
+    for name in ("matrix", "vector", "bias"):
+        read = access.get(name)
+        if read is None or read.buffer != output.buffer:
+            continue
+        if read.dense:
+            low, high = read.span
+            hit = bool(((out_index >= low) & (out_index <= high)).any()) if name != "bias" else None
+        else:
+            hit = None
+        if hit is None:
+            hits = _overlaps(read, out_index)
+            if name == "bias":
+                hits &= read.indices() != out_index
+            hit = bool(hits.any())
+        if hit:
+            plan.error = ProgramError("overlap", f"LINEAR output overlaps its {name} operand")
+            return
+
+
+def _plan_elementwise(plan: _Plan, config: MarcaConfig) -> None:
+    i, access = plan.instruction, plan.access
+    R, C = config.array_rows, config.array_cols
+    O, I = i.outer_count, i.inner_count
+    lane_strides = {Broadcast.LANE: (C, 1), Broadcast.ROW: (1, 0), Broadcast.COLUMN: (0, 1),
+                    Broadcast.SCALAR: (0, 0)}
+    lanes = {}
+    for name in isa.operands_used(i.op):
+        read = access[name]
+        broadcast = getattr(i, f"{name}_broadcast")
+        lanes[name] = _Access(read.buffer, (O, I, R, C), read.strides[:2] + lane_strides[broadcast],
+                              read.offset, read.source)
+    plan.extra["lanes"] = lanes
+    dst = access["dst"]
+    dst_index = dst.indices()
+    # A beat may not read what an earlier beat of the same instruction wrote.
+    unique, first = np.unique(dst_index, return_index=True)
+    first_beat = first // config.lanes
+    beat_of = np.arange(O * I)
+    for name, read in ((n, lanes[n]) for n in isa.operands_used(i.op)):
+        if read.buffer != dst.buffer:
+            continue
+        index = _Access.of(read.source).indices().reshape(O * I, -1)
+        where = np.searchsorted(unique, index).clip(0, len(unique) - 1)
+        written_earlier = (unique[where] == index) & (first_beat[where] < beat_of[:, None])
+        if bool(written_earlier.any()):
+            plan.error = ProgramError("overlap", f"operand {name} reads {read.buffer.name} elements that an "
+                                      "earlier beat of the same instruction wrote")
+            break
+    plan.extra["survivors"] = None if dst.dense else _tensor_survivors(_last_wins(dst_index))
+
+
+def _plan_nonlinear(plan: _Plan, config: MarcaConfig) -> None:
+    i = plan.instruction
+    lines = i.line_count * config.lanes
+    if i.src_buffer == i.dst_buffer and i.src_address != i.dst_address \
+            and i.src_address < i.dst_address + lines and i.dst_address < i.src_address + lines:
+        plan.error = ProgramError("overlap", "NONLINEAR source and destination overlap without being equal")
+    plan.extra["passes"] = len(_NONLINEAR_PROGRAM[i.function](config).passes)
+
+
+_PLAN_MAKERS = {
+    isa.Load: (_plan_dma, "_load"), isa.Store: (_plan_dma, "_store"), isa.Linear: (_plan_linear, "_linear"),
+    isa.Elementwise: (_plan_elementwise, "_elementwise"), isa.Nonlinear: (_plan_nonlinear, "_nonlinear"),
+    isa.Barrier: (_plan_nothing, "_barrier"), isa.Halt: (_plan_nothing, "_barrier"),
+}
+"""Instruction class -> (plan maker, handler name). A class missing here runs on the reference machine."""
+
+
+# Arithmetic on values ----------------------------------------------------------------------------------------
+
+_SAFE_MAGNITUDE = 2.0 ** -50
+_LINEAR_BLOCK = 1 << 20
+
+
+def _no_tiny(values: torch.Tensor) -> bool:
+    """No nonzero magnitude below 2^-50. Then every product of two such FP32 values is 0 or at least
+    2^-100, so every product, tree sum and accumulator value is a multiple of 2^-123 (sums of multiples
+    stay multiples, and rounding keeps them), never a subnormal: IEEE float32 needs no flush anywhere."""
+    return not bool(((values.abs() < _SAFE_MAGNITUDE) & (values != 0)).any())
+
+
+def linear_values(matrix: torch.Tensor, vector: torch.Tensor, bias, fmt: FloatFormat) -> torch.Tensor:
+    """``out[t, j, r]``: for chunks k in order, ``acc = add(acc, tree_c(mul(matrix[j, k, r, c],
+    vector[t, k, c])))`` from ``bias[t, j, r]`` (or +0), on values (``matrix [J, K, R, C]``,
+    ``vector [T, K, C]``).
+
+    Columns are taken in bit-reversed order so each tree level adds two contiguous halves; on the CPU, FP32
+    operands with no tiny magnitudes (:func:`_no_tiny`) skip the flush checks, which then cannot fire."""
+    J, K, R, C = matrix.shape
+    T = vector.shape[0]
+    order = torch.tensor(_bit_reversal(C), device=matrix.device)
+    matrix, vector = matrix[..., order], vector[..., order]
+    native = fmt.exp_bits == 8 and fmt.man_bits == 23
+    plain = native and matrix.device.type == "cpu" and _no_tiny(matrix) and _no_tiny(vector) \
+        and (bias is None or _no_tiny(bias))
+    if plain:
+        mul, add = torch.mul, torch.add
+    else:
+        def mul(a, b):
+            return fp.value_mul(a, b, fmt)
+
+        def add(a, b):
+            return fp.value_add(a, b, fmt)
+    out = torch.empty((T, J, R), dtype=torch.float32, device=matrix.device)
+    tile = K * R * C
+    j_block = max(1, min(J, _LINEAR_BLOCK // tile))
+    t_block = max(1, _LINEAR_BLOCK // (tile * j_block))
+    for j0 in range(0, J, j_block):
+        tiles = matrix[j0:j0 + j_block]
+        for t0 in range(0, T, t_block):
+            x = mul(tiles[None], vector[t0:t0 + t_block, None, :, None, :])     # [t, j, K, R, C]
+            while x.shape[-1] > 1:
+                half = x.shape[-1] // 2
+                x = add(x[..., :half], x[..., half:])
+            sums = x[..., 0]                                                    # [t, j, K, R]
+            acc = bias[t0:t0 + t_block, j0:j0 + j_block] if bias is not None \
+                else torch.zeros(sums.shape[:2] + (R,), dtype=torch.float32, device=matrix.device)
+            for k in range(K):
+                acc = add(acc, sums[:, :, k])
+            out[t0:t0 + t_block, j0:j0 + j_block] = acc
+    return out
+
+
+def elementwise_values(op: ElementwiseOp, operands: dict, fmt: FloatFormat) -> torch.Tensor:
+    """:func:`elementwise_op` on values."""
+    a, b, c = operands.get("a"), operands.get("b"), operands.get("c")
+    if op == ElementwiseOp.PASS:
+        return a.clone()
+    if op == ElementwiseOp.MUL:
+        return fp.value_mul(a, b, fmt)
+    if op == ElementwiseOp.ADD:
+        return fp.value_add(a, b, fmt)
+    if op == ElementwiseOp.SUB:
+        return fp.value_sub(a, b, fmt)
+    if op == ElementwiseOp.MULADD:
+        return fp.value_mul_add(a, b, c, fmt)
+    if op == ElementwiseOp.MIN:
+        return fp.value_minimum(a, b, fmt)
+    if op == ElementwiseOp.MAX:
+        return fp.value_maximum(a, b, fmt)
+    if op == ElementwiseOp.CMP_SELECT:
+        a, b, c = torch.broadcast_tensors(a, b, c)
+        return torch.where(a < b, c, a)
+    raise ValueError(f"op {op!r} is not an element-wise instruction op")
+
+
+@functools.lru_cache(maxsize=32)
+def _nonlinear_setup(function: NonlinearFunction, config: MarcaConfig):
+    program = _NONLINEAR_PROGRAM[function](config)
+    return program, nonlinear.constants_for(config)
+
+
+def nonlinear_values(function: NonlinearFunction, x: torch.Tensor, config: MarcaConfig) -> torch.Tensor:
+    """The NONLINEAR golden function on values: the function's pass program (marca.golden.nonlinear) run
+    pass by pass with the fast arithmetic; its FUNCTION passes (bit logic of the lane extension) run on
+    bit patterns through :func:`marca.golden.nonlinear.lane_function` itself."""
+    program, constants = _nonlinear_setup(function, config)
+    fmt = config.compute_format
+    results = []
+
+    def fetch(operand):
+        """(values, bits or None): bit patterns only where a FUNCTION pass needs them."""
+        if operand is None:
+            return torch.zeros_like(x)
+        if operand.kind == "input":
+            return x
+        if operand.kind == "result":
+            return results[operand.index]
+        return torch.full_like(x, float(fp.to_values(torch.tensor([operand.bits]), fmt)[0]))
+
+    for step in program.passes:
+        a, b, c = fetch(step.a), fetch(step.b), fetch(step.c)
+        if step.op == ElementwiseOp.FUNCTION:
+            def bits(operand, values):
+                if operand is not None and operand.kind == "constant":
+                    return torch.full(values.shape, operand.bits, dtype=torch.int64)
+                return fp.from_values(values.cpu(), fmt)
+            out = nonlinear.lane_function(step.function, bits(step.a, a), bits(step.b, b), bits(step.c, c),
+                                          constants)
+            out = fp.to_values(out, fmt).to(x.device)
+        else:
+            out = elementwise_values(step.op, {"a": a, "b": b, "c": c}, fmt)
+        results.append(out)
+    return results[-1]
+
+
 def elementwise_op(op: ElementwiseOp, operands: dict, fmt: FloatFormat) -> torch.Tensor:
     """``op`` on the operands it uses (``operands['a']`` ...), computing only that op.
 
@@ -496,10 +1145,11 @@ def _write_last_wins(target: torch.Tensor, index: torch.Tensor, values: torch.Te
     target[unique] = values[last]
 
 
-def run_program(config: MarcaConfig, memory, program_address: int = 0,
-                **options) -> tuple[RunResult, Machine]:
+def run_program(config: MarcaConfig, memory, program_address: int = 0, *, reference: bool = False,
+                **options) -> tuple[RunResult, "Machine | ReferenceMachine"]:
     """Run the program at ``program_address`` in ``memory``; returns the result and the machine (whose
-    ``memory_bytes()`` is the final image)."""
+    ``memory_bytes()`` is the final image). ``reference=True`` runs the slow oracle
+    (:class:`ReferenceMachine`, which takes no ``device``) instead of the fast :class:`Machine`."""
     max_instructions = options.pop("max_instructions", 1_000_000)
-    machine = Machine(config, memory, **options)
+    machine = (ReferenceMachine if reference else Machine)(config, memory, **options)
     return machine.run(program_address, max_instructions=max_instructions), machine

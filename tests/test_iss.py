@@ -58,7 +58,7 @@ def load_lines(address, buffer, elements, config, row_elements=None, **fields):
 
 # LINEAR ---------------------------------------------------------------------------------------------------
 
-def gemv_program(config, weight_bits, x_bits, bias_bits=None):
+def gemv_program(config, weight_bits, x_bits, bias_bits=None, **options):
     """GEMM of tokens ``x [T, in]`` by ``weight [out, in]`` (dims multiples of C and R)."""
     R, C = config.array_rows, config.array_cols
     out_dim, in_dim = weight_bits.shape
@@ -83,7 +83,7 @@ def gemv_program(config, weight_bits, x_bits, bias_bits=None):
                 isa.Store(memory_address=0xC000, row_count=T, row_elements=out_dim,
                           memory_row_stride=out_dim * config.compute_bytes, buffer=Buffer.SCRATCH,
                           buffer_row_stride=out_dim, memory_format=isa.MemoryFormat.COMPUTE)]
-    result, machine = image.run(program)
+    result, machine = image.run(program, **options)
     assert result.error == ErrorCode.NONE, result
     return image.get(machine, 0xC000, T * out_dim, compute=True).reshape(T, out_dim), result
 
@@ -110,8 +110,11 @@ def test_linear_matches_golden_composition_and_float(config):
     assert torch.allclose(fp.decode(out, fmt), reference, rtol=tolerance, atol=tolerance * in_dim ** 0.5)
 
 
-def test_broken_linear_order_is_caught(monkeypatch):
-    """A simulator that sums a row left to right instead of the balanced tree fails the bit-exact check."""
+@pytest.mark.parametrize("machine", ["reference", "fast"])
+def test_broken_linear_order_is_caught(monkeypatch, machine):
+    """A simulator that sums a row left to right instead of the balanced tree (the reference machine), or
+    pairs the wrong columns (the fast machine's bit-reversed column order replaced by the natural order),
+    fails the bit-exact check."""
     config = FP32_STORAGE
     C = config.array_cols
     generator = torch.Generator().manual_seed(4)
@@ -127,10 +130,14 @@ def test_broken_linear_order_is_caught(monkeypatch):
             total = fp.add(total, bits[..., k], fmt)
         return total
 
-    out, _ = gemv_program(config, w_bits, x_bits)
+    reference = machine == "reference"
+    out, _ = gemv_program(config, w_bits, x_bits, reference=reference)
     assert torch.equal(out[0], expected)
-    monkeypatch.setattr(iss.fp, "tree_sum", sequential_sum)
-    broken, _ = gemv_program(config, w_bits, x_bits)
+    if reference:
+        monkeypatch.setattr(iss.fp, "tree_sum", sequential_sum)
+    else:
+        monkeypatch.setattr(iss, "_bit_reversal", lambda width: tuple(range(width)))
+    broken, _ = gemv_program(config, w_bits, x_bits, reference=reference)
     assert not torch.equal(broken[0], expected)
 
 
