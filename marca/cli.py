@@ -8,6 +8,7 @@
 
 import argparse
 import importlib
+import inspect
 import pkgutil
 import subprocess
 import sys
@@ -105,7 +106,13 @@ def _bench(args) -> int:
     for area in areas:
         print(f"\n[marca] benchmark {area}", flush=True)
         started = time.monotonic()
-        importlib.import_module(f"marca.bench.{area}").run(out)
+        run = importlib.import_module(f"marca.bench.{area}").run
+        # --device goes to the benchmarks that take one (accuracy); the others run where they always do.
+        takes_device = "device" in inspect.signature(run).parameters
+        if takes_device and args.device:
+            run(out, device=args.device)
+        else:
+            run(out)
         print(f"[marca] benchmark {area} done in {time.monotonic() - started:.0f} s -> {out / (area + '.json')}")
     return 0
 
@@ -132,6 +139,7 @@ def main(argv=None) -> int:
     bench = commands.add_parser("bench", help="run benchmarks (all by default)")
     bench.add_argument("areas", nargs="*", help="benchmark names (modules of marca.bench)")
     bench.add_argument("--out", default="build/bench")
+    bench.add_argument("--device", default=None, help="torch device for benchmarks that take one (cpu, cuda)")
     bench.set_defaults(handler=_bench)
     presets = commands.add_parser("presets", help="list configuration presets")
     presets.set_defaults(handler=_presets)
