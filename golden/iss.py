@@ -524,9 +524,12 @@ class _Access:
         return values.as_strided(self.shape, self.strides, self.offset)
 
     def array(self, array: np.ndarray) -> np.ndarray:
+        """The same view of a numpy array (flags, stamps): a slice when dense, else a strided view."""
+        if self.dense:
+            return array[self.offset:self.offset + self.numel]
         item = array.itemsize
-        return np.lib.stride_tricks.as_strided(array[self.offset:], self.shape,
-                                               tuple(s * item for s in self.strides))
+        return np.ndarray(self.shape, array.dtype, array, self.offset * item,
+                          tuple(s * item for s in self.strides))
 
     def indices(self) -> np.ndarray:
         """Element addresses in access order (for messages and the static overlap checks)."""
@@ -572,7 +575,7 @@ class _Plan:
     def __init__(self, instruction, code, handler):
         self.instruction, self.code, self.handler = instruction, code, handler
         self.access: dict[str, _Access] = {}
-        self.error: ProgramError | None = None     # undefined behaviour visible without the state
+        self.error: tuple[str, str] | None = None  # (kind, message): undefined behaviour seen statically
         self.extra: dict = {}
 
 
@@ -827,7 +830,7 @@ class Machine:
         for name, read in zip(("matrix", "vector", "bias"), reads):
             self._check_defined(read, name, pc)
         if plan.error is not None:
-            raise plan.error
+            raise ProgramError(*plan.error, pc)
         self._check_streams("compute", reads, [access["output"]], pc)
         R, C = self.config.array_rows, self.config.array_cols
         K, J, T = i.chunk_count, i.row_tile_count, i.token_count
@@ -845,7 +848,7 @@ class Machine:
         for name in names:
             self._check_defined(access[name], name, pc)
         if plan.error is not None:
-            raise plan.error
+            raise ProgramError(*plan.error, pc)
         self._check_streams("compute", [access[name] for name in names], [access["dst"]], pc)
         operands = {name: plan.extra["lanes"][name].tensor(self.values[access[name].buffer]) for name in names}
         result = elementwise_values(i.op, operands, self.config.compute_format)
@@ -856,7 +859,7 @@ class Machine:
     def _nonlinear(self, plan: _Plan, pc) -> ErrorCode:
         i, access = plan.instruction, plan.access
         if plan.error is not None:
-            raise plan.error
+            raise ProgramError(*plan.error, pc)
         self._check_defined(access["src"], "src", pc)
         self._check_streams("compute", [access["src"]], [access["dst"]], pc)
         source = access["src"].tensor(self.values[i.src_buffer]).reshape(-1)
@@ -918,7 +921,7 @@ def _plan_linear(plan: _Plan, config: MarcaConfig) -> None:
     output = access["output"]
     out_index = output.indices()
     if len(np.unique(out_index)) != len(out_index):
-        plan.error = ProgramError("overlap", "LINEAR writes an output element twice")
+        plan.error = ("overlap", "LINEAR writes an output element twice")
         return
     for name in ("matrix", "vector", "bias"):
         read = access.get(name)
@@ -935,7 +938,7 @@ def _plan_linear(plan: _Plan, config: MarcaConfig) -> None:
                 hits &= read.indices() != out_index
             hit = bool(hits.any())
         if hit:
-            plan.error = ProgramError("overlap", f"LINEAR output overlaps its {name} operand")
+            plan.error = ("overlap", f"LINEAR output overlaps its {name} operand")
             return
 
 
@@ -965,8 +968,8 @@ def _plan_elementwise(plan: _Plan, config: MarcaConfig) -> None:
         where = np.searchsorted(unique, index).clip(0, len(unique) - 1)
         written_earlier = (unique[where] == index) & (first_beat[where] < beat_of[:, None])
         if bool(written_earlier.any()):
-            plan.error = ProgramError("overlap", f"operand {name} reads {read.buffer.name} elements that an "
-                                      "earlier beat of the same instruction wrote")
+            plan.error = ("overlap", f"operand {name} reads {read.buffer.name} elements that an earlier beat "
+                          "of the same instruction wrote")
             break
     plan.extra["survivors"] = None if dst.dense else _tensor_survivors(_last_wins(dst_index))
 
@@ -976,7 +979,7 @@ def _plan_nonlinear(plan: _Plan, config: MarcaConfig) -> None:
     lines = i.line_count * config.lanes
     if i.src_buffer == i.dst_buffer and i.src_address != i.dst_address \
             and i.src_address < i.dst_address + lines and i.dst_address < i.src_address + lines:
-        plan.error = ProgramError("overlap", "NONLINEAR source and destination overlap without being equal")
+        plan.error = ("overlap", "NONLINEAR source and destination overlap without being equal")
     plan.extra["passes"] = len(_NONLINEAR_PROGRAM[i.function](config).passes)
 
 
@@ -1072,12 +1075,30 @@ def _nonlinear_setup(function: NonlinearFunction, config: MarcaConfig):
     return program, nonlinear.constants_for(config)
 
 
-def nonlinear_values(function: NonlinearFunction, x: torch.Tensor, config: MarcaConfig) -> torch.Tensor:
-    """The NONLINEAR golden function on values: the function's pass program (marca.golden.nonlinear) run
-    pass by pass with the fast arithmetic; its FUNCTION passes (bit logic of the lane extension) run on
-    bit patterns through :func:`marca.golden.nonlinear.lane_function` itself."""
-    program, constants = _nonlinear_setup(function, config)
+_TABLE_WIDTH = 16
+
+
+@functools.lru_cache(maxsize=32)
+def _nonlinear_table(function: NonlinearFunction, config: MarcaConfig, device: str) -> torch.Tensor:
+    """The golden function of a compute format of at most 16 bits at every input pattern, as values."""
     fmt = config.compute_format
+    every = torch.arange(1 << fmt.width, dtype=torch.int64)
+    return fp.to_values(_NONLINEAR_GOLDEN[function](every, config), fmt).to(device)
+
+
+def nonlinear_values(function: NonlinearFunction, x: torch.Tensor, config: MarcaConfig) -> torch.Tensor:
+    """The NONLINEAR golden function on values.
+
+    Compute formats of at most 16 bits look the result up in a table of the golden function itself
+    (:data:`_NONLINEAR_GOLDEN` at all 2^width patterns, made once per configuration). Wider formats run
+    the function's pass program (marca.golden.nonlinear) pass by pass with the fast arithmetic; its
+    FUNCTION passes (bit logic of the lane extension) run on bit patterns through
+    :func:`marca.golden.nonlinear.lane_function` itself."""
+    fmt = config.compute_format
+    if fmt.width <= _TABLE_WIDTH:
+        table = _nonlinear_table(function, config, str(x.device))
+        return table[fp.from_values(x, fmt)]
+    program, constants = _nonlinear_setup(function, config)
     results = []
 
     def fetch(operand):

@@ -1,0 +1,299 @@
+"""Benchmark: speed of the golden instruction-set simulator (docs/iss.md).
+
+    python -m marca.bench.iss [out_dir]       (or ``marca bench iss``)
+
+Torch runs on one thread; the load average of the machine is recorded beside every figure (on a shared
+machine absolute times scale with the load, ratios within one run do not). **Lane operations** are the
+PE array's work: ``R·C`` per LINEAR, ELEMENTWISE or NONLINEAR beat (a LINEAR lane operation is one
+multiply-add), i.e. ``(linear_beats + elementwise_beats + nonlinear_beats) · R·C`` from the counters.
+
+* **per class**: lane operations per second of single LINEAR (GEMV and GEMM), ELEMENTWISE (scan-like
+  MULADD with row broadcast, plain MUL) and NONLINEAR (exp, SiLU, softplus) instructions at the ``paper``
+  preset's size (32 x 32 array), fast machine, CPU; the reference machine (the simulator before issue 12,
+  kept as the oracle) on the same instructions;
+* **fixed cost**: microseconds per instruction of a program of 1-beat instructions on the ``default``
+  preset, with the plan cache warm (a rerun) and cold (first sight of every instruction);
+* **mixers**: the issue's four mixer cases (``paper`` d_model 768 prefill 4 and 32 tokens, ``default``
+  d_model 128 prefill 16 and a decode step), fast and reference (the 32-token ``paper`` prefill only fast
+  unless MARCA_BENCH_ISS_SLOW=1), and the fast machine with the hazard and undefined-read checks off, to
+  price them;
+* **mamba-130m decode step**: one mixer layer of mamba-130m's shape (d_model 768, d_state 16, random
+  weights) as a decode step on the ``paper`` preset, measured, and predicted from the per-class rates and
+  the fixed cost;
+* **CUDA**: the mixers and per-class figures again with ``device="cuda"`` when a CUDA device is present.
+
+Prints the tables and writes ``out_dir/iss.json``.
+"""
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+__all__ = ["run"]
+
+MIXERS = [("paper", 768, "prefill", 4), ("paper", 768, "prefill", 32), ("default", 128, "prefill", 16),
+          ("default", 128, "decode", None)]
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _lane_ops(counters: dict, lanes: int) -> int:
+    return (counters["linear_beats"] + counters["elementwise_beats"] + counters["nonlinear_beats"]) * lanes
+
+
+def _synchronize(device: str) -> None:
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _class_machine(config, device, reference):
+    """A machine with random storage-format data loaded in every buffer (first 2 MiB of each)."""
+    import torch
+
+    from marca import isa
+    from marca.golden import fp, iss
+    generator = torch.Generator().manual_seed(1)
+    per_buffer = min(isa.buffer_elements(config, b) for b in isa.Buffer)
+    per_buffer = min(per_buffer, 1 << 20)
+    values = torch.randn(per_buffer, generator=generator, dtype=torch.float64)
+    data = iss.pack_elements(fp.encode(values, config.storage_format), config.storage_bytes)
+    machine = iss.ReferenceMachine(config, data) if reference else iss.Machine(config, data, device=device)
+    for buffer in isa.Buffer:
+        machine.execute(isa.Load(memory_address=0, row_count=1, row_elements=per_buffer, buffer=buffer))
+    machine.execute(isa.Barrier())
+    return machine, per_buffer
+
+
+def _class_cases(config):
+    from marca import isa
+    from marca.isa import Buffer, NonlinearFunction
+    from marca.ops import Broadcast, ElementwiseOp
+    lanes, R, C = config.lanes, config.array_rows, config.array_cols
+    scan = dict(outer_count=48, inner_count=16, dst_outer_stride=16, dst_inner_stride=1)   # 1536 x 16 states
+    return {
+        "linear gemv (J 48, K 24, T 1)": isa.Linear(chunk_count=24, row_tile_count=48, token_count=1,
+                                                    vector_buffer=Buffer.ACTIVATION, vector_token_stride=24,
+                                                    output_buffer=Buffer.SCRATCH, output_token_stride=48),
+        "linear gemm (J 48, K 24, T 16)": isa.Linear(chunk_count=24, row_tile_count=48, token_count=16,
+                                                     vector_buffer=Buffer.ACTIVATION, vector_token_stride=24,
+                                                     output_buffer=Buffer.SCRATCH, output_token_stride=48),
+        "elementwise muladd (row broadcast, 768 beats)": isa.Elementwise(
+            op=ElementwiseOp.MULADD, dst_buffer=Buffer.SCRATCH, **scan,
+            a_buffer=Buffer.ACTIVATION, a_broadcast=Broadcast.ROW, a_outer_stride=1,
+            b_buffer=Buffer.STATE, b_outer_stride=16, b_inner_stride=1,
+            c_buffer=Buffer.WEIGHT, c_outer_stride=16, c_inner_stride=1),
+        "elementwise mul (768 beats)": isa.Elementwise(
+            op=ElementwiseOp.MUL, dst_buffer=Buffer.SCRATCH, **scan,
+            a_buffer=Buffer.STATE, a_outer_stride=16, a_inner_stride=1,
+            b_buffer=Buffer.WEIGHT, b_outer_stride=16, b_inner_stride=1),
+        **{f"nonlinear {f.name.lower()} (24 lines)": isa.Nonlinear(function=f, line_count=24,
+                                                                   src_buffer=Buffer.STATE,
+                                                                   dst_buffer=Buffer.SCRATCH)
+           for f in (NonlinearFunction.EXP, NonlinearFunction.SILU, NonlinearFunction.SOFTPLUS)},
+    }, lanes, (R, C)
+
+
+def _per_class(config, device: str, reference: bool, repeats: int) -> dict:
+    from marca.golden.iss import COUNTER_NAMES
+    machine, _ = _class_machine(config, device, reference)
+    cases, lanes, _ = _class_cases(config)
+    out = {}
+    for name, instruction in cases.items():
+        before = dict(machine.counters)
+        machine.execute(instruction)                 # warm: plan made, tables built
+        _synchronize(device)
+        best = None
+        for _ in range(repeats):
+            started = time.perf_counter()
+            machine.execute(instruction)
+            _synchronize(device)
+            elapsed = time.perf_counter() - started
+            best = elapsed if best is None else min(best, elapsed)
+        done = {k: (machine.counters[k] - before[k]) // (repeats + 1) for k in COUNTER_NAMES}
+        ops = _lane_ops(done, lanes)
+        out[name] = {"lane_operations": ops, "seconds": best, "lane_operations_per_second": ops / best,
+                     "load": _load()}
+    return out
+
+
+def _fixed_cost(config, count: int = 300) -> dict:
+    """A program of ``count`` 1-beat element-wise instructions (distinct, so a cold run plans each)."""
+    import torch
+
+    from marca import isa
+    from marca.golden import iss
+    from marca.isa import Buffer
+    from marca.ops import ElementwiseOp
+    lanes = config.lanes
+    program = [isa.Load(memory_address=0x10000, row_count=1, row_elements=4 * lanes, buffer=Buffer.STATE),
+               isa.Barrier()]
+    for k in range(count):
+        program.append(isa.Elementwise(op=ElementwiseOp.MUL, outer_count=1, inner_count=1,
+                                       dst_buffer=Buffer.SCRATCH, dst_address=(k % 64) * lanes,
+                                       a_buffer=Buffer.STATE, a_address=(k % 4) * lanes,
+                                       b_buffer=Buffer.STATE, b_address=((k // 4) % 4) * lanes))
+    program.append(isa.Halt())
+    memory = bytearray(0x10000 + 8 * lanes * config.storage_bytes)
+    code = isa.encode_program(program)
+    memory[:len(code)] = code
+    values = torch.randn(4 * lanes, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    from marca.golden import fp
+    data = iss.pack_elements(fp.encode(values, config.storage_format), config.storage_bytes)
+    memory[0x10000:0x10000 + len(data)] = data
+    out = {}
+    for label in ("cold", "warm"):
+        if label == "cold":
+            iss._PLAN_CACHE.clear()
+            iss._decode_word.cache_clear()
+        started = time.perf_counter()
+        result, _ = iss.run_program(config, memory)
+        elapsed = time.perf_counter() - started
+        out[label] = {"instructions": result.counters["instructions"],
+                      "microseconds_per_instruction": 1e6 * elapsed / result.counters["instructions"],
+                      "load": _load()}
+    started = time.perf_counter()
+    result, _ = iss.run_program(config, memory, reference=True)
+    elapsed = time.perf_counter() - started
+    out["reference"] = {"microseconds_per_instruction": 1e6 * elapsed / result.counters["instructions"],
+                        "load": _load()}
+    return out
+
+
+def _mixer(preset: str, d_model: int, mode: str, length):
+    import torch
+
+    from marca.compiler.mamba import compile_mixer
+    from marca.config import PRESETS
+    from marca.reference import mamba as reference
+    config = PRESETS[preset]
+    weights = reference.random_mixer_weights(reference.MambaDims(d_model=d_model), seed=1, dtype=torch.float64)
+    compiled = compile_mixer(weights, config, mode=mode, length=length)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(compiled.length, d_model, generator=generator, dtype=torch.float64)
+    return config, compiled, compiled.write_inputs(None, hidden)
+
+
+def _run_mixer(config, compiled, memory, **options) -> dict:
+    from marca.golden import iss
+    from marca.isa import ErrorCode
+    device = str(options.get("device", "cpu"))
+    started = time.perf_counter()
+    result, machine = iss.run_program(config, memory, compiled.program_address, **options)
+    image = machine.memory_bytes()
+    _synchronize(device)
+    elapsed = time.perf_counter() - started
+    if result.error != ErrorCode.NONE:
+        raise AssertionError(f"mixer faulted: {result}")
+    ops = _lane_ops(result.counters, config.lanes)
+    return {"seconds": elapsed, "instructions": result.counters["instructions"], "lane_operations": ops,
+            "lane_operations_per_second": ops / elapsed, "load": _load(), "image": image,
+            "counters": result.counters}
+
+
+def _predict(counters: dict, config, rates: dict, fixed_us: float) -> float:
+    """Seconds predicted from the per-class rates: LINEAR at the GEMV rate, ELEMENTWISE at the MULADD
+    rate, NONLINEAR at the mean of the three functions' rates, plus the fixed cost per instruction."""
+    lanes = config.lanes
+    nonlinear = [v["lane_operations_per_second"] for k, v in rates.items() if k.startswith("nonlinear")]
+    linear_rate = rates["linear gemv (J 48, K 24, T 1)"]["lane_operations_per_second"]
+    elementwise_rate = rates["elementwise muladd (row broadcast, 768 beats)"]["lane_operations_per_second"]
+    return (counters["linear_beats"] * lanes / linear_rate
+            + counters["elementwise_beats"] * lanes / elementwise_rate
+            + counters["nonlinear_beats"] * lanes / (sum(nonlinear) / len(nonlinear))
+            + counters["instructions"] * fixed_us * 1e-6)
+
+
+def run(out_dir: pathlib.Path) -> dict:
+    import torch
+
+    from marca.config import PAPER
+    torch.set_num_threads(1)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slow = os.environ.get("MARCA_BENCH_ISS_SLOW") == "1"
+    cuda = torch.cuda.is_available()
+    results = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_at_start": _load(),
+               "cuda_device": torch.cuda.get_device_name(0) if cuda else None}
+
+    print(f"[iss] load average {results['load_at_start']} on {os.cpu_count()} CPUs, torch 1 thread", flush=True)
+    results["per_class"] = {"fast": _per_class(PAPER, "cpu", False, 3),
+                            "reference": _per_class(PAPER, "cpu", True, 1)}
+    print(f"\n{'instruction (paper preset)':48s} {'lane ops':>10s} {'fast M/s':>9s} {'ref M/s':>8s} "
+          f"{'speed-up':>8s}")
+    for name, fast in results["per_class"]["fast"].items():
+        ref = results["per_class"]["reference"][name]
+        print(f"{name:48s} {fast['lane_operations']:10,d} {fast['lane_operations_per_second'] / 1e6:9.1f} "
+              f"{ref['lane_operations_per_second'] / 1e6:8.2f} "
+              f"{fast['lane_operations_per_second'] / ref['lane_operations_per_second']:7.0f}x")
+
+    from marca.config import DEFAULT
+    results["fixed_cost"] = _fixed_cost(DEFAULT)
+    fixed = results["fixed_cost"]
+    print(f"\nfixed cost (default preset, 1-beat MUL): warm {fixed['warm']['microseconds_per_instruction']:.0f} us, "
+          f"cold {fixed['cold']['microseconds_per_instruction']:.0f} us, reference "
+          f"{fixed['reference']['microseconds_per_instruction']:.0f} us per instruction")
+
+    results["mixers"] = {}
+    print(f"\n{'mixer':34s} {'instr':>6s} {'lane ops':>12s} {'fast s':>8s} {'M/s':>6s} {'no checks s':>11s} "
+          f"{'ref s':>8s} {'speed-up':>8s} {'load':>5s}")
+    for preset, d_model, mode, length in MIXERS:
+        name = f"{preset} d_model {d_model} {mode}" + (f" {length} tokens" if length else " step")
+        config, compiled, memory = _mixer(preset, d_model, mode, length)
+        fast = _run_mixer(config, compiled, memory)
+        unchecked = _run_mixer(config, compiled, memory, check_hazards=False, check_undefined=False)
+        entry = {"fast": fast, "unchecked": unchecked}
+        if slow or not (preset == "paper" and length == 32):
+            entry["reference"] = _run_mixer(config, compiled, memory, reference=True)
+            if entry["reference"]["image"] != fast["image"] or \
+                    entry["reference"]["counters"] != fast["counters"]:
+                raise AssertionError(f"{name}: fast and reference machines differ")
+        if cuda:
+            entry["cuda"] = _run_mixer(config, compiled, memory, device="cuda")
+            entry["cuda"] = _run_mixer(config, compiled, memory, device="cuda")     # warm
+            if entry["cuda"]["image"] != fast["image"]:
+                raise AssertionError(f"{name}: CUDA and CPU machines differ")
+        ref = entry.get("reference")
+        print(f"{name:34s} {fast['instructions']:6d} {fast['lane_operations']:12,d} {fast['seconds']:8.2f} "
+              f"{fast['lane_operations_per_second'] / 1e6:6.1f} {unchecked['seconds']:11.2f} "
+              + (f"{ref['seconds']:8.2f} {ref['seconds'] / fast['seconds']:7.1f}x" if ref else f"{'-':>8s} {'-':>8s}")
+              + f" {fast['load']:5.1f}")
+        results["mixers"][name] = entry
+
+    # mamba-130m-shaped decode step, one layer, predicted and measured.
+    config, compiled, memory = _mixer("paper", 768, "decode", None)
+    measured = _run_mixer(config, compiled, memory)
+    predicted = _predict(measured["counters"], config, results["per_class"]["fast"],
+                         fixed["warm"]["microseconds_per_instruction"])
+    results["mamba_130m_decode_layer"] = {"measured": measured, "predicted_seconds": predicted,
+                                          "layers": 24, "predicted_token_seconds_24_layers": 24 * predicted}
+    print(f"\nmamba-130m-shaped decode step, one layer (paper preset): {measured['seconds']:.3f} s measured, "
+          f"{predicted:.3f} s predicted from the per-class rates; {measured['instructions']} instructions, "
+          f"{measured['lane_operations']:,d} lane operations (load {measured['load']})")
+
+    if cuda:
+        results["per_class"]["cuda"] = _per_class(PAPER, "cuda", False, 5)
+        print(f"\nCUDA ({results['cuda_device']}):")
+        for name, entry in results["per_class"]["cuda"].items():
+            print(f"  {name:48s} {entry['lane_operations_per_second'] / 1e6:10.1f} M lane ops/s")
+        for name, entry in results["mixers"].items():
+            print(f"  {name:48s} {entry['cuda']['seconds']:8.3f} s "
+                  f"{entry['cuda']['lane_operations_per_second'] / 1e6:10.1f} M lane ops/s")
+    else:
+        print("\nCUDA: no device in this process; not measured")
+
+    for entry in results["mixers"].values():
+        for run_ in entry.values():
+            run_.pop("image", None)
+    results["mamba_130m_decode_layer"]["measured"].pop("image", None)
+    results["load_at_end"] = _load()
+    (out_dir / "iss.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    run(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "build/bench"))

@@ -1,0 +1,349 @@
+"""The fast golden ISS against the slow oracle, bit for bit.
+
+* fp.value_* (float32 values) against the bit-pattern oracle fp.* : exhaustive over the 16-bit formats'
+  one-input conversions, random pairs plus all pairs of special values plus pairs built on the underflow
+  and rounding boundaries for the two-input operations;
+* linear_values / elementwise_values / nonlinear_values against the oracle compositions;
+* :class:`iss.Machine` against :class:`iss.ReferenceMachine` on constrained-random programs (every preset
+  shape and format; ``MARCA_ISS_PROGRAMS`` sets how many per configuration, docs/iss.md records a run of
+  more than 1,000) and on compiled Mamba programs: memory image, result and counters;
+* deliberately broken fast paths (a missing flush, the product fix left out, the flush check skipped
+  on tiny data, a wrong tree order) are caught by the same checks;
+* the device plumbing on ``device="cpu"``; the same equality on CUDA when a CUDA device is present.
+"""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from marca import isa
+from marca.config import DEFAULT, FPGA_MEDIUM, FPGA_SMALL, TINY
+from marca.formats import BF16, FP16, FP32, FloatFormat
+from marca.golden import fp, iss, nonlinear, pe_array
+from marca.golden.random_program import random_program
+from marca.isa import ErrorCode
+from marca.ops import ElementwiseOp
+
+FORMATS = [FP32, BF16, FP16, FloatFormat(5, 2), FloatFormat(4, 23), FloatFormat(8, 3)]
+FP32_STORAGE = dataclasses.replace(DEFAULT, name="fp32-storage", storage_format="fp32")
+BF16_FP32 = dataclasses.replace(FPGA_MEDIUM, name="bf16-storage-fp32", compute_format="fp32")
+CONFIGS = [TINY, FPGA_SMALL, FPGA_MEDIUM, DEFAULT, FP32_STORAGE, BF16_FP32]
+PROGRAMS = int(os.environ.get("MARCA_ISS_PROGRAMS", "8"))
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def read(bits, fmt):
+    """The oracle's reading of a pattern (DAZ, canonical NaN)."""
+    return fp.encode(fp.decode(bits, fmt), fmt)
+
+
+def fast(function, fmt, *bits):
+    """A value_* function on patterns: to values, compute, back to patterns."""
+    return fp.from_values(function(*(fp.to_values(b, fmt) for b in bits), fmt), fmt)
+
+
+def boundary_pairs(fmt, count, generator):
+    """Pairs whose products land within a few ulps of the smallest normal (both sides of the flush
+    boundary, ties included) and pairs whose sums cancel to tiny results."""
+    a = fp.random_bits(count, fmt, generator, specials=0)
+    half_way = fmt.bias + fmt.emin // 2                  # a near 2^(emin/2), so b is normal too
+    a = (a & ((1 << fmt.man_bits) - 1)) | (half_way << fmt.man_bits)
+    a = a | (torch.randint(0, 2, (count,), generator=generator) << (fmt.width - 1))
+    target = fp.encode(torch.full((count,), 2.0 ** fmt.emin, dtype=torch.float64)
+                       / fp.decode(a, fmt).abs(), fmt)
+    b = target + torch.randint(-3, 4, (count,), generator=generator)
+    # Sums: x + (-(x ± a few ulps)) for x near the smallest normals, so the exact sum is tiny.
+    x = fmt.smallest_normal + torch.randint(0, 1 << min(fmt.man_bits, 12), (count,), generator=generator)
+    y = (x + torch.randint(-4, 5, (count,), generator=generator)).clamp(min=0) | fmt.sign_bit
+    return torch.cat([a, x]), torch.cat([b, y])
+
+
+def special_pairs(fmt):
+    table = fp.special_values(fmt)
+    return table.repeat_interleave(len(table)), table.repeat(len(table))
+
+
+# Conversions ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", [BF16, FP16, FloatFormat(5, 2), FloatFormat(8, 3)], ids=lambda f: f.name)
+def test_values_round_trip_every_pattern(fmt):
+    every = torch.arange(1 << fmt.width, dtype=torch.int64)
+    values = fp.to_values(every, fmt)
+    assert values.dtype == torch.float32
+    decoded = fp.decode(every, fmt)
+    assert torch.equal(torch.isnan(values), torch.isnan(decoded))
+    finite = ~torch.isnan(decoded)
+    assert torch.equal(values.double()[finite], decoded[finite])
+    assert torch.equal(torch.signbit(values[finite]), torch.signbit(decoded[finite]))
+    assert torch.equal(fp.from_values(values, fmt), read(every, fmt))
+
+
+@pytest.mark.parametrize("source", [BF16, FP16, FloatFormat(8, 3)], ids=lambda f: f.name)
+@pytest.mark.parametrize("target", [FP32, BF16, FP16, FloatFormat(4, 3)], ids=lambda f: f.name)
+def test_convert_every_pattern(source, target):
+    every = torch.arange(1 << source.width, dtype=torch.int64)
+    got = fp.from_values(fp.value_convert(fp.to_values(every, source), target), target)
+    assert torch.equal(got, fp.convert(every, source, target))
+
+
+def test_fp32_conversions_random_and_special():
+    generator = torch.Generator().manual_seed(1)
+    bits = torch.cat([fp.random_bits(1_000_000, FP32, generator), fp.special_values(FP32)])
+    values = fp.to_values(bits, FP32)
+    assert torch.equal(fp.from_values(values, FP32), read(bits, FP32))
+    for target in (BF16, FP16, FloatFormat(5, 2)):
+        assert torch.equal(fp.from_values(fp.value_convert(values, target), target), fp.convert(bits, FP32, target))
+
+
+# Two-input operations ---------------------------------------------------------------------------------------
+
+BINARY = {"mul": (fp.value_mul, fp.mul), "add": (fp.value_add, fp.add), "sub": (fp.value_sub, fp.sub),
+          "minimum": (fp.value_minimum, fp.minimum), "maximum": (fp.value_maximum, fp.maximum)}
+
+
+def binary_mismatches(name, fmt, a, b):
+    value_function, oracle = BINARY[name]
+    return int((fast(value_function, fmt, a, b) != oracle(a, b, fmt)).sum())
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("name", list(BINARY))
+def test_binary_equals_oracle(fmt, name):
+    generator = torch.Generator().manual_seed(hash((fmt.exp_bits, fmt.man_bits, name)) % 1000)
+    count = 1_000_000 if fmt == FP32 and name in ("mul", "add") else 200_000
+    pairs = [(fp.random_bits(count, fmt, generator), fp.random_bits(count, fmt, generator)),
+             special_pairs(fmt), boundary_pairs(fmt, 50_000, generator)]
+    for a, b in pairs:
+        assert binary_mismatches(name, fmt, a, b) == 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_mul_add_and_compare_select_equal_oracle(fmt):
+    generator = torch.Generator().manual_seed(7)
+    a, b, c = (fp.random_bits(200_000, fmt, generator) for _ in range(3))
+    got = fast(fp.value_mul_add, fmt, a, b, c)
+    assert torch.equal(got, fp.mul_add(a, b, c, fmt))
+    for op in (ElementwiseOp.CMP_SELECT, ElementwiseOp.PASS):
+        values = {name: fp.to_values(x, fmt) for name, x in (("a", a), ("b", b), ("c", c))}
+        got = fp.from_values(iss.elementwise_values(op, values, fmt), fmt)
+        assert torch.equal(got, iss.elementwise_op(op, {"a": a, "b": b, "c": c}, fmt))
+
+
+def test_boundary_pairs_straddle_the_flush():
+    """The boundary pairs really test the boundary: the oracle rounds some products up to the smallest
+    normal, flushes others, and some of them are the ties that gradual underflow rounds the other way."""
+    generator = torch.Generator().manual_seed(3)
+    a, b = boundary_pairs(FP32, 50_000, generator)
+    oracle = fp.mul(a, b, FP32) & ~FP32.sign_bit
+    assert int((oracle == FP32.smallest_normal).sum()) > 1000 and int((oracle == 0).sum()) > 1000
+    ieee = (fp.to_values(a, FP32) * fp.to_values(b, FP32)).view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    assert int(((ieee == FP32.smallest_normal) & (oracle == 0)).sum()) > 0
+
+
+@pytest.mark.parametrize("fault", ["no product fix", "strict product test", "no sum flush"])
+def test_broken_fast_paths_are_caught(monkeypatch, fault):
+    generator = torch.Generator().manual_seed(5)
+    a, b = boundary_pairs(FP32, 50_000, generator)
+    name = "add" if fault == "no sum flush" else "mul"
+    assert binary_mismatches(name, FP32, a, b) == 0
+    if fault == "no product fix":
+        monkeypatch.setattr(fp, "_fp32_product", lambda a, b, product: product)
+    elif fault == "strict product test":     # the fix applied only below 2^-126, not at it
+        original = fp._fp32_product
+
+        def strict(a, b, product):
+            return torch.where(product.abs() == 2.0 ** -126, product, original(a, b, product))
+        monkeypatch.setattr(fp, "_fp32_product", strict)
+    else:
+        monkeypatch.setattr(fp, "_fp32_flush", lambda total: total)
+    assert binary_mismatches(name, FP32, a, b) > 0
+
+
+# Row trees and accumulators ------------------------------------------------------------------------------
+
+def linear_case(fmt, J, K, R, C, T, generator, kind):
+    """Random patterns (``random``), magnitudes in [2^-20, 2^20) (``plain``: the float32 path without flush
+    checks), or products and sums around the smallest normal (``underflow``)."""
+    matrix = fp.random_bits(J * K * R * C, fmt, generator, specials=0.01).reshape(J, K, R, C)
+    vector = fp.random_bits(T * K * C, fmt, generator, specials=0.01).reshape(T, K, C)
+    bias = fp.random_bits(T * J * R, fmt, generator, specials=0.01).reshape(T, J, R)
+    if kind != "random":
+        centre = {"plain": (0, 0, 0), "underflow": (fmt.emin // 2, fmt.emin - fmt.emin // 2, fmt.emin)}[kind]
+        spread = 20 if kind == "plain" else 3
+
+        def exponents(bits, middle):
+            exponent = (fmt.bias + middle + torch.randint(-spread, spread, bits.shape, generator=generator))
+            exponent = exponent.clamp(1, fmt.exp_max - 1)
+            return (bits & (fmt.sign_bit | ((1 << fmt.man_bits) - 1))) | (exponent << fmt.man_bits)
+        matrix, vector, bias = (exponents(x, m) for x, m in zip((matrix, vector, bias), centre))
+    return matrix, vector, bias
+
+
+def linear_oracle(matrix, vector, bias, fmt):
+    products = fp.mul(matrix[None], vector[:, None, :, None, :], fmt)      # [T, J, K, R, C]
+    sums = fp.tree_sum(products, fmt)
+    acc = bias.clone()
+    for k in range(matrix.shape[1]):
+        acc = fp.add(acc, sums[:, :, k], fmt)
+    return acc
+
+
+def linear_fast(matrix, vector, bias, fmt):
+    values = [fp.to_values(x, fmt) for x in (matrix, vector, bias)]
+    return fp.from_values(iss.linear_values(*values, fmt), fmt)
+
+
+@pytest.mark.parametrize("fmt", [FP32, BF16, FP16], ids=lambda f: f.name)
+@pytest.mark.parametrize("kind", ["plain", "random", "underflow"])
+def test_linear_values_equal_oracle(fmt, kind):
+    generator = torch.Generator().manual_seed(11)
+    for J, K, R, C, T in [(3, 4, 2, 8, 2), (2, 3, 4, 4, 3), (1, 2, 1, 1, 1), (2, 5, 3, 16, 1)]:
+        matrix, vector, bias = linear_case(fmt, J, K, R, C, T, generator, kind)
+        assert torch.equal(linear_fast(matrix, vector, bias, fmt), linear_oracle(matrix, vector, bias, fmt))
+    # Cross-check the oracle composition with the PE array's golden GEMV on one token.
+    matrix, vector, bias = linear_case(fmt, 2, 3, 2, 4, 1, generator, kind)
+    weight = matrix.permute(0, 2, 1, 3).reshape(4, 12)
+    expected = pe_array.gemv(weight, vector.reshape(-1), fmt, cols=4, bias=bias.reshape(-1))
+    assert torch.equal(linear_fast(matrix, vector, bias, fmt).reshape(-1), expected)
+
+
+def test_linear_fast_path_without_its_guard_is_caught(monkeypatch):
+    """The plain float32 path (no flush checks) is exact only on data without tiny magnitudes: with the
+    guard forced open, tiny data gives a different result."""
+    generator = torch.Generator().manual_seed(12)
+    fmt = FP32
+    found = False
+    for _ in range(5):
+        matrix, vector, bias = linear_case(fmt, 4, 4, 4, 8, 2, generator, "underflow")
+        assert torch.equal(linear_fast(matrix, vector, bias, fmt), linear_oracle(matrix, vector, bias, fmt))
+        with monkeypatch.context() as patch:
+            patch.setattr(iss, "_no_tiny", lambda values: True)
+            found |= not torch.equal(linear_fast(matrix, vector, bias, fmt),
+                                     linear_oracle(matrix, vector, bias, fmt))
+    assert found
+
+
+@pytest.mark.parametrize("config", [DEFAULT, FPGA_SMALL, TINY], ids=lambda c: c.name)
+def test_nonlinear_values_equal_golden(config):
+    fmt = config.compute_format
+    generator = torch.Generator().manual_seed(13)
+    bits = torch.cat([fp.random_bits(5_000, fmt, generator), fp.special_values(fmt)])
+    for function in isa.NonlinearFunction:
+        golden = iss._NONLINEAR_GOLDEN[function](bits, config)
+        got = fp.from_values(iss.nonlinear_values(function, fp.to_values(bits, fmt), config), fmt)
+        assert torch.equal(got, golden), function.name
+
+
+# Whole programs -----------------------------------------------------------------------------------------
+
+def run_both(config, memory, program_address=0, device="cpu", **options):
+    expected, reference = iss.run_program(config, memory, program_address, reference=True, **options)
+    got, machine = iss.run_program(config, memory, program_address, device=device, **options)
+    return (expected, reference.memory_bytes()), (got, machine.memory_bytes())
+
+
+def assert_same(expected, got, where):
+    (result, image), (fast_result, fast_image) = expected, got
+    assert (fast_result.error, fast_result.error_pc, fast_result.pc) == \
+        (result.error, result.error_pc, result.pc), where
+    assert fast_result.counters == result.counters, where
+    assert fast_image == image, where
+
+
+def random_cases(config, count):
+    codes = [code for code in ErrorCode if code != ErrorCode.NONE]
+    for seed in range(count):
+        final = codes[seed // 4 % len(codes)] if seed % 4 == 3 else ErrorCode.NONE
+        yield seed, random_program(config, seed=1000 + seed, length=16 + seed % 24, final_error=final)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_random_programs_equal_reference(config):
+    for seed, generated in random_cases(config, PROGRAMS):
+        assert_same(*run_both(config, generated.memory), f"{config.name} seed {seed}")
+
+
+def test_program_errors_equal_reference():
+    """Undefined behaviour raises the same ProgramError (kind and message) on both machines, and a
+    program that modifies its own code is fetched anew."""
+    config = TINY
+    lanes = config.lanes
+    cases = {
+        "undefined": [isa.Store(memory_address=0x800, row_count=1, row_elements=1, buffer=isa.Buffer.STATE)],
+        "barrier": [isa.Load(memory_address=0x800, row_count=1, row_elements=lanes, buffer=isa.Buffer.STATE),
+                    isa.Nonlinear(line_count=1, src_buffer=isa.Buffer.STATE, dst_buffer=isa.Buffer.SCRATCH)],
+        "overlap": [isa.Load(memory_address=0x800, row_count=1, row_elements=4 * lanes, buffer=isa.Buffer.STATE),
+                    isa.Barrier(),
+                    isa.Elementwise(op=ElementwiseOp.PASS, outer_count=1, inner_count=3,
+                                    dst_buffer=isa.Buffer.STATE, dst_address=lanes, dst_inner_stride=1,
+                                    a_buffer=isa.Buffer.STATE, a_inner_stride=1)],
+    }
+    for kind, program in cases.items():
+        memory = bytearray(0x1000)
+        code = isa.encode_program(program + [isa.Halt()])
+        memory[:len(code)] = code
+        messages = []
+        for reference in (True, False):
+            with pytest.raises(iss.ProgramError, match=kind) as error:
+                iss.run_program(config, memory, reference=reference)
+            messages.append(str(error.value))
+        assert messages[0] == messages[1]
+    # Self-modifying code: the program's STORE overwrites its own first instruction with zeros (an
+    # illegal opcode); running the same machine again must fetch the new word, not a cached one.
+    memory = bytearray(0x1000)
+    program = [isa.Barrier(),
+               isa.Load(memory_address=0x800, row_count=1, row_elements=16, buffer=isa.Buffer.STATE),
+               isa.Barrier(),
+               isa.Store(memory_address=0, row_count=1, row_elements=16, buffer=isa.Buffer.STATE),
+               isa.Halt()]
+    code = isa.encode_program(program)
+    memory[:len(code)] = code
+    results = []
+    for machine in (iss.ReferenceMachine(config, memory), iss.Machine(config, memory)):
+        first, second = machine.run(), machine.run()
+        results.append((first.error, second.error, second.error_pc, second.counters, machine.memory_bytes()))
+    assert results[0] == results[1]
+    assert results[1][:3] == (ErrorCode.NONE, ErrorCode.ILLEGAL_OPCODE, 0)
+
+
+def mamba_case(config, d_model, mode, length, seed=1):
+    from marca.compiler.mamba import compile_mixer
+    from marca.reference import mamba as reference
+    weights = reference.random_mixer_weights(reference.MambaDims(d_model=d_model, d_state=8), seed=seed,
+                                             dtype=torch.float64)
+    compiled = compile_mixer(weights, config, mode=mode, length=length)
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(length or 1, d_model, generator=generator, dtype=torch.float64)
+    conv = torch.randn(2 * d_model, 4, generator=generator, dtype=torch.float64)
+    ssm = torch.randn(2 * d_model, 8, generator=generator, dtype=torch.float64)
+    return compiled, compiled.write_inputs(None, hidden, conv, ssm)
+
+
+@pytest.mark.parametrize("config,d_model,mode,length", [
+    (DEFAULT, 16, "prefill", 5), (DEFAULT, 32, "decode", None), (FPGA_SMALL, 8, "prefill", 3),
+    (TINY, 8, "decode", None), (FP32_STORAGE, 16, "prefill", 2)], ids=lambda v: getattr(v, "name", str(v)))
+def test_mamba_programs_equal_reference(config, d_model, mode, length):
+    compiled, memory = mamba_case(config, d_model, mode, length)
+    expected, got = run_both(config, memory, compiled.program_address)
+    assert expected[0].error == ErrorCode.NONE
+    assert_same(expected, got, f"{config.name} d_model {d_model} {mode}")
+
+
+def test_device_argument():
+    config = FPGA_SMALL
+    generated = random_program(config, seed=3, length=20)
+    expected, got = run_both(config, generated.memory, device=torch.device("cpu"))
+    assert_same(expected, got, "device=torch.device('cpu')")
+    with pytest.raises(ValueError, match="device"):
+        iss.Machine(config, generated.memory, device="no-such-device")
+
+
+@CUDA
+@pytest.mark.parametrize("config", [TINY, DEFAULT, FP32_STORAGE], ids=lambda c: c.name)
+def test_cuda_equals_reference(config):
+    for seed, generated in random_cases(config, 20):
+        assert_same(*run_both(config, generated.memory, device="cuda"), f"cuda {config.name} seed {seed}")
+    compiled, memory = mamba_case(config, 16, "prefill", 3)
+    assert_same(*run_both(config, memory, compiled.program_address, device="cuda"), f"cuda {config.name} mamba")
