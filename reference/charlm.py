@@ -60,6 +60,7 @@ __all__ = [
     "evaluation_segments",
     "byte_tensor",
     "bits_per_byte",
+    "unigram_counts",
     "unigram_bits_per_byte",
     "load_checkpoint",
 ]
@@ -339,13 +340,20 @@ def bits_per_byte(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(loss) / math.log(2)
 
 
-def unigram_bits_per_byte(train: bytes, validation: bytes) -> float:
+def unigram_counts(train: bytes) -> list[int]:
+    """How often each of the 256 byte values occurs in ``train``."""
+    return torch.bincount(byte_tensor(train), minlength=256).tolist()
+
+
+def unigram_bits_per_byte(train: bytes | list[int], validation: bytes) -> float:
     """Bits per byte of ``validation`` under the training text's byte frequencies (add-one smoothed):
-    the baseline a model that ignores context reaches."""
-    counts = torch.bincount(torch.frombuffer(bytearray(train), dtype=torch.uint8).long(), minlength=256)
-    probabilities = (counts.double() + 1) / (counts.sum() + 256)
-    targets = torch.frombuffer(bytearray(validation), dtype=torch.uint8).long()
-    return float(-torch.log2(probabilities[targets]).mean())
+    the baseline a model that ignores context reaches. ``train`` is the text or its
+    :func:`unigram_counts`."""
+    counts = torch.tensor(unigram_counts(train) if isinstance(train, bytes) else train, dtype=torch.float64)
+    if counts.shape != (256,):
+        raise ValueError(f"unigram counts must be 256 numbers, not {tuple(counts.shape)}")
+    probabilities = (counts + 1) / (counts.sum() + 256)
+    return float(-torch.log2(probabilities[byte_tensor(validation)]).mean())
 
 
 def load_checkpoint(path: Path | str = CHECKPOINT_DIR, *, device: str | torch.device = "cpu"):

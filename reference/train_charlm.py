@@ -19,8 +19,9 @@ What it does:
 4. Evaluates validation bits per byte every ``--eval-every`` steps on a fixed small slice (the loss curve),
    and at the end on :func:`marca.reference.charlm.evaluation_segments` (98 x 1024 predicted bytes), with
    the unigram baseline beside it.
-5. Writes ``config.json`` + ``model.safetensors`` (``save_pretrained``) and ``training.json`` (command,
-   arguments, steps, seconds, loss curve, results, torch/transformers versions) into ``--out``.
+5. Writes ``config.json`` + ``model.safetensors`` (``save_pretrained``), ``training.json`` (command,
+   arguments, steps, seconds, loss curve, results, torch/transformers versions) and
+   ``unigram_counts.json`` (the training text's byte counts) into ``--out``.
 
 On the CPU, with ``--threads 1`` and the same torch version, the run is deterministic: the same command
 gives the same checkpoint. ``--time-budget`` stops early (the checkpoint then depends on the machine's speed;
@@ -50,6 +51,7 @@ from marca.reference.charlm import (
     sequence_logits,
     split_corpus,
     unigram_bits_per_byte,
+    unigram_counts,
     weights_from_model,
 )
 
@@ -171,6 +173,8 @@ def train(args) -> dict:
         "machine": f"{platform.machine()}, {args.device}, {args.threads} thread(s)",
     }
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # The training text's byte counts, so that tests can compute the unigram baseline without the corpus.
+    (out / "unigram_counts.json").write_text(json.dumps(unigram_counts(train_text)) + "\n")
     print(f"[train] done: {steps_done} steps in {train_seconds:.0f} s; validation {validation_bpb:.4f} "
           f"bits/byte (unigram baseline {unigram_bpb:.4f}); wrote {out}/config.json, model.safetensors, "
           f"training.json", flush=True)
@@ -184,7 +188,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="build/charlm/shakespeare-mamba", help="output folder of the checkpoint")
     p.add_argument("--d-model", type=int, default=128, help="width of the residual stream")
     p.add_argument("--layers", type=int, default=4, help="Mamba blocks")
-    p.add_argument("--batch", type=int, default=16, help="windows per step")
+    p.add_argument("--batch", type=int, default=8, help="windows per step")
     p.add_argument("--seq-len", type=int, default=256, help="bytes per window (predicted)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (the schedule's length)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
