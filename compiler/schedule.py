@@ -1,4 +1,4 @@
-"""Barrier placement and memory-image building shared by the compilers.
+"""Barrier insertion: the scheduling pass (the memory image moved to compiler/layout.py).
 
 The machine runs DMA and compute instructions as two concurrent in-order streams (docs/isa.md); a
 ``BARRIER`` is needed exactly where an instruction of one stream touches a buffer element that the other
@@ -7,13 +7,13 @@ barriers that rule needs by tracking the touched elements, so a compiler writes 
 sequential and still gets all the DMA/compute overlap the rule allows.
 """
 
-from dataclasses import dataclass, field
-
 import torch
 
 from marca import isa
 from marca.config import MarcaConfig
-from marca.golden.iss import access_indices, pack_elements
+from marca.golden.iss import access_indices
+
+from .layout import MemoryImage, Region
 
 __all__ = ["insert_barriers", "MemoryImage", "Region"]
 
@@ -87,33 +87,3 @@ def _intersects(a, b) -> bool:
     window_a = indices_a[(indices_a >= low) & (indices_a <= high)]
     window_b = indices_b[(indices_b >= low) & (indices_b <= high)]
     return bool(torch.isin(window_a, window_b).any())
-
-
-@dataclass
-class Region:
-    """A named block of the memory image."""
-
-    name: str
-    address: int
-    size: int
-
-
-@dataclass
-class MemoryImage:
-    """A memory image laid out block by block (each block aligned to ``alignment`` bytes)."""
-
-    alignment: int = 64
-    data: bytearray = field(default_factory=bytearray)
-    regions: dict = field(default_factory=dict)
-
-    def allocate(self, name: str, size: int) -> int:
-        address = -(-len(self.data) // self.alignment) * self.alignment
-        self.data.extend(bytes(address + size - len(self.data)))
-        self.regions[name] = Region(name, address, size)
-        return address
-
-    def place(self, name: str, bits, element_bytes: int) -> int:
-        payload = pack_elements(bits, element_bytes)
-        address = self.allocate(name, len(payload))
-        self.data[address:address + len(payload)] = payload
-        return address

@@ -1,0 +1,145 @@
+"""Instruction emission and buffer allocation: the helpers every lowering pass writes its program with.
+
+:class:`Emitter` collects instructions (checking each one encodes), splits DMA transfers whose counts
+overflow a field, implements the inter-operation switch (a round trip through memory after every
+element-wise and nonlinear result when it is off) and records named sections for the printer.
+:class:`Allocator` hands out line regions of the on-chip buffers, first fit, and raises
+:class:`CompileError` naming the buffer, the need and what the configuration has.
+"""
+
+import copy
+
+from marca import isa
+from marca.config import MarcaConfig
+from marca.isa import Broadcast, Buffer, MemoryFormat
+
+from .options import CompileError
+
+__all__ = ["Emitter", "Allocator", "Operand"]
+
+_COUNT_MAX = 0xFFFF
+
+#: An element-wise operand: (buffer, address, outer stride, inner stride[, broadcast]).
+Operand = tuple
+
+
+class Allocator:
+    """First-fit line regions in the buffers; :meth:`copy` for trial allocations."""
+
+    def __init__(self, config: MarcaConfig, reserved: dict | None = None):
+        self.config = config
+        self.size = {b: isa.buffer_lines(config, b) for b in Buffer}
+        self.next = {b: (reserved or {}).get(b, 0) for b in Buffer}
+
+    def free(self, buffer: Buffer) -> int:
+        return self.size[buffer] - self.next[buffer]
+
+    def take(self, name: str, lines: int, buffers) -> tuple[Buffer, int]:
+        """``lines`` lines in the first of ``buffers`` that has room: (buffer, element address)."""
+        lines = max(1, lines)
+        for buffer in buffers:
+            if self.free(buffer) >= lines:
+                address = self.next[buffer] * self.config.lanes
+                self.next[buffer] += lines
+                return buffer, address
+        have = ", ".join(f"{b.name.lower()} {self.free(b)} of {self.size[b]}" for b in buffers)
+        raise CompileError(f"{name} needs {lines} lines of {self.config.lanes} elements; the "
+                           f"configuration {self.config.name!r} has {have} lines free in the "
+                           f"{'/'.join(b.name.lower() for b in buffers)} buffer(s)")
+
+    def copy(self) -> "Allocator":
+        return copy.deepcopy(self)
+
+
+class Emitter:
+    """A program under construction (sequential semantics; barriers come later)."""
+
+    def __init__(self, config: MarcaConfig, *, inter_operation: bool = True, spill_address: int | None = None):
+        self.config = config
+        self.lanes = config.lanes
+        self.inter_operation = inter_operation
+        self.spill_address = spill_address
+        self.program: list[isa.Instruction] = []
+        self.sections: list[tuple[int, str]] = []
+
+    def section(self, label: str) -> None:
+        """Start a named section (shown by the printer before its first instruction)."""
+        self.sections.append((len(self.program), label))
+
+    def emit(self, instruction) -> None:
+        try:
+            isa.encode(instruction)
+        except ValueError as error:
+            raise CompileError(f"an instruction field overflows ({error})") from None
+        self.program.append(instruction)
+
+    # DMA ---------------------------------------------------------------------------------------------
+
+    def dma(self, kind, *, memory_address: int, rows: int, row_elements: int, memory_row_stride: int,
+            buffer: Buffer, address: int, buffer_row_stride: int, compute: bool) -> None:
+        """A 2-D LOAD or STORE, split where ``rows`` or ``row_elements`` overflow their fields."""
+        size = self.config.compute_bytes if compute else self.config.storage_bytes
+        fmt = MemoryFormat.COMPUTE if compute else MemoryFormat.STORAGE
+        for e0 in range(0, row_elements, _COUNT_MAX):
+            elements = min(_COUNT_MAX, row_elements - e0)
+            for r0 in range(0, rows, _COUNT_MAX):
+                count = min(_COUNT_MAX, rows - r0)
+                self.emit(kind(memory_address=memory_address + r0 * memory_row_stride + e0 * size,
+                               row_count=count, row_elements=elements, memory_row_stride=memory_row_stride,
+                               buffer=buffer, buffer_address=address + r0 * buffer_row_stride + e0,
+                               buffer_row_stride=buffer_row_stride, memory_format=fmt))
+
+    def load_lines(self, memory_address, lines, buffer, address, *, compute=False) -> None:
+        """``lines`` contiguous lines from memory into contiguous buffer lines."""
+        size = self.config.compute_bytes if compute else self.config.storage_bytes
+        P = self.lanes
+        self.dma(isa.Load, memory_address=memory_address, rows=lines, row_elements=P,
+                 memory_row_stride=P * size, buffer=buffer, address=address, buffer_row_stride=P,
+                 compute=compute)
+
+    def store_lines(self, memory_address, lines, buffer, address, *, compute=True) -> None:
+        size = self.config.compute_bytes if compute else self.config.storage_bytes
+        P = self.lanes
+        self.dma(isa.Store, memory_address=memory_address, rows=lines, row_elements=P,
+                 memory_row_stride=P * size, buffer=buffer, address=address, buffer_row_stride=P,
+                 compute=compute)
+
+    def spill(self, buffer, address, lines) -> None:
+        """Inter-operation management off: the result goes to memory and comes back before its next use."""
+        if self.inter_operation:
+            return
+        self.store_lines(self.spill_address, lines, buffer, address, compute=True)
+        self.load_lines(self.spill_address, lines, buffer, address, compute=True)
+
+    # Compute -----------------------------------------------------------------------------------------
+
+    def elementwise(self, op, outer, inner, dst, a, b=None, c=None, *, spill=True) -> None:
+        """dst/a/b/c: (buffer, address, outer_stride, inner_stride[, broadcast])."""
+        fields = dict(op=op, outer_count=outer, inner_count=inner, dst_buffer=dst[0], dst_address=dst[1],
+                      dst_outer_stride=dst[2], dst_inner_stride=dst[3])
+        for name, operand in (("a", a), ("b", b), ("c", c)):
+            if operand is None:
+                continue
+            broadcast = operand[4] if len(operand) > 4 else Broadcast.LANE
+            fields.update({f"{name}_buffer": operand[0], f"{name}_address": operand[1],
+                           f"{name}_outer_stride": operand[2], f"{name}_inner_stride": operand[3],
+                           f"{name}_broadcast": broadcast})
+        self.emit(isa.Elementwise(**fields))
+        if spill:
+            self.spill(dst[0], dst[1], outer * inner if dst[2] == inner and dst[3] == 1 else
+                       (outer - 1) * dst[2] + (inner - 1) * dst[3] + 1)
+
+    def nonlinear(self, function, buffer, address, lines) -> None:
+        for first in range(0, lines, _COUNT_MAX):
+            count = min(_COUNT_MAX, lines - first)
+            start = address + first * self.lanes
+            self.emit(isa.Nonlinear(function=function, line_count=count, src_buffer=buffer, src_address=start,
+                                    dst_buffer=buffer, dst_address=start))
+        self.spill(buffer, address, lines)
+
+    def zero_fill(self, buffer, address, lines, zero) -> None:
+        """``lines`` lines set to +0 from the zero element ``zero`` = (buffer, address)."""
+        for first in range(0, lines, _COUNT_MAX):
+            count = min(_COUNT_MAX, lines - first)
+            self.elementwise(isa.ElementwiseOp.PASS, count, 1, (buffer, address + first * self.lanes, 1, 0),
+                             (zero[0], zero[1], 0, 0, Broadcast.SCALAR), spill=False)

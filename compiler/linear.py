@@ -1,0 +1,170 @@
+"""Tiling pass for linear operations: ``out[t] = M · in[t] (+ bias)`` cut into LINEAR instructions and the
+LOADs that feed them, whatever the sizes (docs/compiler.md, Tiling).
+
+* The input vectors are on chip (:class:`OnChip`) or streamed from memory (:class:`InMemory`) in groups
+  of ``C``-chunks through a staging region.
+* The matrix is resident in the weight buffer (loaded once by the caller) or streamed: groups of whole
+  row tiles through the two halves of the weight area (double buffering), or, when one row tile's chunks
+  do not fit a half, chunk groups accumulated in place through the ``LINEAR`` bias path.
+
+Every output element still adds its chunks in the order 0 .. K-1 (each group starts from the partial sum
+of the previous ones), so any tiling gives the same bits as one ``LINEAR``.
+"""
+
+from dataclasses import dataclass, replace
+
+from marca import isa
+from marca.config import MarcaConfig
+from marca.isa import Buffer, LinearInit
+
+from .emit import Emitter
+from .options import CompileError
+
+__all__ = ["Matrix", "OnChip", "InMemory", "WeightArea", "emit_linear"]
+
+
+@dataclass
+class Matrix:
+    """A matrix stored pre-tiled in memory: line ``(j, k)`` at ``memory + (j·K + k)·R·C`` elements of the
+    storage format; ``resident``: its element address in the weight buffer while it is held there."""
+
+    name: str
+    memory: int
+    J: int
+    K: int
+    resident: int | None = None
+
+    @property
+    def lines(self) -> int:
+        return self.J * self.K
+
+
+@dataclass(frozen=True)
+class OnChip:
+    """Vectors in a buffer, one per token ``token_stride`` elements apart; ``address`` holds chunk (or, for
+    outputs and biases, row tile) ``first`` of the matrix's input (output)."""
+
+    buffer: Buffer
+    address: int
+    token_stride: int
+    first: int = 0
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """Input vectors in memory: token rows ``row_stride`` bytes apart, ``row_elements`` valid elements each,
+    in the compute (exact) or storage format."""
+
+    address: int
+    row_stride: int
+    row_elements: int
+    compute: bool
+
+
+class WeightArea:
+    """The part of the weight buffer that streamed matrix tiles pass through (two halves when it can), and
+    the staging region that streamed input vectors pass through."""
+
+    def __init__(self, config: MarcaConfig, address: int, lines: int, staging: tuple | None = None):
+        if lines < 1:
+            raise CompileError("no weight-buffer line is left for matrix tiles")
+        self.config = config
+        self.address, self.lines = address, lines
+        self.halves = 2 if lines >= 2 else 1
+        self.half_lines = lines // self.halves
+        self.half = 0
+        self.staging = staging        # (buffer, element address, lines) or None
+
+    def next_half(self) -> int:
+        self.half = 1 - self.half if self.halves == 2 else 0
+        return self.address + self.half * self.half_lines * self.config.lanes
+
+
+def _shift(operand, t: int):
+    if isinstance(operand, InMemory):
+        return replace(operand, address=operand.address + t * operand.row_stride)
+    return replace(operand, address=operand.address + t * operand.token_stride)
+
+
+def emit_linear(emitter: Emitter, area: WeightArea, matrix: Matrix, tokens: int, source, output: OnChip, *,
+                rows: tuple[int, int] | None = None, chunks: tuple[int, int] | None = None,
+                bias: OnChip | None = None, accumulate: bool = False, intra_operation: bool = True) -> None:
+    """Row tiles ``rows`` of ``matrix`` times chunks ``chunks`` of ``source`` for ``tokens`` tokens into
+    ``output`` (``accumulate``: add to the partial sums already there; otherwise start from ``bias`` or +0).
+
+    intra_operation False: one token at a time, so the matrix is fetched again for every token."""
+    if not intra_operation and tokens > 1:
+        for t in range(tokens):
+            emit_linear(emitter, area, matrix, 1, _shift(source, t), _shift(output, t), rows=rows, chunks=chunks,
+                        bias=bias, accumulate=accumulate)
+        return
+    rows = rows or (0, matrix.J)
+    chunks = chunks or (0, matrix.K)
+    if rows[0] >= rows[1] or chunks[0] >= chunks[1]:
+        return
+    C = area.config.array_cols
+    if isinstance(source, InMemory):
+        buffer, address, lines = area.staging
+        group = max(1, lines * area.config.lanes // (tokens * C))
+        size = area.config.compute_bytes if source.compute else area.config.storage_bytes
+        for k0 in range(chunks[0], chunks[1], group):
+            k1 = min(chunks[1], k0 + group)
+            first, count = k0 * C, min(k1 * C, source.row_elements) - k0 * C
+            emitter.dma(isa.Load, memory_address=source.address + first * size, rows=tokens, row_elements=count,
+                        memory_row_stride=source.row_stride, buffer=buffer, address=address,
+                        buffer_row_stride=(k1 - k0) * C, compute=source.compute)
+            _weights(emitter, area, matrix, tokens, OnChip(buffer, address, (k1 - k0) * C, k0), output, rows,
+                     (k0, k1), bias, accumulate or k0 > chunks[0])
+    else:
+        _weights(emitter, area, matrix, tokens, source, output, rows, chunks, bias, accumulate)
+
+
+def _weights(emitter, area, matrix, tokens, vector, output, rows, chunks, bias, accumulate):
+    config = area.config
+    R, C, P = config.array_rows, config.array_cols, config.lanes
+    K = matrix.K
+    if vector.token_stride % C or output.token_stride % R:
+        raise AssertionError("token strides must be whole chunks and row tiles")
+
+    def linear(matrix_address, j0, j_count, k0, k_count, partial):
+        fields = dict(matrix_buffer=Buffer.WEIGHT, matrix_address=matrix_address, chunk_count=k_count,
+                      row_tile_count=j_count, token_count=tokens, vector_buffer=vector.buffer,
+                      vector_address=vector.address + (k0 - vector.first) * C,
+                      vector_token_stride=vector.token_stride // C, output_buffer=output.buffer,
+                      output_address=output.address + (j0 - output.first) * R,
+                      output_token_stride=output.token_stride // R)
+        if partial:
+            fields.update(init=LinearInit.BIAS, bias_buffer=output.buffer, bias_address=fields["output_address"],
+                          bias_token_stride=output.token_stride // R)
+        elif bias is not None:
+            fields.update(init=LinearInit.BIAS, bias_buffer=bias.buffer,
+                          bias_address=bias.address + (j0 - bias.first) * R, bias_token_stride=0)
+        emitter.emit(isa.Linear(**fields))
+
+    (j_lo, j_hi), (k_lo, k_hi) = rows, chunks
+    k_count = k_hi - k_lo
+    if matrix.resident is not None:
+        if k_count == K:
+            linear(matrix.resident + j_lo * K * P, j_lo, j_hi - j_lo, 0, K, accumulate)
+        else:
+            for j in range(j_lo, j_hi):
+                linear(matrix.resident + (j * K + k_lo) * P, j, 1, k_lo, k_count, accumulate)
+        return
+    line_bytes = P * config.storage_bytes
+    half = area.half_lines
+    if k_count <= half:
+        group = min(j_hi - j_lo, half // k_count)
+        for j0 in range(j_lo, j_hi, group):
+            count = min(group, j_hi - j0)
+            address = area.next_half()
+            emitter.dma(isa.Load, memory_address=matrix.memory + (j0 * K + k_lo) * line_bytes, rows=count,
+                        row_elements=k_count * P, memory_row_stride=K * line_bytes, buffer=Buffer.WEIGHT,
+                        address=address, buffer_row_stride=k_count * P, compute=False)
+            linear(address, j0, count, k_lo, k_count, accumulate)
+    else:    # one row tile's chunks do not fit a half: split them, accumulating through the bias path
+        for j in range(j_lo, j_hi):
+            for k0 in range(k_lo, k_hi, half):
+                count = min(half, k_hi - k0)
+                address = area.next_half()
+                emitter.load_lines(matrix.memory + (j * K + k0) * line_bytes, count, Buffer.WEIGHT, address)
+                linear(address, j, 1, k0, count, accumulate or k0 > k_lo)

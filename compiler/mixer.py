@@ -1,0 +1,563 @@
+"""The Mamba-1 mixer: memory layout of its weights, the tiling plan for a configuration, and its lowering
+to instructions (docs/compiler.md).
+
+Dataflow of one token block (``T`` tokens), with ``d_inner`` cut into channel groups of ``G`` lines:
+
+* stage 1, per group: in_proj x rows of the group → conv window, causal conv + bias, SiLU → ``xc``;
+  x_proj's dt, B, C partial sums accumulate over the groups (its input is all of ``d_inner``);
+* stage 2, per group: dt_proj rows + bias, softplus → delta; delta·xc, D·xc; the selective scan per token
+  (in scan groups of channel tiles whose ``h`` and ``A`` sit in the state buffer); in_proj z rows, SiLU,
+  ``y · silu(z)``;
+* stage 3: out_proj over all of ``d_inner`` → the block's output rows, in groups of output row tiles when
+  they do not fit.
+
+With one group (everything fits, the usual case on big buffers) ``xc`` and ``y`` never leave the chip;
+with several, each group's ``xc`` and ``y`` (and its conv window) make one round trip through memory in
+the exact compute format. Channels are independent in the conv and the scan, and every reduction keeps its
+order, so the grouping never changes a bit.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from marca import isa
+from marca.config import MarcaConfig
+from marca.golden import fp
+from marca.isa import Broadcast, Buffer, ElementwiseOp, LinearInit, NonlinearFunction
+from marca.reference.mamba import MambaDims
+
+from .emit import Allocator, Emitter
+from .layout import MemoryImage, TensorPlace, ceil_div, line_vector, tile_matrix
+from .linear import InMemory, Matrix, OnChip, WeightArea, emit_linear
+from .options import CompileError, CompileOptions
+
+__all__ = ["MixerWeights", "MixerPlan", "layout_mixer", "plan_mixer", "lower_mixer", "MIXER_MATRICES"]
+
+#: The mixer's matrices as the compiler splits them (in_proj into its x and z halves, x_proj into dt/B/C).
+MIXER_MATRICES = ("in_x", "in_z", "x_dt", "x_B", "x_C", "dt", "out")
+
+_ACTIVATION_ORDER = (Buffer.ACTIVATION, Buffer.SCRATCH, Buffer.STATE)
+_SCRATCH_ORDER = (Buffer.SCRATCH, Buffer.ACTIVATION, Buffer.STATE)
+
+
+@dataclass
+class MixerWeights:
+    """Where one mixer's weights and states live in memory.
+
+    ``parameters``: the per-channel vectors (conv taps, conv bias, dt bias, D, optional in_proj bias
+    halves), each ``d_inner`` padded to whole lines, vector after vector (``vectors`` names them in order);
+    ``out_bias``: optional out_proj bias (``d_model`` padded to lines); ``A``: ``-exp(A_log)`` in R x C
+    tiles; ``matrices``: the tiled matrices; ``conv_state`` / ``ssm_state``: the states (compute format).
+    """
+
+    dims: MambaDims
+    vectors: list
+    parameters: int
+    out_bias: int | None
+    A: int
+    matrices: dict
+    conv_state: TensorPlace
+    ssm_state: TensorPlace
+
+
+def _lines(config, n):
+    return ceil_div(n, config.lanes)
+
+
+def layout_mixer(image: MemoryImage, prefix: str, weights: dict | None, dims: MambaDims,
+                 config: MarcaConfig) -> MixerWeights:
+    """Place one mixer's weights (``weights`` with transformers' MambaMixer names, or None: shapes only)
+    and its states in ``image``."""
+    R, C, P = config.array_rows, config.array_cols, config.lanes
+    storage, sb, cb = config.storage_format, config.storage_bytes, config.compute_bytes
+    d = dims
+    Di, Dm, N, Rk = d.d_inner, d.d_model, d.d_state, d.dt_rank
+    Di_l, Dm_l = _lines(config, Di), _lines(config, Dm)
+    w = None if weights is None else {name: value.detach().to("cpu", torch.float64)
+                                      for name, value in weights.items()}
+    has = (lambda name: name in w) if w is not None else \
+        (lambda name: name in d.parameter_shapes())
+    vectors = [f"conv_tap{k}" for k in range(d.d_conv)]
+    if has("conv1d.bias"):
+        vectors.append("conv_bias")
+    vectors += ["dt_bias", "D"]
+    if has("in_proj.bias"):
+        vectors += ["in_x_bias", "in_z_bias"]
+
+    def encoded(values):
+        return None if values is None else fp.encode(values, storage)
+
+    block = None
+    if w is not None:
+        taps = w["conv1d.weight"][:, 0, :]
+        values = {f"conv_tap{k}": taps[:, k] for k in range(d.d_conv)}
+        values.update(dt_bias=w["dt_proj.bias"], D=w["D"])
+        if "conv1d.bias" in w:
+            values["conv_bias"] = w["conv1d.bias"]
+        if "in_proj.bias" in w:
+            values.update(in_x_bias=w["in_proj.bias"][:Di], in_z_bias=w["in_proj.bias"][Di:])
+        block = torch.cat([line_vector(values[name], Di_l, P) for name in vectors])
+    parameters = image.place(f"{prefix}parameters", encoded(block), sb, len(vectors) * Di_l * P)
+    out_bias = None
+    if has("out_proj.bias"):
+        out_bias = image.place(f"{prefix}out_proj bias",
+                               encoded(None if w is None else line_vector(w["out_proj.bias"], Dm_l, P)),
+                               sb, Dm_l * P)
+    Jd, Kn = ceil_div(Di, R), ceil_div(N, C)
+    A = image.place(f"{prefix}A tiles", encoded(None if w is None else tile_matrix(-torch.exp(w["A_log"]), R, C)),
+                    sb, Jd * Kn * P)   # A = -exp(A_log): weights only, done once on the host
+    shapes = {"in_x": (Di, Dm), "in_z": (Di, Dm), "x_dt": (Rk, Di), "x_B": (N, Di), "x_C": (N, Di),
+              "dt": (Di, Rk), "out": (Dm, Di)}
+    if w is not None:
+        in_w, x_w = w["in_proj.weight"], w["x_proj.weight"]
+        values = {"in_x": in_w[:Di], "in_z": in_w[Di:], "x_dt": x_w[:Rk], "x_B": x_w[Rk:Rk + N],
+                  "x_C": x_w[Rk + N:], "dt": w["dt_proj.weight"], "out": w["out_proj.weight"]}
+    matrices = {}
+    for name in MIXER_MATRICES:
+        rows, cols = shapes[name]
+        J, K = ceil_div(rows, R), ceil_div(cols, C)
+        address = image.place(f"{prefix}matrix {name}",
+                              encoded(None if w is None else tile_matrix(values[name], R, C)), sb, J * K * P)
+        matrices[name] = Matrix(name, address, J, K)
+    conv_state = TensorPlace(image.allocate(f"{prefix}conv_state", d.d_conv * Di_l * P * cb), d.d_conv,
+                             Di_l * P, Di_l * P * cb, "compute", "[d_conv, d_inner padded to lines], oldest first")
+    ssm_state = TensorPlace(image.allocate(f"{prefix}ssm_state", Jd * Kn * P * cb), Jd * Kn, P, P * cb,
+                            "compute", "R x C tiles of [d_inner, d_state], lines (j, k)")
+    return MixerWeights(dims, vectors, parameters, out_bias, A, matrices, conv_state, ssm_state)
+
+
+@dataclass
+class MixerPlan:
+    """The tiling and buffer allocation of a mixer for one configuration and token count.
+
+    block_tokens: tokens per block; group_lines: lines of d_inner per channel group (all of them: one
+    group); parameters_resident: every per-channel vector on chip for the whole mixer (else each group
+    loads its slice); hidden_resident / output_resident: the block's input / output rows on chip (else
+    streamed in chunks through ``staging`` / written in groups of ``output_group_tiles`` row tiles);
+    scan_tiles: channel tiles per scan group; scan_resident: h and A stay on chip for the whole mixer;
+    weights_resident: every matrix stays in the weight buffer; regions: buffer and element address of
+    each region; weight_area: (element address, lines) of the streaming area."""
+
+    block_tokens: int
+    group_lines: int
+    parameters_resident: bool
+    hidden_resident: bool
+    output_resident: bool
+    output_group_tiles: int
+    staging_lines: int
+    scan_tiles: int
+    scan_resident: bool
+    weights_resident: bool
+    groups: int = 1
+    regions: dict = field(default_factory=dict)
+    weight_area: tuple = (0, 0)
+    parameter_area: int = 0
+
+    def describe(self) -> str:
+        keys = ("block_tokens", "group_lines", "parameters_resident", "hidden_resident", "output_resident",
+                "output_group_tiles", "staging_lines", "scan_tiles", "scan_resident", "weights_resident")
+        return ", ".join(f"{key}={getattr(self, key)}" for key in keys)
+
+
+def _row_lines(config, dims):
+    """Lines per token of each token-block region."""
+    Di_l = _lines(config, dims.d_inner)
+    return Di_l, {"DT": _lines(config, dims.dt_rank), "BB": _lines(config, dims.d_state),
+                  "CC": _lines(config, dims.d_state)}
+
+
+def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOptions, length: int,
+               base: Allocator) -> MixerPlan:
+    """Choose the tiling of ``layout``'s mixer for ``length`` tokens: the biggest channel group, then the
+    biggest token block, that fit beside what ``base`` already holds. Raises CompileError (the buffer,
+    the need, what there is) when not even one token of one line of channels fits."""
+    d = layout.dims
+    R, C, P = config.array_rows, config.array_cols, config.lanes
+    Di_l, small = _row_lines(config, d)
+    Dm_l = _lines(config, d.d_model)
+    Jd, Kn = ceil_div(d.d_inner, R), ceil_div(d.d_state, C)
+    vectors = len(layout.vectors)
+    total_matrix_lines = sum(m.lines for m in layout.matrices.values())
+    longest_input = max(m.K for m in layout.matrices.values())
+    top = min(Di_l, options.max_group_lines or Di_l, 4095)
+    group_candidates = []
+    g = top
+    while True:
+        group_candidates.append(g)
+        if g == 1:
+            break
+        g = ceil_div(g, 2)
+    token_limit = min(length, options.max_block_tokens or length)
+
+    def attempt(T, G, params_resident, hidden_resident, output_resident, O, staging_chunks, S):
+        trial = base.copy()
+        regions = {}
+        parameter_lines = vectors * (Di_l if params_resident else G)
+        regions["PARAMS"] = trial.take("the per-channel parameters", parameter_lines, [Buffer.WEIGHT])
+        area_lines = trial.free(Buffer.WEIGHT)
+        if options.max_weight_lines is not None:
+            area_lines = min(area_lines, options.max_weight_lines)
+        if area_lines < 1:
+            raise CompileError(f"the weight buffer has no line left for matrix tiles after "
+                               f"{parameter_lines} lines of per-channel parameters "
+                               f"(configuration {config.name!r}: {trial.size[Buffer.WEIGHT]} lines)")
+        area = (trial.next[Buffer.WEIGHT] * P, area_lines)
+        regions["h"] = trial.take("the scan state h of one scan group", S * Kn, [Buffer.STATE])
+        regions["A"] = trial.take("the scan's A tiles of one scan group", S * Kn, [Buffer.STATE])
+        regions["dA"] = trial.take("the scan's decay tile", S * Kn, _SCRATCH_ORDER)
+        regions["dBx"] = trial.take("the scan's drive tile", S * Kn, _SCRATCH_ORDER)
+        need = {name: T * G for name in ("XC", "Z", "DELTA", "DX", "DXD", "Y")}
+        need["X"] = (d.d_conv + T) * G
+        need.update({name: T * lines for name, lines in small.items()})
+        if hidden_resident:
+            need["H"] = T * Dm_l
+        need["OUT"] = T * Dm_l if output_resident else ceil_div(T * O * R, P)
+        if layout.out_bias is not None:
+            need["OBIAS"] = Dm_l if output_resident else ceil_div(O * R, P)
+        if staging_chunks:
+            need["STAGING"] = ceil_div(T * staging_chunks * C, P)
+        for name in sorted(need, key=lambda n: -need[n]):      # biggest first keeps first fit from stranding
+            regions[name] = trial.take(f"the token block's {name} region ({T} tokens)", need[name],
+                                       _ACTIVATION_ORDER)
+        return regions, area
+
+    def build(T, G, params_resident, hidden_resident, output_resident, O, staging_chunks, S):
+        regions, area = attempt(T, G, params_resident, hidden_resident, output_resident, O, staging_chunks, S)
+        weights_resident = options.intra_operation and total_matrix_lines <= area[1]
+        plan = MixerPlan(block_tokens=T, group_lines=G, parameters_resident=params_resident,
+                         hidden_resident=hidden_resident, output_resident=output_resident,
+                         output_group_tiles=O,
+                         staging_lines=ceil_div(T * staging_chunks * C, P) if staging_chunks else 0,
+                         scan_tiles=S, scan_resident=G >= Di_l and S >= Jd, weights_resident=weights_resident,
+                         groups=ceil_div(Di_l, G), regions=regions, weight_area=area,
+                         parameter_area=regions["PARAMS"][1])
+        return plan
+
+    def fits(*args) -> bool:
+        try:
+            attempt(*args)
+            return True
+        except CompileError:
+            return False
+
+    def largest(low, high, ok):
+        """The largest value in [low, high] for which ok holds (ok(low) is known to hold)."""
+        best = low
+        while low <= high:
+            middle = (low + high) // 2
+            if ok(middle):
+                best, low = middle, middle + 1
+            else:
+                high = middle - 1
+        return best
+
+    first_error = None
+    for G in group_candidates:
+        group_tiles = min(Jd, G * C)
+        scan_top = min(group_tiles, options.max_scan_tiles or group_tiles)
+        for params_resident in ((True, False) if G < Di_l else (True,)):
+            for hidden_resident, output_resident in ((True, True), (False, True), (True, False),
+                                                     (False, False)):
+                streamed = not hidden_resident or G < Di_l
+                staging = 1 if streamed else 0
+                O = 0 if output_resident else 1
+                args = lambda T=1, S=1, O=O, staging=staging: (T, G, params_resident, hidden_resident,
+                                                                output_resident, O, staging, S)
+                try:
+                    attempt(*args())
+                except CompileError as error:
+                    first_error = first_error or error
+                    continue
+                # h and A of as many channel tiles as the state buffer holds (as before the token block)
+                S = max(1, min(scan_top, base.free(Buffer.STATE) // (2 * Kn)))
+                while S > 1 and not fits(*args(S=S)):
+                    S = ceil_div(S, 2)
+                T = largest(1, token_limit, lambda t: fits(*args(T=t, S=S)))
+                if staging:
+                    staging = largest(1, longest_input, lambda k: fits(*args(T=T, S=S, staging=k)))
+                if not output_resident:
+                    O = largest(1, ceil_div(d.d_model, R), lambda o: fits(*args(T=T, S=S, staging=staging,
+                                                                                 O=o)))
+                return build(*args(T=T, S=S, staging=staging, O=O))
+    raise first_error
+
+
+def lower_mixer(emitter: Emitter, layout: MixerWeights, plan: MixerPlan, config: MarcaConfig,
+                options: CompileOptions, *, length: int, hidden: TensorPlace, output: TensorPlace,
+                staging_memory: dict, zero: tuple) -> None:
+    """Emit the mixer's program: ``length`` tokens from ``hidden`` rows to ``output`` rows, states read
+    from and written back to ``layout``'s state places. ``staging_memory``: memory places ``XC`` and ``Y``
+    (``[block_tokens, d_inner padded]`` compute rows) for the channel-grouped dataflow; ``zero``: (buffer,
+    address) of a +0 element."""
+    _MixerLowering(emitter, layout, plan, config, options, length, hidden, output, staging_memory, zero).run()
+
+
+class _MixerLowering:
+    def __init__(self, emitter, layout, plan, config, options, length, hidden, output, staging_memory, zero):
+        self.em, self.layout, self.plan, self.config, self.options = emitter, layout, plan, config, options
+        self.length, self.hidden, self.output, self.staging_memory, self.zero = (length, hidden, output,
+                                                                                 staging_memory, zero)
+        self.R, self.C, self.P = config.array_rows, config.array_cols, config.lanes
+        d = layout.dims
+        self.d = d
+        self.Di_l, self.small = _row_lines(config, d)
+        self.Dm_l = _lines(config, d.d_model)
+        self.Jd, self.Kn = ceil_div(d.d_inner, self.R), ceil_div(d.d_state, self.C)
+        self.G = plan.group_lines
+        self.multi = plan.groups > 1
+        self.matrices = {name: Matrix(m.name, m.memory, m.J, m.K) for name, m in layout.matrices.items()}
+        staging = plan.regions.get("STAGING")
+        self.area = WeightArea(config, plan.weight_area[0], plan.weight_area[1],
+                               (*staging, plan.staging_lines) if staging else None)
+
+    # Regions -------------------------------------------------------------------------------------------
+
+    def token_lines(self, name):
+        return self.small.get(name, self.Dm_l if name in ("H", "OUT") else self.G)
+
+    def region(self, name, t=0):
+        buffer, address = self.plan.regions[name]
+        return buffer, address + t * self.token_lines(name) * self.P
+
+    def onchip(self, name, first=0, row=0):
+        buffer, address = self.region(name)
+        return OnChip(buffer, address + row * self.token_lines(name) * self.P, self.token_lines(name) * self.P,
+                      first)
+
+    def parameter(self, name, g0):
+        """(buffer, element address) of vector ``name`` for the group starting at line ``g0``."""
+        index = self.layout.vectors.index(name)
+        if self.plan.parameters_resident:
+            return Buffer.WEIGHT, self.plan.parameter_area + (index * self.Di_l + g0) * self.P
+        return Buffer.WEIGHT, self.plan.parameter_area + index * self.G * self.P
+
+    def parameter_onchip(self, name, g0):
+        if name not in self.layout.vectors:
+            return None
+        buffer, address = self.parameter(name, g0)
+        return OnChip(buffer, address, 0, g0 * self.C)
+
+    def linear(self, name, tokens, source, output, **kwargs):
+        emit_linear(self.em, self.area, self.matrices[name], tokens, source, output,
+                    intra_operation=self.options.intra_operation, **kwargs)
+
+    # Program -------------------------------------------------------------------------------------------
+
+    def run(self):
+        em, plan, P, d = self.em, self.plan, self.P, self.d
+        em.section(f"mixer: {plan.describe()}")
+        if plan.parameters_resident:
+            em.load_lines(self.layout.parameters, len(self.layout.vectors) * self.Di_l, Buffer.WEIGHT,
+                          plan.parameter_area)
+        if plan.scan_resident:
+            self.load_scan_group(0, self.Jd)
+        for name in sorted(plan.regions):
+            if name in ("PARAMS", "h", "A", "dA", "dBx"):
+                continue
+            buffer, address = plan.regions[name]
+            em.zero_fill(buffer, address, self.region_lines(name), self.zero)
+        if not self.multi:
+            xb, xa = self.region("X")
+            em.load_lines(self.layout.conv_state.address, d.d_conv * self.Di_l, xb, xa, compute=True)
+        if plan.weights_resident:
+            offset = plan.weight_area[0]
+            for matrix in self.matrices.values():
+                matrix.resident = offset
+                em.load_lines(matrix.memory, matrix.lines, Buffer.WEIGHT, offset)
+                offset += matrix.lines * P
+        for t0 in range(0, self.length, plan.block_tokens):
+            self.block(t0, min(plan.block_tokens, self.length - t0))
+        if plan.scan_resident:
+            em.store_lines(self.layout.ssm_state.address, self.layout.ssm_state.rows, *plan.regions["h"])
+        if not self.multi:
+            em.store_lines(self.layout.conv_state.address, d.d_conv * self.Di_l, *self.region("X"))
+
+    def region_lines(self, name):
+        plan, d = self.plan, self.d
+        T = plan.block_tokens
+        if name == "X":
+            return (d.d_conv + T) * self.G
+        if name == "OUT" and not plan.output_resident:
+            return ceil_div(T * plan.output_group_tiles * self.R, self.P)
+        if name == "OBIAS":
+            return self.Dm_l if plan.output_resident else ceil_div(plan.output_group_tiles * self.R, self.P)
+        if name == "STAGING":
+            return plan.staging_lines
+        return T * self.token_lines(name)
+
+    def groups(self):
+        for g0 in range(0, self.Di_l, self.G):
+            yield g0, min(self.G, self.Di_l - g0)
+
+    def load_group_parameters(self, g0, lines):
+        if self.plan.parameters_resident:
+            return
+        P, sb = self.P, self.config.storage_bytes
+        self.em.dma(isa.Load, memory_address=self.layout.parameters + g0 * P * sb, rows=len(self.layout.vectors),
+                    row_elements=lines * P, memory_row_stride=self.Di_l * P * sb, buffer=Buffer.WEIGHT,
+                    address=self.plan.parameter_area, buffer_row_stride=self.G * P, compute=False)
+
+    def load_scan_group(self, j0, count):
+        """h and A tiles of channel tiles j0 .. j0 + count - 1 into the state buffer."""
+        P, Kn, config = self.P, self.Kn, self.config
+        self.em.load_lines(self.layout.ssm_state.address + j0 * Kn * P * config.compute_bytes, count * Kn,
+                           *self.plan.regions["h"], compute=True)
+        self.em.load_lines(self.layout.A + j0 * Kn * P * config.storage_bytes, count * Kn, *self.plan.regions["A"])
+
+    def hidden_source(self, t0, tokens):
+        if self.plan.hidden_resident:
+            return self.onchip("H")
+        place = self.hidden
+        return InMemory(place.address + t0 * place.row_stride, place.row_stride, place.row_elements, place.compute)
+
+    def block(self, t0, tokens):
+        em, d, P, G, C = self.em, self.d, self.P, self.G, self.C
+        cb = self.config.compute_bytes
+        dc = d.d_conv
+        W = Buffer.WEIGHT
+        em.section(f"mixer block: tokens {t0}..{t0 + tokens - 1}")
+        if self.plan.hidden_resident:
+            hb, ha = self.region("H")
+            em.dma(isa.Load, memory_address=self.hidden.address + t0 * self.hidden.row_stride, rows=tokens,
+                   row_elements=self.hidden.row_elements, memory_row_stride=self.hidden.row_stride, buffer=hb,
+                   address=ha, buffer_row_stride=self.Dm_l * P, compute=self.hidden.compute)
+        source = self.hidden_source(t0, tokens)
+        xb, xa = self.region("X")
+        cxb, cxa = self.region("XC")
+        state = self.layout.conv_state
+
+        # Stage 1: in_proj x, conv, SiLU, x_proj partial sums.
+        for index, (g0, lines) in enumerate(self.groups()):
+            if self.multi:
+                em.section(f"stage 1, channel lines {g0}..{g0 + lines - 1}")
+            self.load_group_parameters(g0, lines)
+            if self.multi:
+                em.dma(isa.Load, memory_address=state.address + g0 * P * cb, rows=dc, row_elements=lines * P,
+                       memory_row_stride=state.row_stride, buffer=xb, address=xa, buffer_row_stride=G * P,
+                       compute=True)
+            tiles = (g0 * C, min(self.Jd, (g0 + lines) * C))
+            self.linear("in_x", tokens, source, OnChip(xb, xa + dc * G * P, G * P, g0 * C), rows=tiles,
+                        bias=self.parameter_onchip("in_x_bias", g0))
+            tap = lambda k: (*self.parameter(f"conv_tap{k}", g0), 0, 1)
+            window = lambda k: (xb, xa + (1 + k) * G * P, G, 1)
+            xc = (cxb, cxa, G, 1)
+            em.elementwise(ElementwiseOp.MUL, tokens, lines, xc, tap(0), window(0))
+            for k in range(1, dc):
+                em.elementwise(ElementwiseOp.MULADD, tokens, lines, xc, tap(k), window(k), xc)
+            if "conv_bias" in self.layout.vectors:
+                em.elementwise(ElementwiseOp.ADD, tokens, lines, xc, xc, (*self.parameter("conv_bias", g0), 0, 1))
+            em.nonlinear(NonlinearFunction.SILU, cxb, cxa, tokens * G)
+            # the conv window's last d_conv rows are the history of the next block
+            if self.multi:
+                em.dma(isa.Store, memory_address=state.address + g0 * P * cb, rows=dc, row_elements=lines * P,
+                       memory_row_stride=state.row_stride, buffer=xb, address=xa + tokens * G * P,
+                       buffer_row_stride=G * P, compute=True)
+            else:     # slide in place (a forward copy is legal in one instruction)
+                em.elementwise(ElementwiseOp.PASS, dc, lines, (xb, xa, G, 1), (xb, xa + tokens * G * P, G, 1),
+                               spill=False)
+            chunks = (g0 * self.R, min(self.matrices["x_dt"].K, (g0 + lines) * self.R))
+            for name, region in (("x_dt", "DT"), ("x_B", "BB"), ("x_C", "CC")):
+                self.linear(name, tokens, OnChip(cxb, cxa, G * P, g0 * self.R), self.onchip(region),
+                            chunks=chunks, accumulate=index > 0)
+            if self.multi:
+                place = self.staging_memory["XC"]
+                em.dma(isa.Store, memory_address=place.address + g0 * P * cb, rows=tokens, row_elements=lines * P,
+                       memory_row_stride=place.row_stride, buffer=cxb, address=cxa, buffer_row_stride=G * P,
+                       compute=True)
+
+        # Stage 2: delta, the scan, the gate.
+        db, da = self.region("DELTA")
+        yb, ya = self.region("Y")
+        zb, za = self.region("Z")
+        Kn = self.Kn
+        tile = lambda place: (place[0], place[1], Kn, 1)
+        h, A, dA, dBx = (self.plan.regions[name] for name in ("h", "A", "dA", "dBx"))
+        for g0, lines in self.groups():
+            if self.multi:
+                em.section(f"stage 2, channel lines {g0}..{g0 + lines - 1}")
+                self.load_group_parameters(g0, lines)
+                place = self.staging_memory["XC"]
+                em.dma(isa.Load, memory_address=place.address + g0 * P * cb, rows=tokens, row_elements=lines * P,
+                       memory_row_stride=place.row_stride, buffer=cxb, address=cxa, buffer_row_stride=G * P,
+                       compute=True)
+            tiles = (g0 * C, min(self.Jd, (g0 + lines) * C))
+            self.linear("dt", tokens, self.onchip("DT"), OnChip(db, da, G * P, g0 * C), rows=tiles,
+                        bias=self.parameter_onchip("dt_bias", g0))
+            em.nonlinear(NonlinearFunction.SOFTPLUS, db, da, tokens * G)
+            xc = (cxb, cxa, G, 1)
+            dxb, dxa = self.region("DX")
+            em.elementwise(ElementwiseOp.MUL, tokens, lines, (dxb, dxa, G, 1), (db, da, G, 1), xc)
+            dxdb, dxda = self.region("DXD")
+            em.elementwise(ElementwiseOp.MUL, tokens, lines, (dxdb, dxda, G, 1), (*self.parameter("D", g0), 0, 1),
+                           xc)
+            # the selective scan, token by token, one scan group of channel tiles at a time
+            for j0 in range(tiles[0], tiles[1], self.plan.scan_tiles):
+                count = min(self.plan.scan_tiles, tiles[1] - j0)
+                if not self.plan.scan_resident:
+                    self.load_scan_group(j0, count)
+                for t in range(tokens):
+                    def rows(name, offset=(j0 - g0 * C) * self.R):
+                        buffer, address = self.region(name, t)
+                        return buffer, address + offset
+                    # decay = exp(delta[t, d] * A[d, n])
+                    em.elementwise(ElementwiseOp.MUL, count, Kn, tile(dA), (*rows("DELTA"), 1, 0, Broadcast.ROW),
+                                   tile(A))
+                    em.nonlinear(NonlinearFunction.EXP, dA[0], dA[1], count * Kn)
+                    # drive = (delta[t, d] * x[t, d]) * B[t, n]
+                    em.elementwise(ElementwiseOp.MUL, count, Kn, tile(dBx), (*rows("DX"), 1, 0, Broadcast.ROW),
+                                   (*self.region("BB", t), 0, 1, Broadcast.COLUMN))
+                    # h = decay * h + drive
+                    em.elementwise(ElementwiseOp.MULADD, count, Kn, tile(h), tile(dA), tile(h), tile(dBx))
+                    # y[t, d] = sum_n h[d, n] * C[t, n] + D[d] * x[t, d]
+                    out_b, out_a = rows("Y")
+                    ccb, cca = self.region("CC", t)
+                    bias_b, bias_a = rows("DXD")
+                    em.emit(isa.Linear(matrix_buffer=h[0], matrix_address=h[1], chunk_count=Kn,
+                                       row_tile_count=count, token_count=1, vector_buffer=ccb, vector_address=cca,
+                                       output_buffer=out_b, output_address=out_a, init=LinearInit.BIAS,
+                                       bias_buffer=bias_b, bias_address=bias_a))
+                if not self.plan.scan_resident:
+                    em.store_lines(self.layout.ssm_state.address + j0 * Kn * P * cb, count * Kn, *h)
+            self.linear("in_z", tokens, source, OnChip(zb, za, G * P, g0 * C), rows=tiles,
+                        bias=self.parameter_onchip("in_z_bias", g0))
+            em.nonlinear(NonlinearFunction.SILU, zb, za, tokens * G)
+            em.elementwise(ElementwiseOp.MUL, tokens, lines, (yb, ya, G, 1), (yb, ya, G, 1), (zb, za, G, 1))
+            if self.multi:
+                place = self.staging_memory["Y"]
+                em.dma(isa.Store, memory_address=place.address + g0 * P * cb, rows=tokens, row_elements=lines * P,
+                       memory_row_stride=place.row_stride, buffer=yb, address=ya, buffer_row_stride=G * P,
+                       compute=True)
+
+        # Stage 3: out_proj.
+        em.section("stage 3: out_proj")
+        if self.multi:
+            place = self.staging_memory["Y"]
+            y_source = InMemory(place.address, place.row_stride, self.Di_l * P, True)
+        else:
+            y_source = self.onchip("Y")
+        self.output_projection(t0, tokens, y_source)
+
+    def output_projection(self, t0, tokens, y_source):
+        em, P, R = self.em, self.P, self.R
+        out, sb = self.output, self.config.storage_bytes
+        size = self.config.compute_bytes if out.compute else sb
+        J = self.matrices["out"].J
+        group = J if self.plan.output_resident else self.plan.output_group_tiles
+        ob, oa = self.region("OUT")
+        for j0 in range(0, J, group):
+            j1 = min(J, j0 + group)
+            bias = None
+            if self.layout.out_bias is not None:
+                bb, ba = self.region("OBIAS")
+                count = min(j1 * R, self.d.d_model) - j0 * R
+                em.dma(isa.Load, memory_address=self.layout.out_bias + j0 * R * sb, rows=1, row_elements=count,
+                       memory_row_stride=count * sb, buffer=bb, address=ba, buffer_row_stride=count, compute=False)
+                bias = OnChip(bb, ba, 0, j0)
+            stride = self.Dm_l * P if self.plan.output_resident else group * R
+            self.linear("out", tokens, y_source, OnChip(ob, oa, stride, j0), rows=(j0, j1), bias=bias)
+            first = j0 * R
+            count = min(j1 * R, out.row_elements) - first
+            em.dma(isa.Store, memory_address=out.address + t0 * out.row_stride + first * size, rows=tokens,
+                   row_elements=count, memory_row_stride=out.row_stride, buffer=ob, address=oa,
+                   buffer_row_stride=stride, compute=out.compute)
