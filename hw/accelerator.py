@@ -115,7 +115,8 @@ class Accelerator(wiring.Component):
                      fetch.address.eq(controller.program_address), controller.fetch_idle.eq(fetch.idle)]
         wiring.connect(m, controller.dma_command, dma.command)
         m.d.comb += [controller.dma_busy.eq(dma.busy), controller.dma_done.eq(dma.done),
-                     controller.dma_error.eq(dma.error), dma.abort.eq(controller.dma_abort)]
+                     controller.dma_error.eq(dma.error), controller.dma_index_error.eq(dma.index_error),
+                     dma.abort.eq(controller.dma_abort)]
         wiring.connect(m, controller.compute_command, engine.command)
         m.d.comb += [controller.compute_idle.eq(engine.idle), engine.abort.eq(controller.compute_abort)]
         wiring.connect(m, engine.array_in, array.i)
@@ -197,7 +198,8 @@ class Accelerator(wiring.Component):
         m.d.comb += [
             csr.counting.eq(controller.running),
             events.instructions.eq(retire),
-            events.load_instructions.eq(retire & (controller.retired == Opcode.LOAD)),
+            events.load_instructions.eq(retire & ((controller.retired == Opcode.LOAD)
+                                                  | (controller.retired == Opcode.GATHER))),   # docs/isa.md
             events.store_instructions.eq(retire & (controller.retired == Opcode.STORE)),
             events.linear_instructions.eq(retire & (controller.retired == Opcode.LINEAR)),
             events.elementwise_instructions.eq(retire & (controller.retired == Opcode.ELEMENTWISE)),

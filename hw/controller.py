@@ -243,7 +243,7 @@ class Controller(wiring.Component):
     fetch_start, fetch_stop : Out(1)
     fetch_idle : In(1)
     dma_command : Out(stream.Signature(dma_command_layout))
-    dma_busy, dma_done, dma_error : In(1)
+    dma_busy, dma_done, dma_error, dma_index_error : In(1)
     dma_abort : Out(1)
     compute_command : Out(stream.Signature(compute_command_layout()))
     compute_idle : In(1)
@@ -268,7 +268,8 @@ class Controller(wiring.Component):
             "instruction": In(stream.Signature(isa.INSTRUCTION_BITS + 1)),
             "fetch_start": Out(1), "fetch_stop": Out(1), "fetch_idle": In(1),
             "dma_command": Out(stream.Signature(dma_layout)),
-            "dma_busy": In(1), "dma_done": In(1), "dma_error": In(1), "dma_abort": Out(1),
+            "dma_busy": In(1), "dma_done": In(1), "dma_error": In(1), "dma_index_error": In(1),
+            "dma_abort": Out(1),
             "compute_command": Out(stream.Signature(compute_command_layout())),
             "compute_idle": In(1), "compute_abort": Out(1),
             "retired": Out(isa.OPCODE_BITS), "retire": Out(1), "fetched": Out(1),
@@ -316,7 +317,7 @@ class Controller(wiring.Component):
             return p.sum(terms, f"{name}_last")
 
         out = []
-        if opcode in (Opcode.LOAD, Opcode.STORE):
+        if opcode in (Opcode.LOAD, Opcode.STORE, Opcode.GATHER):
             out.append((f.buffer, f.buffer_address,
                         last(f.buffer_address, [("row_count", f.buffer_row_stride)], f.row_elements, "rows"),
                         1, Const(1, 1)))
@@ -365,6 +366,28 @@ class Controller(wiring.Component):
             out.append((f.dst_buffer, f.dst_address, last(f.dst_address, [("line_count", lanes)], lanes, "dst"),
                         lanes, Const(1, 1)))
         return out
+
+    def _gather_check(self, m, p, word, minus_one, load_flags):
+        """GATHER's flags. Its first fields are LOAD's, at the same bits, so LOAD's alignment and buffer
+        range flags serve it too; added: the index address's alignment, and MEMORY_RANGE over the whole
+        table (rows 0 .. table_rows-1) and over the id array."""
+        config = self.config
+        f = _Fields(word, Opcode.GATHER)
+        _, load_misaligned, load_buffer_range, _ = load_flags
+        index_misaligned = p.reg(f.index_address[:exact_log2(isa.INDEX_BYTES)] != 0, 0, "index_misaligned")
+        compute = f.memory_format == int(isa.MemoryFormat.COMPUTE)
+        row_bytes = Mux(compute, f.row_elements * config.compute_bytes, f.row_elements * config.storage_bytes)
+        extent = p.unsigned(row_bytes - 1, len(row_bytes), 0, "table_row_bytes")
+        rows = p.product(_Staged(minus_one["table_rows"]), _Staged(f.memory_row_stride), "table_rows")
+        table_last = p.sum([_Staged(f.memory_address), rows, extent], "table_last_byte")
+        index_last = p.reg(f.index_address + (minus_one["row_count"] << exact_log2(isa.INDEX_BYTES))
+                           + isa.INDEX_BYTES - 1, 0, "index_last_byte")
+        beyond = table_last.value[self.addr_width:].any() | index_last.value[self.addr_width:].any()
+        memory_range = p.reg(beyond, max(table_last.depth, index_last.depth), "gather_memory_range")
+        misaligned = _Staged(load_misaligned.value | index_misaligned.value,
+                             max(load_misaligned.depth, index_misaligned.depth))
+        return (p.reg(self._illegal_field(m, word, Opcode.GATHER), 0, "illegal"), misaligned,
+                load_buffer_range, memory_range)
 
     def _check(self, m, p, word, opcode, minus_one):
         """(illegal_field, misaligned, buffer_range, memory_range) for ``opcode``, each a registered
@@ -461,7 +484,10 @@ class Controller(wiring.Component):
                 minus_one[op][field.name] = shared[key]
 
         pipeline = _CheckPipeline(m, "check")
-        flags = {op: self._check(m, pipeline, word, op, minus_one[op]) for op in Opcode}
+        flags = {op: self._check(m, pipeline, word, op, minus_one[op]) for op in Opcode
+                 if op != Opcode.GATHER}
+        flags[Opcode.GATHER] = self._gather_check(m, pipeline, word, minus_one[Opcode.GATHER],
+                                                  flags[Opcode.LOAD])
         legal_opcode = pipeline.reg(_any(opcode == int(op) for op in Opcode), 0, "legal_opcode")
         flag_depth = max([legal_opcode.depth] + [flag.depth for group in flags.values() for flag in group])
         check_cycles = flag_depth + 1        # the verdict register follows the last flag
@@ -491,7 +517,7 @@ class Controller(wiring.Component):
         is_dma = Signal()
         is_compute = Signal()
         is_halt = Signal()
-        m.d.sync += [is_dma.eq((opcode == int(Opcode.LOAD)) | (opcode == int(Opcode.STORE))),
+        m.d.sync += [is_dma.eq(_any(opcode == int(op) for op in (Opcode.LOAD, Opcode.STORE, Opcode.GATHER))),
                      is_compute.eq(_any(opcode == int(op)
                                         for op in (Opcode.LINEAR, Opcode.ELEMENTWISE, Opcode.NONLINEAR))),
                      is_halt.eq(opcode == int(Opcode.HALT))]
@@ -515,7 +541,9 @@ class Controller(wiring.Component):
         # its error (if any) has been recorded, exactly as before, one cycle later.
         dma_done = Signal()
         dma_error = Signal()
-        m.d.sync += [dma_done.eq(self.dma_done), dma_error.eq(self.dma_error)]
+        dma_index_error = Signal()
+        m.d.sync += [dma_done.eq(self.dma_done), dma_error.eq(self.dma_error),
+                     dma_index_error.eq(self.dma_index_error)]
 
         # Dispatch.
         dma_idle = ~self.dma_busy & ~self.dma_command.valid & ~dma_done
@@ -546,15 +574,19 @@ class Controller(wiring.Component):
                 with m.If(is_dma):
                     m.d.sync += dma_pc.eq(pc)
 
-        # DMA command from LOAD / STORE fields.
+        # DMA command from LOAD / STORE / GATHER fields (GATHER's first fields are LOAD's).
         dma_valid = Signal()
         dma_payload = Signal(self.dma_layout)
         transfer = _Fields(word, Opcode.LOAD)
+        gather = _Fields(word, Opcode.GATHER)
         dma_next = Signal(self.dma_layout)      # staged from the held word every cycle
         with m.If(go & verdict_ok & dispatch_ready & is_dma):
             m.d.sync += [dma_valid.eq(1), dma_payload.eq(dma_next)]
         m.d.sync += [
             dma_next.store.eq(opcode == int(Opcode.STORE)),
+            dma_next.gather.eq(opcode == int(Opcode.GATHER)),
+            dma_next.index_address.eq(gather.index_address[:self.addr_width]),
+            dma_next.table_rows.eq(gather.table_rows),
             dma_next.memory_format.eq(transfer.memory_format),
             dma_next.buffer.eq(transfer.buffer),
             dma_next.address.eq(transfer.memory_address[:self.addr_width]),
@@ -572,6 +604,8 @@ class Controller(wiring.Component):
         m.d.comb += [self.dma_command.valid.eq(dma_valid), self.dma_command.payload.eq(dma_payload)]
         with m.If(dma_done & dma_error & (error_code == ErrorCode.NONE)):
             fail(ErrorCode.BUS_ERROR, dma_pc)
+        with m.Elif(dma_done & dma_index_error & (error_code == ErrorCode.NONE)):
+            fail(ErrorCode.INDEX_RANGE, dma_pc)
 
         # Compute command from LINEAR / ELEMENTWISE / NONLINEAR fields.
         compute_valid = Signal()

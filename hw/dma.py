@@ -31,6 +31,15 @@ pass through two-entry skid buffers with registered ready (``SkidBuffer``), B is
 ``done``/``bytes_read``/``bytes_written`` come from registers. No combinational path runs from an input
 of the DMA to an output or deep into its logic; the pipelines keep one beat per cycle.
 
+Gather (the ISA's ``GATHER``)
+----------------------------
+A load command with ``gather`` set reads, before each row ``r``, the uint32 id at ``index_address + 4r``
+(one single-beat read on the same AR/R channels, issued as soon as the previous row's bursts are issued),
+checks ``id < table_rows`` and takes ``address + id * row_stride`` as the row's memory address (three
+register stages: word select, compare and multiply, add); then the row runs as a load row. An id outside
+the table sets ``index_error`` (sticky until the next command) and ends the transfer like an error; a
+row's bursts wait for its id, so a gather costs about one memory round trip per row more than a load.
+
 Errors and abort
 ----------------
 An ``xRESP`` other than OKAY sets ``error`` (sticky until the next command) and stops issuing bursts; every
@@ -45,6 +54,7 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
 
+from marca import isa
 from marca.formats import FloatFormat
 
 from .axi import AXI4Signature, AXIBurst, AXIResponse, SkidBuffer
@@ -55,13 +65,19 @@ __all__ = ["DMA", "dma_command_layout", "MEMORY_FORMATS"]
 
 _MAX_BURST_BEATS = 256
 _BOUNDARY_BYTES = 4096
+_TABLE_ROWS_WIDTH = next(f.width for f in isa.field_layout(isa.Opcode.GATHER) if f.name == "table_rows")
+_INDEX_BITS = 8 * isa.INDEX_BYTES
 
 
 def dma_command_layout(*, addr_width: int, line_width: int, position_width: int, buffer_width: int,
                        count_width: int = 16) -> data.StructLayout:
-    """Payload of a DMA command (see the module docstring for the meaning of each field)."""
+    """Payload of a DMA command (see the module docstring for the meaning of each field; ``gather``,
+    ``index_address`` and ``table_rows`` only matter for a gather, a load)."""
     return data.StructLayout({
         "store": 1,
+        "gather": 1,
+        "index_address": addr_width,
+        "table_rows": _TABLE_ROWS_WIDTH,
         "memory_format": 1,
         "buffer": buffer_width,
         "address": addr_width,
@@ -159,6 +175,8 @@ class _DMAEngine(wiring.Component):
     busy, done, error : Out(1)
         See the module docstring. ``error`` stays high from the failing response until the next command.
         ``done`` pulses one gate after a registered "finished" (a cycle after the last beat settles).
+    index_error : Out(1)
+        A gather read an id ``>= table_rows`` (a register, high from then until the next command).
     abort : In(1)
         Stop issuing bursts, drain, finish with ``done``.
     bytes_read, bytes_written : Out(...)
@@ -215,7 +233,7 @@ class _DMAEngine(wiring.Component):
             "buffer_write": Out(WritePortSignature(addr_width=line_width, data_width=line_bits,
                                                    elements=lanes)),
             "buffer_read": Out(ReadPortSignature(addr_width=line_width, data_width=line_bits)),
-            "busy": Out(1), "done": Out(1), "error": Out(1), "abort": In(1),
+            "busy": Out(1), "done": Out(1), "error": Out(1), "index_error": Out(1), "abort": In(1),
             "bytes_read": Out(ceil_log2(self.beat_bytes + 1)),
             "bytes_written": Out(ceil_log2(self.beat_bytes + 1)),
             "read_active": Out(1), "write_active": Out(1),
@@ -274,13 +292,17 @@ class _DMAEngine(wiring.Component):
         active = Signal()          # a command is being executed (address and data sides not both done)
         aborting = Signal()        # stop issuing; drain what was issued
         error = Signal()
+        index_error = Signal()     # a gather id outside the table
+        failed = Signal()          # either error: stop issuing, drain, finish
         m.d.comb += [self.buffer.eq(command.buffer), self.error.eq(error), self.busy.eq(active),
+                     self.index_error.eq(index_error), failed.eq(error | index_error),
                      self.command.ready.eq(~active)]
 
         start = Signal()
         m.d.comb += start.eq(self.command.valid & ~active)
         with m.If(start):
-            m.d.sync += [command.eq(self.command.payload), active.eq(1), aborting.eq(0), error.eq(0)]
+            m.d.sync += [command.eq(self.command.payload), active.eq(1), aborting.eq(0), error.eq(0),
+                         index_error.eq(0)]
         with m.If(active & self.abort):
             m.d.sync += aborting.eq(1)
 
@@ -306,20 +328,25 @@ class _DMAEngine(wiring.Component):
         with m.If(active & issue_row_ready & ~burst_ready):
             m.d.sync += [burst_beats.eq(burst), burst_length.eq(burst - 1), burst_last.eq(ends_row),
                          burst_ready.eq(1)]
+        # Gather: a row is set up only once its address (from its id) is in the walker.
+        issue_index = Signal(self.addr_width)       # byte address of the next id to read
+        id_requested = Signal()                     # the current row's id read is issued
+        issue_address_known = Signal()              # address_walker.address is the current row's
         with m.If(start):
             m.d.sync += [*address_walker.load(self.command.payload), issue_row_ready.eq(0),
-                         issue_done.eq(0), burst_ready.eq(0)]
+                         issue_done.eq(0), burst_ready.eq(0), id_requested.eq(0), issue_address_known.eq(0),
+                         issue_index.eq(self.command.payload.index_address)]
         with m.Elif(active & ~issue_done & ~issue_row_ready):
             with m.If(address_walker.rows_left == 0):
                 m.d.sync += issue_done.eq(1)
-            with m.Else():
+            with m.Elif(~command.gather | issue_address_known):
                 m.d.sync += [issue_address.eq(Cat(Const(0, beat_shift), address_walker.address[beat_shift:])),
                              issue_beats_left.eq(row_beats), issue_row_ready.eq(1), burst_ready.eq(0)]
 
-        with m.If(active & (aborting | error)):
+        with m.If(active & (aborting | failed)):
             m.d.sync += issue_done.eq(1)
         issue_can = Signal()
-        m.d.comb += issue_can.eq(active & issue_row_ready & burst_ready & ~issue_done & ~aborting & ~error)
+        m.d.comb += issue_can.eq(active & issue_row_ready & burst_ready & ~issue_done & ~aborting & ~failed)
 
         # AR and AW leave from skid buffers: AxVALID and the payload are flip-flops, and AxREADY only
         # moves the skid buffer. A burst is counted (outstanding reads; write burst length pushed to
@@ -336,8 +363,12 @@ class _DMAEngine(wiring.Component):
                      axi.awlen.eq(write_address.o["length"]), axi.awsize.eq(beat_shift),
                      axi.awburst.eq(AXIBurst.INCR), axi.awvalid.eq(write_address.out_valid),
                      write_address.out_ready.eq(axi.awready)]
-        for skid in (read_address, write_address):
-            m.d.comb += [skid.i["address"].eq(issue_address), skid.i["length"].eq(burst_length)]
+        id_request = Signal()           # a gather's single-beat id read enters the AR skid buffer
+        m.d.comb += [read_address.i["address"].eq(Mux(id_request,
+                                                      Cat(Const(0, beat_shift), issue_index[beat_shift:]),
+                                                      issue_address)),
+                     read_address.i["length"].eq(Mux(id_request, 0, burst_length)),
+                     write_address.i["address"].eq(issue_address), write_address.i["length"].eq(burst_length)]
 
         bursts_open = Signal(range(64))          # write bursts issued whose B has not come back
         burst_fifo = m.submodules.burst_fifo = SyncFIFO(width=9, depth=8)   # their lengths, for W
@@ -346,9 +377,12 @@ class _DMAEngine(wiring.Component):
         request_new = Signal()
         with m.If(~command.store):
             # Room for a burst of the longest kind, so the check needs no adder.
-            m.d.comb += request_new.eq(issue_can & read_address.in_ready
-                                       & (outstanding_reads <= self.max_outstanding_beats - burst_limit))
-            m.d.comb += read_address.in_valid.eq(request_new)
+            room = (outstanding_reads <= self.max_outstanding_beats - burst_limit)
+            m.d.comb += request_new.eq(issue_can & read_address.in_ready & room)
+            m.d.comb += id_request.eq(active & command.gather & ~issue_done & ~issue_row_ready & ~id_requested
+                                      & (address_walker.rows_left != 0) & ~aborting & ~failed
+                                      & read_address.in_ready & room)
+            m.d.comb += read_address.in_valid.eq(request_new | id_request)
         with m.Else():
             m.d.comb += request_new.eq(issue_can & write_address.in_ready & burst_fifo.w_rdy
                                        & (bursts_open < 32))
@@ -357,9 +391,12 @@ class _DMAEngine(wiring.Component):
             m.d.sync += [issue_address.eq(issue_address + (burst_beats << beat_shift)),
                          issue_beats_left.eq(issue_beats_left - burst_beats), burst_ready.eq(0)]
             with m.If(burst_last):
-                m.d.sync += [issue_row_ready.eq(0), *address_walker.advance()]
+                m.d.sync += [issue_row_ready.eq(0), *address_walker.advance(), id_requested.eq(0),
+                             issue_address_known.eq(0)]
+        with m.If(id_request):
+            m.d.sync += [id_requested.eq(1), issue_index.eq(issue_index + isa.INDEX_BYTES)]
         m.d.sync += outstanding_reads.eq(outstanding_reads + Mux(request_new & ~command.store, burst_beats, 0)
-                                         - read_beat_taken)
+                                         + id_request - read_beat_taken)
 
         # ================= load data side: R -> skid -> convert -> line accumulator -> write skid ========
         load_walker = _RowWalker(m, "load", command, **walker_args)
@@ -370,13 +407,18 @@ class _DMAEngine(wiring.Component):
         load_line = Signal(self.line_width)                 # line of the current beat's element 0
         load_pos = Signal(self.position_width + 1)          # its position in that line
         load_offset, _ = self._beats_for(m, "load", load_walker.address, command.row_elements)
+        load_index = Signal(self.addr_width)        # byte address of the next id (its word in the beat)
+        load_address_known = Signal()               # load_walker.address is the current row's (gather)
+        id_pending = Signal()                       # the row's id beat is taken, its address on the way
 
         with m.If(start):
-            m.d.sync += [*load_walker.load(self.command.payload), load_row_ready.eq(0), load_done.eq(0)]
+            m.d.sync += [*load_walker.load(self.command.payload), load_row_ready.eq(0), load_done.eq(0),
+                         load_index.eq(self.command.payload.index_address), load_address_known.eq(0),
+                         id_pending.eq(0)]
         with m.Elif(active & ~command.store & ~load_done & ~load_row_ready):
             with m.If(load_walker.rows_left == 0):
                 m.d.sync += load_done.eq(1)
-            with m.Else():
+            with m.Elif(~command.gather | load_address_known):
                 # Element 0 of the first beat sits `offset` elements before the row's first element.
                 below = load_walker.position < load_offset
                 m.d.sync += [
@@ -386,7 +428,7 @@ class _DMAEngine(wiring.Component):
                     load_pos.eq(load_walker.position + Mux(below, lanes, 0) - load_offset),
                 ]
 
-        with m.If(active & ~command.store & (aborting | error)):
+        with m.If(active & ~command.store & (aborting | failed)):
             m.d.sync += load_done.eq(1)
 
         # Element mask of the current beat.
@@ -407,12 +449,42 @@ class _DMAEngine(wiring.Component):
         pipe_enable = Signal()
         r_take = Signal()    # an R beat enters the pipeline as row data
         r_drain = Signal()   # an R beat is dropped (abort/error drain)
-        m.d.comb += r_drain.eq(active & ~command.store & (aborting | error))
-        m.d.comb += read_data.out_ready.eq(r_drain | (load_row_ready & pipe_enable))
+        id_wanted = Signal()  # a gather row waits for its id beat (the next R beat)
+        id_take = Signal()   # an R beat is taken as a gather id
+        m.d.comb += r_drain.eq(active & ~command.store & (aborting | failed))
+        m.d.comb += id_wanted.eq(active & ~command.store & command.gather & ~load_done & ~load_row_ready
+                                 & (load_walker.rows_left != 0) & ~load_address_known & ~id_pending)
+        m.d.comb += read_data.out_ready.eq(r_drain | (load_row_ready & pipe_enable) | id_wanted)
         m.d.comb += read_beat_taken.eq(read_data.out_valid & read_data.out_ready)
-        m.d.comb += r_take.eq(read_beat_taken & ~r_drain)
+        m.d.comb += [r_take.eq(read_beat_taken & ~r_drain & load_row_ready),
+                     id_take.eq(read_beat_taken & ~r_drain & ~load_row_ready)]
         with m.If(read_beat_taken & read_data.o["error"] & active):
             m.d.sync += error.eq(1)
+
+        # Gather id -> row address, three registered stages: the id word of the beat; the range check
+        # and id * row_stride (an id below table_rows fits the table_rows field); + table address. The
+        # new address goes to both walkers at once (the address side waits for it, see above).
+        id_word = Signal(_INDEX_BITS)
+        id_valid = Signal(2)
+        id_in_range = Signal()
+        id_offset = Signal(self.addr_width)
+        gather_address = Signal(self.addr_width)
+        gather_address_valid = Signal()
+        word_select = load_index[exact_log2(isa.INDEX_BYTES):beat_shift]
+        m.d.sync += [id_word.eq(read_data.o["data"].word_select(word_select, _INDEX_BITS)
+                                if self.beat_bytes > isa.INDEX_BYTES else read_data.o["data"][:_INDEX_BITS]),
+                     id_valid[0].eq(id_take & ~read_data.o["error"]),
+                     id_valid[1].eq(id_valid[0]), id_in_range.eq(id_word < command.table_rows),
+                     id_offset.eq(id_word[:_TABLE_ROWS_WIDTH] * command.row_stride),
+                     gather_address_valid.eq(id_valid[1] & id_in_range),
+                     gather_address.eq(command.address + id_offset)]
+        with m.If(id_take):
+            m.d.sync += [id_pending.eq(1), load_index.eq(load_index + isa.INDEX_BYTES)]
+        with m.If(active & id_valid[1] & ~id_in_range & ~error):
+            m.d.sync += index_error.eq(1)
+        with m.If(gather_address_valid):
+            m.d.sync += [id_pending.eq(0), load_address_known.eq(1), load_walker.address.eq(gather_address),
+                         issue_address_known.eq(1), address_walker.address.eq(gather_address)]
         with m.If(r_take):
             m.d.sync += [load_first.eq(0), load_remaining.eq(load_remaining - k)]
             position_next = load_pos + k
@@ -421,9 +493,10 @@ class _DMAEngine(wiring.Component):
             with m.Else():
                 m.d.sync += load_pos.eq(position_next)
             with m.If(last_beat):
-                m.d.sync += [load_row_ready.eq(0), *load_walker.advance()]
+                m.d.sync += [load_row_ready.eq(0), *load_walker.advance(), load_address_known.eq(0)]
         bytes_read = Signal.like(self.bytes_read)
-        m.d.sync += bytes_read.eq(Mux(r_take, _popcount(beat_mask) * self.storage_bytes, 0))
+        m.d.sync += bytes_read.eq(Mux(r_take, _popcount(beat_mask) * self.storage_bytes,
+                                      Mux(id_take, isa.INDEX_BYTES, 0)))
         m.d.comb += self.bytes_read.eq(bytes_read)
 
         converted, latency = self._convert(m, "load", read_data.o["data"], self.storage_format,
@@ -679,7 +752,8 @@ class _DMAEngine(wiring.Component):
                                     & write_address.empty)
         with m.Else():
             m.d.comb += finished.eq(issue_done & load_done & (outstanding_reads == 0) & ~load_busy_pipe
-                                    & (stage_valid == 0) & read_address.empty)
+                                    & (stage_valid == 0) & read_address.empty & (id_valid == 0)
+                                    & ~gather_address_valid)
         finished_registered = Signal()
         m.d.sync += finished_registered.eq(active & finished & ~start)
         with m.If(active & finished_registered):
@@ -718,7 +792,8 @@ class DMA(wiring.Component):
     Ports
     -----
     As :class:`_DMAEngine`: ``command``, ``axi``, ``buffer``, ``buffer_write``, ``buffer_read``, ``busy``,
-    ``done``, ``error``, ``abort``, ``bytes_read``, ``bytes_written``, ``read_active``, ``write_active``.
+    ``done``, ``error``, ``index_error``, ``abort``, ``bytes_read``, ``bytes_written``, ``read_active``,
+    ``write_active``.
     """
 
     def __init__(self, *, addr_width: int, data_width: int, storage_format: FloatFormat,
@@ -752,7 +827,8 @@ class DMA(wiring.Component):
             wiring.connect(m, engine.buffer_write, wiring.flipped(self.buffer_write))
             wiring.connect(m, engine.buffer_read, wiring.flipped(self.buffer_read))
             m.d.comb += [self.buffer.eq(engine.buffer), self.busy.eq(engine.busy), self.done.eq(engine.done),
-                         self.error.eq(engine.error), engine.abort.eq(self.abort),
+                         self.error.eq(engine.error), self.index_error.eq(engine.index_error),
+                         engine.abort.eq(self.abort),
                          self.bytes_read.eq(engine.bytes_read), self.bytes_written.eq(engine.bytes_written),
                          self.read_active.eq(engine.read_active), self.write_active.eq(engine.write_active)]
             return m
@@ -789,6 +865,7 @@ class DMA(wiring.Component):
                              self.buffer_read.addr.eq(engine.buffer_read.addr),
                              self.buffer_read.en.eq(engine.buffer_read.en),
                              self.buffer.eq(engine.buffer), self.error.eq(engine.error),
+                             self.index_error.eq(engine.index_error),
                              self.bytes_read.eq(engine.bytes_read), self.bytes_written.eq(engine.bytes_written)]
         m.d.comb += [self.busy.eq(busy), self.done.eq(engines[0].done | engines[1].done),
                      self.read_active.eq(engines[0].read_active | engines[1].read_active),

@@ -8,7 +8,8 @@ on success the ISS's deterministic counters too.
 
 Parameters (``marca.sim.tb_params``): ``config`` (MarcaConfig as a dict), ``pause`` (probability),
 ``seed``, ``programs`` (constrained-random programs per run), ``length`` (instructions each),
-``directed`` (run the directed programs), ``errors`` (run one program per error code).
+``directed`` (run the directed programs), ``errors`` (run one program per error code). The ``gathers`` test
+runs :func:`gather_programs` and random programs rich in ``GATHER``.
 """
 
 import random
@@ -27,7 +28,7 @@ from marca.config import MarcaConfig
 from marca.isa import ErrorCode
 from marca.sim import tb_params
 
-__all__ = ["AcceleratorTB", "run_and_compare"]
+__all__ = ["AcceleratorTB", "run_and_compare", "gather_programs"]
 
 
 class AcceleratorTB:
@@ -225,6 +226,84 @@ def directed_programs(config: MarcaConfig, rng: random.Random):
     return [(name, _program_image(program, data, data_address, memory_size), 0) for name, program in programs]
 
 
+def gather_programs(config: MarcaConfig, rng: random.Random):
+    """(name, memory, program address) exercising GATHER: many rows, repeated ids, id 0 and table_rows-1,
+    unaligned rows, both memory formats, the weight buffer; then INDEX_RANGE, the bus errors of an id and
+    of a table row beyond memory, and which of them a GATHER meets first. Results are stored in the compute
+    format, so the memory image shows the buffer bit for bit."""
+    import torch
+    from marca.golden import fp
+
+    from marca.isa import Barrier, Buffer, Gather, Halt, MemoryFormat, Store
+
+    lanes, size, compute_size = config.lanes, config.storage_bytes, config.compute_bytes
+    table_address, ids_address, output_address, memory_size = 4096, 8192, 12288, 16384
+    generator = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    table = fp.random_bits(4096 // size, config.storage_format, generator)
+    data = b"".join(int(v).to_bytes(size, "little") for v in table.tolist())
+
+    def image(program, ids):
+        memory = bytearray(_program_image(program, data, table_address, memory_size))
+        raw = b"".join(int(i).to_bytes(4, "little") for i in ids)
+        memory[ids_address:ids_address + len(raw)] = raw
+        return bytes(memory)
+
+    def store_out(buffer, rows, elements, address=output_address, buffer_address=0, stride=None):
+        stride = elements if stride is None else stride
+        return Store(memory_address=address, row_count=rows, row_elements=elements,
+                     memory_row_stride=elements * compute_size, buffer=buffer, buffer_address=buffer_address,
+                     buffer_row_stride=stride, memory_format=MemoryFormat.COMPUTE)
+
+    wide_rows = 12
+    wide = [rng.randrange(wide_rows) for _ in range(16)] + [wide_rows - 1, 0, wide_rows - 1, 3, 3]
+    ids = wide + [rng.randrange(5) for _ in range(6)] + [0, 4]
+    first_compute, first_small = len(wide) * 4, (len(wide) + 6) * 4
+    program = [
+        # 21 rows of lanes + 1 elements, rows (lanes + 3) elements apart in memory: unaligned in the beat.
+        Gather(memory_address=table_address + 2 * size, row_count=len(wide), row_elements=lanes + 1,
+               memory_row_stride=(lanes + 3) * size, buffer=Buffer.SCRATCH, buffer_address=1,
+               buffer_row_stride=lanes + 1, index_address=ids_address, table_rows=wide_rows),
+        # Compute-format rows into the weight buffer.
+        Gather(memory_address=table_address + 64, row_count=6, row_elements=lanes,
+               memory_row_stride=lanes * compute_size, buffer=Buffer.WEIGHT, buffer_address=lanes,
+               buffer_row_stride=lanes, memory_format=MemoryFormat.COMPUTE,
+               index_address=ids_address + first_compute, table_rows=5),
+        # One element per row, a table of 5 single elements.
+        Gather(memory_address=table_address + 6 * size, row_count=2, row_elements=1, memory_row_stride=size,
+               buffer=Buffer.STATE, buffer_address=3, buffer_row_stride=1,
+               index_address=ids_address + first_small, table_rows=5),
+        store_out(Buffer.SCRATCH, len(wide), lanes + 1, buffer_address=1),
+        store_out(Buffer.WEIGHT, 6, lanes, output_address + 2048, buffer_address=lanes),
+        store_out(Buffer.STATE, 1, 2, output_address + 3072, buffer_address=3),
+        Halt()]
+    programs = [("gather", image(program, ids))]
+
+    def faulting(name, ids, **fields):
+        gather = dict(memory_address=table_address, row_count=len(ids), row_elements=lanes,
+                      memory_row_stride=lanes * size, buffer=Buffer.STATE, index_address=ids_address,
+                      table_rows=8)
+        gather.update(fields)
+        # A store before it shows in the image; the compute instruction after it may start meanwhile.
+        return (name, image([program[0], store_out(Buffer.SCRATCH, 2, lanes + 1, buffer_address=1),
+                             Gather(**gather), Barrier(), Halt()], wide + [0] * 8 + ids))
+
+    base = dict(index_address=ids_address + 4 * (len(wide) + 8))
+    row_beyond = (memory_size - table_address) // (lanes * size)          # the first row beyond memory
+    programs += [
+        faulting("gather-index-range", [1, 7, 8, 2], **base),
+        faulting("gather-index-range-max", [0xFFFF_FFFF], **base),
+        faulting("gather-id-beyond-memory", [], index_address=memory_size - 4, row_count=2),
+        faulting("gather-row-beyond-memory", [1, row_beyond], table_rows=row_beyond + 1, **base),
+        faulting("gather-index-range-first", [1, row_beyond + 1, row_beyond], table_rows=row_beyond + 1,
+                 **base),
+        faulting("gather-bus-error-first", [1, row_beyond, row_beyond + 1], table_rows=row_beyond + 1,
+                 **base),
+        faulting("gather-misaligned", [0], index_address=ids_address + 2),
+        faulting("gather-memory-range", [0], memory_row_stride=1 << (config.axi_addr_width - 1), **base),
+    ]
+    return [(name, memory, 0) for name, memory in programs]
+
+
 def error_programs(config: MarcaConfig, seed: int):
     """(name, memory, program address) with one program per error code (random_program's faulting tails),
     plus a misaligned program address and a fetch that runs off the end of memory."""
@@ -260,6 +339,54 @@ async def programs(dut):
     for number in range(params.get("programs", 4)):
         generated = random_program(tb.config, seed=seed * 1000 + number, length=params.get("length", 30))
         await run_and_compare(tb, generated.memory, generated.program_address, f"random-{number}")
+
+
+@cocotb.test()
+async def gathers(dut):
+    """GATHER: the directed programs of :func:`gather_programs`, random programs rich in gathers, and a
+    random program ending in INDEX_RANGE."""
+    from marca.golden.random_program import random_program
+    params = tb_params()
+    tb = AcceleratorTB(dut, params)
+    await tb.reset()
+    seed = params.get("seed", 1)
+    for name, memory, address in gather_programs(tb.config, random.Random(seed)):
+        await run_and_compare(tb, memory, address, name)
+    for number in range(params.get("programs", 2)):
+        generated = random_program(tb.config, seed=seed * 1000 + number, length=params.get("length", 20),
+                                   weights={"gather": 6})
+        await run_and_compare(tb, generated.memory, generated.program_address, f"random-gathers-{number}")
+    generated = random_program(tb.config, seed=seed, length=6, final_error=ErrorCode.INDEX_RANGE)
+    await run_and_compare(tb, generated.memory, generated.program_address, "random-index-range")
+
+
+@cocotb.test()
+async def gather_cost(dut):
+    """Cycles of a LOAD and of a GATHER of the same rows (ids 0 .. n-1), no pauses; JSON to ``out``."""
+    import json
+
+    from marca.isa import Buffer, Gather, Halt, Load
+    params = tb_params()
+    if "out" not in params:
+        return
+    tb = AcceleratorTB(dut, dict(params, pause=0.0))
+    await tb.reset()
+    config, results = tb.config, {}
+    for rows, elements in ((16, config.lanes), (16, 8 * config.lanes), (1, config.lanes)):
+        common = dict(memory_address=4096, row_count=rows, row_elements=elements,
+                      memory_row_stride=elements * config.storage_bytes, buffer=Buffer.SCRATCH,
+                      buffer_row_stride=elements)
+        ids = b"".join(k.to_bytes(4, "little") for k in range(rows))
+        for name, instruction in (("load", Load(**common)),
+                                  ("gather", Gather(**common, index_address=2048, table_rows=rows))):
+            memory = bytearray(16384)
+            program = isa.encode_program([instruction, Halt()])
+            memory[:len(program)] = program
+            memory[2048:2048 + len(ids)] = ids
+            _, cycles = await run_and_compare(tb, bytes(memory), 0, f"{name}-{rows}x{elements}")
+            results[f"{name} {rows} rows x {elements} elements"] = cycles
+    with open(params["out"], "w") as out:
+        json.dump(results, out, indent=2)
 
 
 @cocotb.test()

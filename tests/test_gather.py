@@ -4,6 +4,7 @@ the hazard rule; then the RTL against the ISS in Verilator (directed gather prog
 pauses, every error, random programs rich in gathers; tb/accelerator.py ``gathers``)."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -176,3 +177,38 @@ def test_random_programs_contain_gathers_and_index_range_tails():
     result, _ = iss.run_program(config, generated.memory)
     assert isinstance(generated.instructions[-1], isa.Gather)
     assert (result.error, result.error_pc) == (ErrorCode.INDEX_RANGE, 32 * (len(generated.instructions) - 1))
+
+
+# The accelerator in Verilator ------------------------------------------------------------------------------
+
+# As tests/test_accelerator.py's MIXED (equal Verilog, so the build is shared): fp32 compute, bf16 storage
+# (two DMA engines), a 64-bit bus (two ids per beat).
+MIXED = dataclasses.replace(TINY, name="mixed", array_rows=2, array_cols=2, compute_format="fp32",
+                            storage_format="bf16", axi_data_width=64, weight_buffer_kib=2,
+                            activation_buffer_kib=2, state_buffer_kib=2, scratch_buffer_kib=2)
+
+
+@pytest.mark.verilator
+@pytest.mark.parametrize("config", [TINY, MIXED], ids=lambda c: c.name)
+def test_gather_rtl_matches_iss(config, tmp_path):
+    """tb/accelerator.py ``gathers``: directed gather programs (every error included) and random programs
+    rich in gathers, random pauses on every AXI channel; memory image, error code and pc, counters equal
+    to the ISS."""
+    from marca.hw.accelerator import Accelerator
+
+    from marca import sim
+    verilog = sim.emit_verilog(Accelerator(config), "accelerator")
+    build_dir = sim.build(verilog, "accelerator", label=f"accelerator-{config.name}")
+    params = dict(config=config.to_dict(), pause=0.3, seed=3, programs=2, length=20)
+    sim.run(build_dir, "accelerator", "marca.tb.accelerator", params=params, testcase="gathers",
+            name="gathers")
+    # Cycles from start to done of a LOAD and a GATHER of the same rows (docs/shell.md quotes them: run
+    # with -s to see them).
+    out = tmp_path / "gather_cost.json"
+    sim.run(build_dir, "accelerator", "marca.tb.accelerator", params=dict(params, out=str(out)),
+            testcase="gather_cost", name="gather-cost")
+    cycles = json.loads(out.read_text())
+    print(f"{config.name}: {cycles}")
+    for key, value in cycles.items():
+        if key.startswith("gather"):
+            assert value > cycles[key.replace("gather", "load")]     # the ids cost something
