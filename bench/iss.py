@@ -2,8 +2,10 @@
 
     python -m marca.bench.iss [out_dir]       (or ``marca bench iss``)
 
-Torch runs on one thread; the load average of the machine is recorded beside every figure (on a shared
-machine absolute times scale with the load, ratios within one run do not). **Lane operations** are the
+Torch runs on one thread. Every figure is measured twice: wall-clock seconds, and the CPU seconds of this
+process (``time.process_time``), which on a shared, loaded machine stay close to what an idle core would
+take while wall time grows with the load; rates are given per CPU second ("M/s") and the load average is
+recorded beside every figure. CUDA figures are wall time (after ``torch.cuda.synchronize``). **Lane operations** are the
 PE array's work: ``R·C`` per LINEAR, ELEMENTWISE or NONLINEAR beat (a LINEAR lane operation is one
 multiply-add), i.e. ``(linear_beats + elementwise_beats + nonlinear_beats) · R·C`` from the counters.
 
@@ -52,21 +54,24 @@ def _synchronize(device: str) -> None:
 
 
 def _class_machine(config, device, reference):
-    """A machine with random storage-format data loaded in every buffer (first 2 MiB of each)."""
+    """A machine with random storage-format data loaded in every buffer (its first 2^21 elements)."""
     import torch
 
     from marca import isa
     from marca.golden import fp, iss
     generator = torch.Generator().manual_seed(1)
-    per_buffer = min(isa.buffer_elements(config, b) for b in isa.Buffer)
-    per_buffer = min(per_buffer, 1 << 20)
-    values = torch.randn(per_buffer, generator=generator, dtype=torch.float64)
+    most = 1 << 21
+    values = torch.randn(most, generator=generator, dtype=torch.float64)
     data = iss.pack_elements(fp.encode(values, config.storage_format), config.storage_bytes)
     machine = iss.ReferenceMachine(config, data) if reference else iss.Machine(config, data, device=device)
     for buffer in isa.Buffer:
-        machine.execute(isa.Load(memory_address=0, row_count=1, row_elements=per_buffer, buffer=buffer))
+        elements = min(isa.buffer_elements(config, buffer), most)
+        for start in range(0, elements, 1 << 15):       # rows of at most 2^16 - 1 elements
+            machine.execute(isa.Load(memory_address=start * config.storage_bytes, row_count=1,
+                                     row_elements=min(1 << 15, elements - start), buffer=buffer,
+                                     buffer_address=start))
     machine.execute(isa.Barrier())
-    return machine, per_buffer
+    return machine
 
 
 def _class_cases(config):
@@ -74,7 +79,7 @@ def _class_cases(config):
     from marca.isa import Buffer, NonlinearFunction
     from marca.ops import Broadcast, ElementwiseOp
     lanes, R, C = config.lanes, config.array_rows, config.array_cols
-    scan = dict(outer_count=48, inner_count=16, dst_outer_stride=16, dst_inner_stride=1)   # 1536 x 16 states
+    scan = dict(outer_count=24, inner_count=16, dst_outer_stride=16, dst_inner_stride=1)   # 768 x 16 states
     return {
         "linear gemv (J 48, K 24, T 1)": isa.Linear(chunk_count=24, row_tile_count=48, token_count=1,
                                                     vector_buffer=Buffer.ACTIVATION, vector_token_stride=24,
@@ -82,12 +87,12 @@ def _class_cases(config):
         "linear gemm (J 48, K 24, T 16)": isa.Linear(chunk_count=24, row_tile_count=48, token_count=16,
                                                      vector_buffer=Buffer.ACTIVATION, vector_token_stride=24,
                                                      output_buffer=Buffer.SCRATCH, output_token_stride=48),
-        "elementwise muladd (row broadcast, 768 beats)": isa.Elementwise(
+        "elementwise muladd (row broadcast, 384 beats)": isa.Elementwise(
             op=ElementwiseOp.MULADD, dst_buffer=Buffer.SCRATCH, **scan,
             a_buffer=Buffer.ACTIVATION, a_broadcast=Broadcast.ROW, a_outer_stride=1,
             b_buffer=Buffer.STATE, b_outer_stride=16, b_inner_stride=1,
             c_buffer=Buffer.WEIGHT, c_outer_stride=16, c_inner_stride=1),
-        "elementwise mul (768 beats)": isa.Elementwise(
+        "elementwise mul (384 beats)": isa.Elementwise(
             op=ElementwiseOp.MUL, dst_buffer=Buffer.SCRATCH, **scan,
             a_buffer=Buffer.STATE, a_outer_stride=16, a_inner_stride=1,
             b_buffer=Buffer.WEIGHT, b_outer_stride=16, b_inner_stride=1),
@@ -100,24 +105,29 @@ def _class_cases(config):
 
 def _per_class(config, device: str, reference: bool, repeats: int) -> dict:
     from marca.golden.iss import COUNTER_NAMES
-    machine, _ = _class_machine(config, device, reference)
+    from marca.isa import ErrorCode
+    machine = _class_machine(config, device, reference)
     cases, lanes, _ = _class_cases(config)
     out = {}
     for name, instruction in cases.items():
         before = dict(machine.counters)
-        machine.execute(instruction)                 # warm: plan made, tables built
+        code = machine.execute(instruction)          # warm: plan made, tables built
+        if code != ErrorCode.NONE:
+            raise AssertionError(f"{name}: {code.name}")
         _synchronize(device)
-        best = None
+        best, best_cpu = None, None
         for _ in range(repeats):
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             machine.execute(instruction)
             _synchronize(device)
-            elapsed = time.perf_counter() - started
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
             best = elapsed if best is None else min(best, elapsed)
+            best_cpu = cpu if best_cpu is None else min(best_cpu, cpu)
         done = {k: (machine.counters[k] - before[k]) // (repeats + 1) for k in COUNTER_NAMES}
         ops = _lane_ops(done, lanes)
-        out[name] = {"lane_operations": ops, "seconds": best, "lane_operations_per_second": ops / best,
-                     "load": _load()}
+        timing = best if device.startswith("cuda") else max(best_cpu, 1e-6)
+        out[name] = {"lane_operations": ops, "seconds": best, "cpu_seconds": best_cpu,
+                     "lane_operations_per_second": ops / timing, "load": _load()}
     return out
 
 
@@ -150,16 +160,18 @@ def _fixed_cost(config, count: int = 300) -> dict:
         if label == "cold":
             iss._PLAN_CACHE.clear()
             iss._decode_word.cache_clear()
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         result, _ = iss.run_program(config, memory)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
         out[label] = {"instructions": result.counters["instructions"],
-                      "microseconds_per_instruction": 1e6 * elapsed / result.counters["instructions"],
+                      "wall_microseconds_per_instruction": 1e6 * elapsed / result.counters["instructions"],
+                      "microseconds_per_instruction": 1e6 * cpu / result.counters["instructions"],
                       "load": _load()}
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     result, _ = iss.run_program(config, memory, reference=True)
-    elapsed = time.perf_counter() - started
-    out["reference"] = {"microseconds_per_instruction": 1e6 * elapsed / result.counters["instructions"],
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
+    out["reference"] = {"wall_microseconds_per_instruction": 1e6 * elapsed / result.counters["instructions"],
+                        "microseconds_per_instruction": 1e6 * cpu / result.counters["instructions"],
                         "load": _load()}
     return out
 
@@ -182,16 +194,18 @@ def _run_mixer(config, compiled, memory, **options) -> dict:
     from marca.golden import iss
     from marca.isa import ErrorCode
     device = str(options.get("device", "cpu"))
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     result, machine = iss.run_program(config, memory, compiled.program_address, **options)
     image = machine.memory_bytes()
     _synchronize(device)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
     if result.error != ErrorCode.NONE:
         raise AssertionError(f"mixer faulted: {result}")
     ops = _lane_ops(result.counters, config.lanes)
-    return {"seconds": elapsed, "instructions": result.counters["instructions"], "lane_operations": ops,
-            "lane_operations_per_second": ops / elapsed, "load": _load(), "image": image,
+    timing = elapsed if device.startswith("cuda") else cpu
+    return {"wall_seconds": elapsed, "cpu_seconds": cpu, "seconds": timing,
+            "instructions": result.counters["instructions"], "lane_operations": ops,
+            "lane_operations_per_second": ops / timing, "load": _load(), "image": image,
             "counters": result.counters}
 
 
@@ -201,7 +215,7 @@ def _predict(counters: dict, config, rates: dict, fixed_us: float) -> float:
     lanes = config.lanes
     nonlinear = [v["lane_operations_per_second"] for k, v in rates.items() if k.startswith("nonlinear")]
     linear_rate = rates["linear gemv (J 48, K 24, T 1)"]["lane_operations_per_second"]
-    elementwise_rate = rates["elementwise muladd (row broadcast, 768 beats)"]["lane_operations_per_second"]
+    elementwise_rate = rates["elementwise muladd (row broadcast, 384 beats)"]["lane_operations_per_second"]
     return (counters["linear_beats"] * lanes / linear_rate
             + counters["elementwise_beats"] * lanes / elementwise_rate
             + counters["nonlinear_beats"] * lanes / (sum(nonlinear) / len(nonlinear))
@@ -223,8 +237,8 @@ def run(out_dir: pathlib.Path) -> dict:
     print(f"[iss] load average {results['load_at_start']} on {os.cpu_count()} CPUs, torch 1 thread", flush=True)
     results["per_class"] = {"fast": _per_class(PAPER, "cpu", False, 3),
                             "reference": _per_class(PAPER, "cpu", True, 1)}
-    print(f"\n{'instruction (paper preset)':48s} {'lane ops':>10s} {'fast M/s':>9s} {'ref M/s':>8s} "
-          f"{'speed-up':>8s}")
+    print(f"\n{'instruction (paper preset, per CPU second)':48s} {'lane ops':>10s} {'fast M/s':>9s} "
+          f"{'ref M/s':>8s} {'speed-up':>8s}")
     for name, fast in results["per_class"]["fast"].items():
         ref = results["per_class"]["reference"][name]
         print(f"{name:48s} {fast['lane_operations']:10,d} {fast['lane_operations_per_second'] / 1e6:9.1f} "
@@ -234,13 +248,13 @@ def run(out_dir: pathlib.Path) -> dict:
     from marca.config import DEFAULT
     results["fixed_cost"] = _fixed_cost(DEFAULT)
     fixed = results["fixed_cost"]
-    print(f"\nfixed cost (default preset, 1-beat MUL): warm {fixed['warm']['microseconds_per_instruction']:.0f} us, "
+    print(f"\nfixed cost in CPU time (default preset, 1-beat MUL): warm {fixed['warm']['microseconds_per_instruction']:.0f} us, "
           f"cold {fixed['cold']['microseconds_per_instruction']:.0f} us, reference "
           f"{fixed['reference']['microseconds_per_instruction']:.0f} us per instruction")
 
     results["mixers"] = {}
-    print(f"\n{'mixer':34s} {'instr':>6s} {'lane ops':>12s} {'fast s':>8s} {'M/s':>6s} {'no checks s':>11s} "
-          f"{'ref s':>8s} {'speed-up':>8s} {'load':>5s}")
+    print(f"\n{'mixer (CPU seconds)':34s} {'instr':>6s} {'lane ops':>12s} {'fast s':>8s} {'M/s':>6s} "
+          f"{'no checks s':>11s} {'ref s':>8s} {'speed-up':>8s} {'wall s':>7s} {'load':>5s}")
     for preset, d_model, mode, length in MIXERS:
         name = f"{preset} d_model {d_model} {mode}" + (f" {length} tokens" if length else " step")
         config, compiled, memory = _mixer(preset, d_model, mode, length)
@@ -261,7 +275,7 @@ def run(out_dir: pathlib.Path) -> dict:
         print(f"{name:34s} {fast['instructions']:6d} {fast['lane_operations']:12,d} {fast['seconds']:8.2f} "
               f"{fast['lane_operations_per_second'] / 1e6:6.1f} {unchecked['seconds']:11.2f} "
               + (f"{ref['seconds']:8.2f} {ref['seconds'] / fast['seconds']:7.1f}x" if ref else f"{'-':>8s} {'-':>8s}")
-              + f" {fast['load']:5.1f}")
+              + f" {fast['wall_seconds']:7.2f} {fast['load']:5.1f}")
         results["mixers"][name] = entry
 
     # mamba-130m-shaped decode step, one layer, predicted and measured.
@@ -272,7 +286,7 @@ def run(out_dir: pathlib.Path) -> dict:
     results["mamba_130m_decode_layer"] = {"measured": measured, "predicted_seconds": predicted,
                                           "layers": 24, "predicted_token_seconds_24_layers": 24 * predicted}
     print(f"\nmamba-130m-shaped decode step, one layer (paper preset): {measured['seconds']:.3f} s measured, "
-          f"{predicted:.3f} s predicted from the per-class rates; {measured['instructions']} instructions, "
+          f"{predicted:.3f} s predicted from the per-class rates (CPU seconds); {measured['instructions']} instructions, "
           f"{measured['lane_operations']:,d} lane operations (load {measured['load']})")
 
     if cuda:

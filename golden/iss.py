@@ -570,10 +570,12 @@ def _last_wins(index: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 class _Plan:
     """What an instruction does, independent of the machine state."""
 
-    __slots__ = ("instruction", "code", "handler", "access", "error", "extra")
+    __slots__ = ("instruction", "code", "handler", "access", "error", "extra", "counter", "halts")
 
     def __init__(self, instruction, code, handler):
         self.instruction, self.code, self.handler = instruction, code, handler
+        self.counter = _CLASS_COUNTER.get(instruction.OPCODE)
+        self.halts = isinstance(instruction, isa.Halt)
         self.access: dict[str, _Access] = {}
         self.error: tuple[str, str] | None = None  # (kind, message): undefined behaviour seen statically
         self.extra: dict = {}
@@ -714,45 +716,53 @@ class Machine:
             pc = self.pc
             if pc + isa.INSTRUCTION_BYTES > self.memory_size:
                 return RunResult(ErrorCode.BUS_ERROR, pc, pc, dict(self.counters), "fetch beyond memory")
-            instruction = self._fetched.get(pc)
-            if instruction is None:
+            plan = self._fetched.get(pc)
+            if plan is None:
                 word = int.from_bytes(self.memory[pc:pc + isa.INSTRUCTION_BYTES].cpu().numpy().tobytes(),
                                       "little")
-                instruction = self._fetched[pc] = _decode_word(word)
+                decoded = _decode_word(word)
+                plan = self._fetched[pc] = decoded if isinstance(decoded, IllegalInstruction) \
+                    else self._plan(decoded)
                 low, high = self._fetched_span
                 self._fetched_span = [pc if low is None else min(low, pc),
                                       pc + isa.INSTRUCTION_BYTES if high is None
                                       else max(high, pc + isa.INSTRUCTION_BYTES)]
             self.counters["fetch_bytes"] += isa.INSTRUCTION_BYTES
-            if isinstance(instruction, IllegalInstruction):
-                return RunResult(instruction.code, pc, pc, dict(self.counters), str(instruction))
-            code = self.execute(instruction, pc=pc)
+            if isinstance(plan, IllegalInstruction):
+                return RunResult(plan.code, pc, pc, dict(self.counters), str(plan))
+            code = self._execute(plan, pc)
             if code != ErrorCode.NONE:
-                return RunResult(code, pc, pc, dict(self.counters), f"{instruction.OPCODE.name}: {code.name}")
+                return RunResult(code, pc, pc, dict(self.counters),
+                                 f"{plan.instruction.OPCODE.name}: {code.name}")
             self.pc = pc + isa.INSTRUCTION_BYTES
-            if isinstance(instruction, isa.Halt):
+            if plan.halts:
                 return RunResult(ErrorCode.NONE, None, self.pc, dict(self.counters))
         raise ProgramError("runaway", f"no HALT within {max_instructions} instructions", self.pc)
 
     def execute(self, instruction: isa.Instruction, *, pc: int | None = None) -> ErrorCode:
         """Check and execute one decoded instruction. Returns its error code (the state is unchanged
         unless NONE); raises ProgramError (state unchanged) for undefined behaviour."""
+        return self._execute(self._plan(instruction), pc)
+
+    def _plan(self, instruction: isa.Instruction) -> "_Plan":
         plan = self._plans.get(instruction)
         if plan is None:
             if len(self._plans) >= _PLAN_CACHE_LIMIT:
                 self._plans.clear()
             plan = self._plans[instruction] = _make_plan(instruction, self.config)
+        return plan
+
+    def _execute(self, plan: "_Plan", pc) -> ErrorCode:
         if plan.handler is None:
-            return self._reference_step(instruction, pc)
+            return self._reference_step(plan.instruction, pc)
         if plan.code != ErrorCode.NONE:
             return plan.code
         code = plan.handler(self, plan, pc)
         if code != ErrorCode.NONE:
             return code
         self.counters["instructions"] += 1
-        counter = _CLASS_COUNTER.get(instruction.OPCODE)
-        if counter:
-            self.counters[counter] += 1
+        if plan.counter:
+            self.counters[plan.counter] += 1
         return ErrorCode.NONE
 
     def _reference_step(self, instruction, pc) -> ErrorCode:
@@ -819,7 +829,7 @@ class Machine:
         first, last = extra["memory_first"], extra["memory_last"]
         low, high = self._fetched_span
         if low is not None and first < high and last >= low:         # the program overwrote fetched code
-            self._fetched = {pc_: word for pc_, word in self._fetched.items()
+            self._fetched = {pc_: entry for pc_, entry in self._fetched.items()
                              if pc_ + isa.INSTRUCTION_BYTES <= first or pc_ > last}
         self.counters["dma_bytes_written"] += i.row_count * i.row_elements * size
         return ErrorCode.NONE
