@@ -1,18 +1,17 @@
-"""Nonlinear functions on the PE lanes (issue #4): fitted constants, pass programs, bit-exact golden model.
+"""Nonlinear functions on the PE lanes (issues #4 and 13): constants, pass programs, bit-exact golden model.
 
-exp, SiLU, softplus and rsqrt are **programs**: short sequences of element-wise passes over the PE array's lanes
-(``marca.ops.ElementwiseOp``: MUL, SUB, MULADD, ... and FUNCTION). A FUNCTION pass runs one of the few
-bit-logic sub-operations of the lane extension (:class:`LaneFunction`: floor, exponent insert, coefficient
-select, range select); all arithmetic runs on the PE's own multiplier and adder. This module is the single
-source of
+exp, SiLU, softplus and rsqrt are **programs**: short sequences of element-wise passes over the PE array's
+lanes (``marca.ops.ElementwiseOp``: MUL, SUB, MULADD, MAX, CMP_SELECT ... and FUNCTION). All arithmetic runs
+on the PE's own multiplier and adder with constants broadcast to every lane (no per-lane table); a FUNCTION
+pass runs one of four bit-logic sub-operations of the lane extension (:class:`LaneFunction`: exponent
+insert, negative magnitude, rsqrt seed, rsqrt special cases). This module is the single source of
 
-* the **constants** the generator emits: the 2^f polynomial of exp and the piecewise polynomial tables of
-  SiLU and softplus, the seed constant and correction polynomial of rsqrt, fitted here in float64 and
-  rounded to the compute format (:func:`build_constants`);
+* the **constants** the generator emits, fitted here in float64 and rounded to the compute format
+  (:func:`build_constants`): the e^r polynomial and the split of ln 2 of exp, the log1p(u)/u polynomial of
+  softplus, the reciprocal seed of SiLU, the seed constant and correction of rsqrt;
 * the **programs** (:func:`exp_program`, :func:`silu_program`, :func:`softplus_program`,
-  :func:`rsqrt_program`), a plain data
-  structure (:class:`Program` of :class:`Pass` es with :class:`Operand` s) that the golden model below, the
-  hardware testbenches and the controller all execute;
+  :func:`rsqrt_program`), a plain data structure (:class:`Program` of :class:`Pass` es with
+  :class:`Operand` s) that the golden model below, the hardware testbenches and the controller all execute;
 * the **golden model** (:func:`run_program`, :func:`lane_function`), vectorized PyTorch on int64 bit
   patterns, built on :mod:`marca.golden.fp`, bit-exact with the hardware (same passes, same order, same
   roundings).
@@ -37,16 +36,13 @@ __all__ = [
     "FUNCTION_BITS",
     "INPUT",
     "LOG2E",
+    "MAGNITUDE_BOUND_EXPONENT",
     "MAX_DEGREE",
-    "PIECEWISE_FUNCTIONS",
     "FunctionConstants",
     "LaneFunction",
     "Operand",
     "Pass",
-    "PiecewiseTable",
     "Program",
-    "SegmentLayout",
-    "SignLayout",
     "build_constants",
     "constant",
     "constants_for",
@@ -54,14 +50,12 @@ __all__ = [
     "exp_int_bits",
     "exp_program",
     "exp_scale",
-    "floor",
     "lane_function",
+    "negative_magnitude",
     "programs",
-    "range_select",
     "reference",
     "result_of",
     "rsqrt",
-    "rsqrt_correction_is_fused",
     "rsqrt_program",
     "rsqrt_seed",
     "rsqrt_select",
@@ -73,23 +67,24 @@ __all__ = [
 ]
 
 LOG2E = 1.0 / math.log(2.0)
-MAX_DEGREE = 4
-PIECEWISE_FUNCTIONS = ("silu", "softplus")
+LN2 = math.log(2.0)
+MAX_DEGREE = 6
 FUNCTIONS = ("exp", "silu", "softplus", "rsqrt")
+MAGNITUDE_BOUND_EXPONENT = 7
+"""NEGATIVE_MAGNITUDE clamps at -2^7 = -128: exp(-128) underflows in every format, and SiLU's
+``x·exp(x)`` of the clamped input stays finite (no ``-Inf · 0``)."""
 
 
 class LaneFunction(enum.IntEnum):
     """Sub-operations of the lane extension (the ``function`` field of a FUNCTION beat).
 
-    ``FLOOR``
-        ``a`` rounded down to an integer-valued float (the split of ``t = x·log2 e`` into ``n``).
     ``EXP_SCALE``
-        ``a · 2^n`` with ``n`` the integer value of ``b`` (the "shift" into the exponent field); ``b = +Inf``
-        gives +Inf and ``b = -Inf`` gives +0 whatever ``a`` is; a NaN ``b`` gives NaN.
-    ``SILU_SELECT`` / ``SOFTPLUS_SELECT``
-        Range select on ``x = a``: NaN -> NaN; ``x >= 2^K+`` -> ``x``; ``x <= -2^K-`` -> ``c``; else ``b``.
-    ``SILU_COEFFICIENT_k`` / ``SOFTPLUS_COEFFICIENT_k``
-        Coefficient ``k`` of the polynomial segment that ``x = a`` falls in (a small constant ROM).
+        ``a · 2^n`` where ``b = C + n`` is the exp program's rounding sum (:func:`exp_scale`): ``n`` is read
+        from ``b``'s low mantissa bits, no float-to-integer shifter. ``b`` NaN gives NaN; ``b`` below the
+        window (t far below the range, -Inf) gives +0, above it (+Inf) gives +Inf, whatever ``a`` is.
+    ``NEGATIVE_MAGNITUDE``
+        ``-min(|a|, 2^7)``; NaN gives NaN (:func:`negative_magnitude`): the argument of exp in SiLU and
+        softplus, which never overflows.
     ``RSQRT_SEED``
         The bit-trick seed of ``1/sqrt(a)``: the integer ``magic - (|a| >> 1)`` on the bits (sign cleared),
         a positive normal number for every ``a`` (:func:`rsqrt_seed`).
@@ -98,42 +93,13 @@ class LaneFunction(enum.IntEnum):
         else ``b`` (:func:`rsqrt_select`).
     """
 
-    FLOOR = 0
-    EXP_SCALE = 1
-    SILU_SELECT = 2
-    SOFTPLUS_SELECT = 3
-    SILU_COEFFICIENT_0 = 4
-    SILU_COEFFICIENT_1 = 5
-    SILU_COEFFICIENT_2 = 6
-    SILU_COEFFICIENT_3 = 7
-    SILU_COEFFICIENT_4 = 8
-    SOFTPLUS_COEFFICIENT_0 = 9
-    SOFTPLUS_COEFFICIENT_1 = 10
-    SOFTPLUS_COEFFICIENT_2 = 11
-    SOFTPLUS_COEFFICIENT_3 = 12
-    SOFTPLUS_COEFFICIENT_4 = 13
-    RSQRT_SEED = 14
-    RSQRT_SELECT = 15
-
-    @classmethod
-    def coefficient(cls, function: str, k: int) -> "LaneFunction":
-        """The sub-operation that selects coefficient ``k`` of ``function`` ("silu" or "softplus")."""
-        return cls[f"{function.upper()}_COEFFICIENT_{k}"]
-
-    @classmethod
-    def select(cls, function: str) -> "LaneFunction":
-        return cls[f"{function.upper()}_SELECT"]
-
-    @property
-    def piecewise(self) -> tuple[str, int] | None:
-        """``(function, k)`` for a coefficient select, else None."""
-        if "_COEFFICIENT_" not in self.name:
-            return None
-        function, k = self.name.split("_COEFFICIENT_")
-        return function.lower(), int(k)
+    EXP_SCALE = 0
+    NEGATIVE_MAGNITUDE = 1
+    RSQRT_SEED = 2
+    RSQRT_SELECT = 3
 
 
-FUNCTION_BITS = 4  # width of the ``function`` field: 16 sub-operations
+FUNCTION_BITS = 2  # width of the ``function`` field: 4 sub-operations
 
 
 # Programs -------------------------------------------------------------------------------------------------
@@ -238,142 +204,27 @@ class Program:
         return "\n".join(f"r{number:<3} = {step}" for number, step in enumerate(self.passes))
 
 
-# Piecewise polynomial tables ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SignLayout:
-    """Segments of one sign of x, chosen from the exponent field and the top mantissa bits.
-
-    ``bound_exponent`` K: ``|x| >= 2^K`` is outside the polynomial range (the range select handles it).
-    Octave ``o`` (``o = 0 .. octaves-1``) is the binade ``[2^(K-octaves+o), 2^(K-octaves+o+1))``, split into
-    ``2^parts_bits[o]`` equal parts by the top mantissa bits; part 0 of octave 0 also takes every smaller
-    magnitude down to 0. Hardware: ``octave = clamp(E - E_base, 0, octaves-1)`` with
-    ``E_base = K - octaves + bias``; ``part = 0`` if ``E < E_base`` else the top ``parts_bits[octave]``
-    mantissa bits; ``index = offset[octave] + part`` (a few constants per octave).
-    """
-
-    bound_exponent: int
-    parts_bits: tuple[int, ...]
-
-    @property
-    def octaves(self) -> int:
-        return len(self.parts_bits)
-
-    @property
-    def segments(self) -> int:
-        return sum(1 << bits for bits in self.parts_bits)
-
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        """First segment (relative to the sign's first) of every octave."""
-        out, total = [], 0
-        for bits in self.parts_bits:
-            out.append(total)
-            total += 1 << bits
-        return tuple(out)
-
-    def base_field(self, fmt: FloatFormat) -> int:
-        """Biased exponent field of octave 0."""
-        return self.bound_exponent - self.octaves + fmt.bias
-
-    def threshold_field(self, fmt: FloatFormat) -> int:
-        """Exponent field from which ``|x| >= 2^K`` (the range select's compare)."""
-        return self.bound_exponent + fmt.bias
-
-    def valid_for(self, fmt: FloatFormat) -> bool:
-        return (max(self.parts_bits) <= fmt.man_bits and self.base_field(fmt) >= 1
-                and self.threshold_field(fmt) <= fmt.exp_max - 1)
-
-    def magnitude_intervals(self) -> list[tuple[float, float]]:
-        """``(low, high)`` of |x| of every segment of this sign, in index order."""
-        out = []
-        for octave, bits in enumerate(self.parts_bits):
-            scale = 2.0 ** (self.bound_exponent - self.octaves + octave)
-            for part in range(1 << bits):
-                low = 0.0 if octave == 0 and part == 0 else scale * (1 + part / (1 << bits))
-                out.append((low, scale * (1 + (part + 1) / (1 << bits))))
-        return out
-
-
-@dataclass(frozen=True)
-class SegmentLayout:
-    """Segments of both signs: indices ``0 .. positive.segments-1`` for x >= 0 (sign bit 0), then the
-    negative sign's. See :class:`SignLayout`."""
-
-    positive: SignLayout
-    negative: SignLayout
-
-    @property
-    def segments(self) -> int:
-        return self.positive.segments + self.negative.segments
-
-    def side(self, sign: int) -> SignLayout:
-        return self.negative if sign else self.positive
-
-    def valid_for(self, fmt: FloatFormat) -> bool:
-        return self.positive.valid_for(fmt) and self.negative.valid_for(fmt)
-
-    def segment_index(self, bits, fmt: FloatFormat) -> torch.Tensor:
-        bits = torch.as_tensor(bits, dtype=torch.int64)
-        sign = (bits >> (fmt.width - 1)) & 1
-        field = (bits >> fmt.man_bits) & fmt.exp_max
-        mantissa = bits & ((1 << fmt.man_bits) - 1)
-        index = torch.zeros_like(bits)
-        for sign_value, side, first in ((0, self.positive, 0), (1, self.negative, self.positive.segments)):
-            difference = field - side.base_field(fmt)
-            octave = difference.clamp(0, side.octaves - 1)
-            offsets = torch.tensor(side.offsets, dtype=torch.int64)[octave]
-            shifts = fmt.man_bits - torch.tensor(side.parts_bits, dtype=torch.int64)[octave]
-            masks = (torch.tensor([1 << bits for bits in side.parts_bits], dtype=torch.int64) - 1)[octave]
-            part = torch.where(difference < 0, 0, (mantissa >> shifts) & masks)
-            index = torch.where(sign == sign_value, first + offsets + part, index)
-        return index
-
-    def intervals(self) -> list[tuple[float, float]]:
-        """``(low, high)`` in x of every segment, by index (low <= x < high for x >= 0, low < x <= high
-        for x < 0)."""
-        return (list(self.positive.magnitude_intervals())
-                + [(-high, -low) for low, high in self.negative.magnitude_intervals()])
-
-
-@dataclass(frozen=True)
-class PiecewiseTable:
-    """Fitted coefficients of one function: ``p(x) = sum_k coefficients[index][k] · x^k`` on each segment.
-
-    ``coefficients`` holds bit patterns of the compute format. Evaluated by Horner in x with MULADD passes.
-    """
-
-    function: str
-    fmt: FloatFormat
-    layout: SegmentLayout
-    degree: int
-    coefficients: tuple[tuple[int, ...], ...]
-
-    def coefficient_bits(self, k: int) -> list[int]:
-        """Coefficient ``k`` of every segment, by segment index (the ROM contents of one sub-operation)."""
-        return [row[k] for row in self.coefficients]
-
-
 @dataclass(frozen=True)
 class FunctionConstants:
-    """Everything the generator emits for the nonlinear functions of one compute format."""
+    """Everything the generator emits for the nonlinear functions of one compute format (bit patterns)."""
 
     fmt: FloatFormat
     log2e: int
-    exp_coefficients: tuple[int, ...]     # 2^f ≈ sum_k c_k f^k, bit patterns, c_0 first
-    silu: PiecewiseTable
-    softplus: PiecewiseTable
-    rsqrt_magic: int = 0                    # RSQRT_SEED's integer constant
-    rsqrt_coefficients: tuple[int, ...] = ()  # correction 1 + b1·d + b2·d², bit patterns (b1, b2)
+    round_constant: int                   # C: t + C rounds t to an integer n held in C + n's mantissa
+    ln2_parts: tuple[int, ...]            # ln 2 = sum of parts; n · part exact for the first of two
+    exp_coefficients: tuple[int, ...]     # e^r ≈ sum_k c_k r^k, c_0 = 1 first
+    softplus_coefficients: tuple[int, ...]  # log1p(u)/u ≈ sum_k q_k u^k on [0, 1], q_0 first
+    reciprocal_coefficients: tuple[int, ...]  # seed of 1/(1 + u) ≈ s_0 + s_1 u + s_2 u^2 on [0, 1]
+    rsqrt_magic: int                      # RSQRT_SEED's integer constant
+    rsqrt_coefficients: tuple[int, ...]   # correction 1 + b1·d + b2·d², (b1, b2)
 
     @property
     def exp_degree(self) -> int:
         return len(self.exp_coefficients) - 1
 
-    def table(self, function: str) -> PiecewiseTable:
-        if function not in PIECEWISE_FUNCTIONS:
-            raise ValueError(f"function must be one of {PIECEWISE_FUNCTIONS}, not {function!r}")
-        return getattr(self, function)
+    @property
+    def softplus_degree(self) -> int:
+        return len(self.softplus_coefficients) - 1
 
 
 def reference(function: str, x: torch.Tensor) -> torch.Tensor:
@@ -399,6 +250,43 @@ def _decode_value(bits: int, fmt: FloatFormat) -> float:
     return float(fp.decode(torch.tensor([bits]), fmt)[0])
 
 
+def _chebyshev(low: float, high: float, points: int = 400) -> np.ndarray:
+    nodes = (low + high) / 2 + (high - low) / 2 * np.cos(np.pi * (np.arange(points) + 0.5) / points)
+    return np.concatenate([[low, high], nodes])
+
+
+def _fit_relative(x: np.ndarray, target: np.ndarray, degree: int, hold_one: bool) -> np.ndarray:
+    """Minimax relative fit of ``target`` by a polynomial in ``x``; ``hold_one`` holds ``c_0 = 1``."""
+    first = 1 if hold_one else 0
+    design = np.stack([x ** k for k in range(first, degree + 1)], axis=1)[None]
+    goal = (target - 1.0 if hold_one else target)[None]
+    values = _lawson(design, goal, (1.0 / np.abs(target))[None], 300)[0]
+    return np.concatenate([[1.0], values]) if hold_one else values
+
+
+def _round_constant(fmt: FloatFormat) -> int:
+    """C = 1.5·2^(p-1): for |t| < 2^(p-2) the sum t + C lies in [2^(p-1), 2^p), whose ulp is 1, so the adder
+    rounds t to the nearest integer n and C + n holds n in its low mantissa bits. Every n the format needs
+    fits when 2^(p-2) > emax + man_bits + 3 (FP32, FP16). BF16 (p = 8) holds only |n| < 64 so: t in
+    [64, 128) lands in [2^p, 2^(p+1)) (ulp 2: n even, still decoded by EXP_SCALE), t < -64 below 2^(p-1)
+    (EXP_SCALE gives +0: results below 2^-64 flush)."""
+    return _encode_value(1.5 * 2.0 ** (fmt.precision - 1), fmt)
+
+
+def _ln2_parts(fmt: FloatFormat) -> tuple[int, ...]:
+    """ln 2 as one constant (FP32: n·ln2 rounds by at most 128·ln2·2^-24 ≈ 5e-6 absolute) or, when the
+    format is short (precision <= 16), split Cody–Waite style: ``hi`` with ``precision - 4`` significant bits
+    (``n · hi`` exact wherever it fits the format: FP16 for every |n| <= 23, every normal result; BF16
+    (``hi = 11/16``) for |n| <= 23, i.e. |x| < 16.3, and some larger n) and ``lo = ln2 - hi`` rounded (small:
+    its product rounds by at most 128 · 0.0056 · 2^-9 = 1.4e-3 in BF16)."""
+    if fmt.precision > 16:
+        return (_encode_value(LN2, fmt),)
+    bits = fmt.precision - 4
+    scale = 2.0 ** bits
+    high = math.floor(LN2 * scale + 0.5) / scale
+    return (_encode_value(high, fmt), _encode_value(LN2 - high, fmt))
+
+
 def _lawson(design: np.ndarray, target: np.ndarray, weight: np.ndarray, iterations: int) -> np.ndarray:
     """Weighted minimax fit by Lawson's iteratively reweighted least squares, batched over the first axis:
     minimises ``max |weight · (design @ coefficients - target)|`` per batch row."""
@@ -419,41 +307,6 @@ def _lawson(design: np.ndarray, target: np.ndarray, weight: np.ndarray, iteratio
         lawson = lawson * (error + 1e-300)
         lawson /= lawson.sum(axis=1, keepdims=True)
     return coefficients
-
-
-def _fit_exp(fmt: FloatFormat, degree: int) -> tuple[int, ...]:
-    """2^f on [0, 1]: minimax relative error with p(0) = 1 and p(1) = 2 held exactly, then rounded so that
-    the program's own Horner evaluation gives exactly 1 at f = 0 and exactly 2 at f = 1."""
-    if degree == 1:
-        values = [1.0, 1.0]  # Schraudolph: 2^f ≈ 1 + f
-    else:
-        # p(f) = 1 + f + sum_{k>=2} a_k (f^k - f): both end constraints hold for any a_k.
-        f = np.linspace(0.0, 1.0, 2001)
-        design = np.stack([f ** k - f for k in range(2, degree + 1)], axis=1)[None]
-        target = (2.0 ** f - 1.0 - f)[None]
-        free = _lawson(design, target, (1.0 / 2.0 ** f)[None], 400)[0]
-        values = [1.0, 1.0 - float(free.sum())] + [float(a) for a in free]
-    bits = [_encode_value(v, fmt) for v in values]
-    one, two = fmt.one, _encode_value(2.0, fmt)
-    # Nudge c_1 by ulps (nearest first) until the program's Horner evaluation at f = 1 gives exactly 2.
-    for step in sorted(range(-64, 65), key=abs):
-        trial = list(bits)
-        trial[1] = bits[1] + step
-        trial[0] = one
-        if _horner_constant(trial, one, fmt) == two and _horner_constant(trial, 0, fmt) == one:
-            return tuple(trial)
-    raise ValueError(f"exp_degree {degree}: no rounding of the 2^f coefficients in {fmt.name} is exact at "
-                     "f = 0 and f = 1")
-
-
-def _horner_constant(coefficients, f_bits: int, fmt: FloatFormat) -> int:
-    """The exp program's polynomial passes at one f (the same passes as :func:`exp_program`)."""
-    f = torch.tensor([f_bits])
-    degree = len(coefficients) - 1
-    value = fp.mul_add(f, torch.tensor([coefficients[degree]]), torch.tensor([coefficients[degree - 1]]), fmt)
-    for k in range(degree - 2, -1, -1):
-        value = fp.mul_add(value, f, torch.tensor([coefficients[k]]), fmt)
-    return int(value[0])
 
 
 def _rsqrt_seed_ratios(fmt: FloatFormat, magic: int, samples: int = 1 << 16) -> np.ndarray:
@@ -509,156 +362,45 @@ def _fit_rsqrt(fmt: FloatFormat) -> tuple[int, tuple[int, ...]]:
     return best, (_encode_value(float(b1), fmt), _encode_value(float(b2), fmt))
 
 
-def _target(function: str, x: np.ndarray) -> np.ndarray:
-    if function == "silu":
-        return x / (1.0 + np.exp(-x))
-    return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
-
-
-def _fit_segments(function: str, degree: int, intervals: np.ndarray) -> np.ndarray:
-    """float64 coefficients (powers of x) of every ``(low, high)`` interval: minimax absolute error,
-    fitted on a scaled variable and expanded. SiLU's segments that reach 0 are held to p(0) = 0 (so
-    silu(0) = 0 and tiny inputs keep their relative accuracy)."""
-    low, high = intervals[:, 0], intervals[:, 1]
-    center, half = (low + high) / 2, (high - low) / 2
-    points = 96
-    u = np.concatenate([[-1.0], np.cos(np.pi * (np.arange(points) + 0.5) / points)[::-1], [1.0]])
-    x = center[:, None] + half[:, None] * u[None, :]
-    hold_zero = ((low == 0.0) | (high == 0.0)) & (function == "silu") & (degree >= 1)
-    u_at_zero = -center / half
-    powers = np.broadcast_to(np.stack([u ** k for k in range(degree + 1)], axis=1)[None],
-                             (len(low), len(u), degree + 1))
-    zero_powers = np.stack([u_at_zero ** k for k in range(degree + 1)], axis=1)
-    design = np.where(hold_zero[:, None, None], powers - zero_powers[:, None, :], powers)
-    design[hold_zero, :, 0] = 0.0
-    scaled = _lawson(design, _target(function, x), np.ones_like(x), 100)
-    scaled[hold_zero, 0] = -np.einsum("bi,bi->b", scaled[hold_zero, 1:], zero_powers[hold_zero, 1:])
-    expanded = np.zeros_like(scaled)
-    for k in range(degree + 1):
-        for j in range(k + 1):
-            expanded[:, j] += scaled[:, k] * math.comb(k, j) * (-center) ** (k - j) / half ** k
-    expanded[hold_zero, 0] = 0.0
-    return expanded
-
-
-class _SegmentFitter:
-    """Fits and scores segments of one function, degree and format, caching each interval's fit."""
-
-    def __init__(self, function: str, degree: int, fmt: FloatFormat):
-        self.function, self.degree, self.fmt = function, degree, fmt
-        self._cache = {}
-
-    def fit(self, intervals) -> list[tuple[tuple[int, ...], float]]:
-        """``(rounded coefficient bits, max abs error in float64)`` of every interval."""
-        missing = [interval for interval in intervals if interval not in self._cache]
-        if missing:
-            values = _fit_segments(self.function, self.degree, np.array(missing, dtype=np.float64))
-            rounded = fp.encode(torch.from_numpy(values), self.fmt)
-            coefficients = fp.decode(rounded, self.fmt).numpy()
-            grid = np.linspace(0.0, 1.0, 257)
-            for row, (low, high), bits, coefficient_values in zip(range(len(missing)), missing, rounded.tolist(),
-                                                                 coefficients):
-                x = low + (high - low) * grid
-                p = sum(c * x ** k for k, c in enumerate(coefficient_values))
-                self._cache[(low, high)] = (tuple(int(b) for b in bits),
-                                            float(np.abs(p - _target(self.function, x)).max()))
-        return [self._cache[interval] for interval in intervals]
-
-    def tail_error(self, sign: int, bound_exponent: int) -> float:
-        """Error of the range select beyond ±2^K: x itself above, -0 (SiLU) or exp(x) (softplus) below."""
-        bound = 2.0 ** bound_exponent
-        if self.function == "silu":
-            return bound / (1.0 + math.exp(bound))
-        return math.log1p(math.exp(-bound)) if sign == 0 else math.exp(-2 * bound) / 2
-
-    def side(self, sign: int, layout: SignLayout) -> float:
-        intervals = layout.magnitude_intervals()
-        if sign:
-            intervals = [(-high, -low) for low, high in intervals]
-        return max(max(error for _, error in self.fit(intervals)), self.tail_error(sign, layout.bound_exponent))
-
-
-def _greedy_side(fitter: _SegmentFitter, sign: int, bound_exponent: int, octaves: int,
-                 budget: int) -> tuple[float, SignLayout]:
-    """Split the octave holding the worst segment into twice the parts while the budget allows."""
-    parts = [0] * octaves
-    frozen = set()
-    while True:
-        layout = SignLayout(bound_exponent, tuple(parts))
-        intervals = layout.magnitude_intervals()
-        if sign:
-            intervals = [(-high, -low) for low, high in intervals]
-        errors = [error for _, error in fitter.fit(intervals)]
-        octave_errors = [max(errors[offset:offset + (1 << bits)])
-                         for offset, bits in zip(layout.offsets, parts)]
-        candidates = [o for o in range(octaves) if o not in frozen]
-        if not candidates:
-            break
-        worst = max(candidates, key=lambda o: octave_errors[o])
-        if layout.segments + (1 << parts[worst]) > budget or parts[worst] + 1 > fitter.fmt.man_bits:
-            frozen.add(worst)
-            continue
-        parts[worst] += 1
-    layout = SignLayout(bound_exponent, tuple(parts))
-    return fitter.side(sign, layout), layout
-
-
-def _best_table(function: str, fmt: FloatFormat, segments: int, degree: int) -> PiecewiseTable:
-    """Per sign, try every bound exponent K in {3, 4, 5} and octave count, split greedily, and keep the
-    layout with the smallest max abs error (float64 model with the rounded coefficients)."""
-    fitter = _SegmentFitter(function, degree, fmt)
-    budget = segments // 2
-    sides = []
-    for sign in (0, 1):
-        best = None
-        for bound_exponent in (3, 4, 5):
-            for octaves in range(1, min(budget, 16) + 1):
-                if not SignLayout(bound_exponent, (0,) * octaves).valid_for(fmt):
-                    continue
-                score, layout = _greedy_side(fitter, sign, bound_exponent, octaves, budget)
-                if best is None or score < best[0]:
-                    best = (score, layout)
-        if best is None:
-            raise ValueError(f"{function}_segments {segments}: no segment layout fits {fmt.name}")
-        sides.append(best[1])
-    layout = SegmentLayout(positive=sides[0], negative=sides[1])
-    intervals = layout.intervals()
-    coefficients = tuple(bits for bits, _ in fitter.fit(intervals))
-    return PiecewiseTable(function=function, fmt=fmt, layout=layout, degree=degree, coefficients=coefficients)
-
-
 def _check_degree(name: str, value, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_DEGREE:
         raise ValueError(f"{name} must be an integer in [{low}, {MAX_DEGREE}], not {value!r}")
 
 
 @functools.cache
-def build_constants(*, fmt: FloatFormat, exp_degree: int = 3, silu_segments: int = 32, silu_degree: int = 2,
-                    softplus_segments: int = 16, softplus_degree: int = 2) -> FunctionConstants:
-    """Fit and round every constant of the nonlinear functions for one compute format (cached)."""
+def build_constants(*, fmt: FloatFormat, exp_degree: int = 3, softplus_degree: int = 4) -> FunctionConstants:
+    """Fit and round every constant of the nonlinear functions for one compute format (cached).
+
+    exp: e^r on [-ln2/2, ln2/2] (the reduced argument), minimax relative with c_0 = 1 held (exp(0) = 1
+    exactly, and the error vanishes as x -> 0). softplus: log1p(u)/u on [0, 1], minimax relative. SiLU:
+    1/(1 + u) on [0, 1] by a quadratic seed (minimax relative) and one Newton step. rsqrt:
+    :func:`_fit_rsqrt`."""
     if not isinstance(fmt, FloatFormat):
         raise ValueError(f"fmt must be a FloatFormat, not {fmt!r}")
     _check_degree("exp_degree", exp_degree, 1)
-    _check_degree("silu_degree", silu_degree, 0)
-    _check_degree("softplus_degree", softplus_degree, 0)
-    for name, value in (("silu_segments", silu_segments), ("softplus_segments", softplus_segments)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 2 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two >= 2, not {value!r}")
-    log2e = _encode_value(LOG2E, fmt)
-    exp_coefficients = _fit_exp(fmt, exp_degree)
-    silu_table = _best_table("silu", fmt, silu_segments, silu_degree)
-    softplus_table = _best_table("softplus", fmt, softplus_segments, softplus_degree)
+    _check_degree("softplus_degree", softplus_degree, 1)
+    r = _chebyshev(-LN2 / 2, LN2 / 2)
+    exp_values = _fit_relative(r, np.exp(r), exp_degree, hold_one=True)
+    u = _chebyshev(0.0, 1.0)
+    safe = np.maximum(u, 1e-12)
+    softplus_values = _fit_relative(u, np.log1p(safe) / safe, softplus_degree, hold_one=False)
+    reciprocal_values = _fit_relative(u, 1.0 / (1.0 + u), 2, hold_one=False)
     rsqrt_magic, rsqrt_coefficients = _fit_rsqrt(fmt)
-    return FunctionConstants(fmt=fmt, log2e=log2e, exp_coefficients=exp_coefficients, silu=silu_table,
-                             softplus=softplus_table, rsqrt_magic=rsqrt_magic,
-                             rsqrt_coefficients=rsqrt_coefficients)
+
+    def encode(values):
+        return tuple(_encode_value(float(v), fmt) for v in values)
+
+    return FunctionConstants(
+        fmt=fmt, log2e=_encode_value(LOG2E, fmt), round_constant=_round_constant(fmt),
+        ln2_parts=_ln2_parts(fmt), exp_coefficients=encode(exp_values),
+        softplus_coefficients=encode(softplus_values), reciprocal_coefficients=encode(reciprocal_values),
+        rsqrt_magic=rsqrt_magic, rsqrt_coefficients=rsqrt_coefficients)
 
 
 def constants_for(config) -> FunctionConstants:
     """:func:`build_constants` for a :class:`marca.config.MarcaConfig`."""
     return build_constants(fmt=config.compute_format, exp_degree=config.exp_degree,
-                           silu_segments=config.silu_segments, silu_degree=config.silu_degree,
-                           softplus_segments=config.softplus_segments, softplus_degree=config.softplus_degree)
+                           softplus_degree=config.softplus_degree)
 
 
 def _constants(source):
@@ -669,104 +411,116 @@ def _constants(source):
 
 # The programs ---------------------------------------------------------------------------------------------
 
-def _exp_passes(constants, argument: Operand, first: int) -> list[Pass]:
-    """exp(argument) as passes numbered from ``first``: t = x·log2e; n = floor(t); f = t - n;
-    p = 2^f by Horner; exp = p · 2^n."""
+class _Builder:
+    """Appends passes and hands out their results."""
+
+    def __init__(self):
+        self.passes = []
+
+    def add(self, op, a, b=None, c=None, function=None, comment=""):
+        self.passes.append(Pass(op, a, b, c, function, comment))
+        return result_of(len(self.passes) - 1)
+
+
+def _exp_passes(builder: _Builder, constants: FunctionConstants, argument: Operand) -> Operand:
+    """exp(argument): ``C + n = x·log2e + C`` (the adder rounds t to the integer n), ``n = (C + n) - C``,
+    ``r = x - n·ln2`` (one or two MULADDs), ``p = e^r`` by Horner (c_0 = 1), ``p · 2^n`` (EXP_SCALE reads n
+    from ``C + n``)."""
+    fmt = constants.fmt
     c = constants.exp_coefficients
     degree = len(c) - 1
-    t, n, f = result_of(first), result_of(first + 1), result_of(first + 2)
-    passes = [
-        Pass(ElementwiseOp.MUL, argument, constant(constants.log2e), comment="t = x * log2(e)"),
-        Pass(ElementwiseOp.FUNCTION, t, function=LaneFunction.FLOOR, comment="n = floor(t)"),
-        Pass(ElementwiseOp.SUB, t, n, comment="f = t - n, in [0, 1]"),
-        Pass(ElementwiseOp.MULADD, f, constant(c[degree]), constant(c[degree - 1]),
-             comment=f"p = c{degree} * f + c{degree - 1}"),
-    ]
+    rounded = builder.add(ElementwiseOp.MULADD, argument, constant(constants.log2e),
+                          constant(constants.round_constant), comment="C + n: n = round(x * log2(e))")
+    n = builder.add(ElementwiseOp.SUB, rounded, constant(constants.round_constant), comment="n (exact)")
+    reduced = argument
+    for k, part in enumerate(constants.ln2_parts):
+        reduced = builder.add(ElementwiseOp.MULADD, n, constant(part ^ fmt.sign_bit), reduced,
+                              comment=f"r = x - n * ln2{'_hi' if k == 0 and len(constants.ln2_parts) > 1 else ''}"
+                              if k == 0 else "r = r - n * ln2_lo")
+    p = builder.add(ElementwiseOp.MULADD, reduced, constant(c[degree]), constant(c[degree - 1]),
+                    comment=f"p = c{degree} * r + c{degree - 1}")
     for k in range(degree - 2, -1, -1):
-        passes.append(Pass(ElementwiseOp.MULADD, result_of(first + len(passes) - 1), f, constant(c[k]),
-                           comment=f"p = p * f + c{k}"))
-    passes.append(Pass(ElementwiseOp.FUNCTION, result_of(first + len(passes) - 1), n,
-                       function=LaneFunction.EXP_SCALE, comment="exp = p * 2^n (exponent insert)"))
-    return passes
-
-
-def _polynomial_passes(constants, function: str, first: int) -> list[Pass]:
-    """Per-lane coefficient selects interleaved with Horner steps in x: p = (c_d x + c_{d-1}) x + ..."""
-    degree = constants.table(function).degree
-    passes = [Pass(ElementwiseOp.FUNCTION, INPUT, function=LaneFunction.coefficient(function, degree),
-                   comment=f"c{degree}(segment of x)")]
-    value = result_of(first)
-    for k in range(degree - 1, -1, -1):
-        passes.append(Pass(ElementwiseOp.FUNCTION, INPUT, function=LaneFunction.coefficient(function, k),
-                           comment=f"c{k}(segment of x)"))
-        passes.append(Pass(ElementwiseOp.MULADD, value, INPUT, result_of(first + len(passes) - 1),
-                           comment=f"p = p * x + c{k}"))
-        value = result_of(first + len(passes) - 1)
-    return passes
+        p = builder.add(ElementwiseOp.MULADD, p, reduced, constant(c[k]), comment=f"p = p * r + c{k}")
+    return builder.add(ElementwiseOp.FUNCTION, p, rounded, function=LaneFunction.EXP_SCALE,
+                       comment="exp = p * 2^n (n from C + n's low bits)")
 
 
 def exp_program(source) -> Program:
-    """exp(x): ``4 + exp_degree`` passes. ``source`` is a MarcaConfig or :class:`FunctionConstants`."""
+    """exp(x): ``4 + exp_degree`` passes (one more in 16-bit formats, for the split ln 2).
+    ``source`` is a MarcaConfig or :class:`FunctionConstants`."""
     constants = _constants(source)
-    return Program("exp", constants.fmt, tuple(_exp_passes(constants, INPUT, 0)))
+    builder = _Builder()
+    _exp_passes(builder, constants, INPUT)
+    return Program("exp", constants.fmt, tuple(builder.passes))
 
 
 def silu_program(source) -> Program:
-    """silu(x): ``2 · silu_degree + 2`` passes; x <= -2^K- gives -0, x >= 2^K+ gives x."""
+    """silu(x) = x / (1 + e^-x), relatively accurate everywhere, from ``u = exp(-|x|)`` (never overflows):
+    ``1/(1 + u)`` by a quadratic seed in u and one Newton step; ``x·u`` for x < 0 (``m·u`` with the clamped
+    ``m = -|x|``, so -Inf gives -0), x itself otherwise (CMP_SELECT); then one product.
+    ``exp passes + 9`` passes."""
     constants = _constants(source)
-    passes = _polynomial_passes(constants, "silu", 0)
-    negative_zero = constants.fmt.sign_bit
-    passes.append(Pass(ElementwiseOp.FUNCTION, INPUT, result_of(len(passes) - 1), constant(negative_zero),
-                       function=LaneFunction.SILU_SELECT, comment="x above range: x; below: -0"))
-    return Program("silu", constants.fmt, tuple(passes))
+    fmt = constants.fmt
+    s0, s1, s2 = constants.reciprocal_coefficients
+    builder = _Builder()
+    m = builder.add(ElementwiseOp.FUNCTION, INPUT, function=LaneFunction.NEGATIVE_MAGNITUDE,
+                    comment="m = -min(|x|, 128)")
+    u = _exp_passes(builder, constants, m)
+    minus_one = fmt.one | fmt.sign_bit
+    denominator = builder.add(ElementwiseOp.MULADD, u, constant(minus_one), constant(minus_one),
+                              comment="-(1 + u)")
+    seed = builder.add(ElementwiseOp.MULADD, u, constant(s2), constant(s1), comment="s2 * u + s1")
+    seed = builder.add(ElementwiseOp.MULADD, seed, u, constant(s0), comment="y0 = (s2 * u + s1) * u + s0")
+    two = _encode_value(2.0, fmt)
+    newton = builder.add(ElementwiseOp.MULADD, denominator, seed, constant(two), comment="2 - (1 + u) * y0")
+    reciprocal = builder.add(ElementwiseOp.MUL, seed, newton, comment="y = 1 / (1 + u) (Newton)")
+    product = builder.add(ElementwiseOp.MUL, m, u, comment="m * u = x * e^x for x < 0")
+    numerator = builder.add(ElementwiseOp.CMP_SELECT, INPUT, constant(0), product,
+                            comment="x < 0: x * e^x; else x")
+    builder.add(ElementwiseOp.MUL, numerator, reciprocal, comment="silu = numerator / (1 + u)")
+    return Program("silu", fmt, tuple(builder.passes))
 
 
 def softplus_program(source) -> Program:
-    """softplus(x): the exp passes, then the polynomial, then the range select (x above the range, exp(x)
-    below it): ``4 + exp_degree + 2 · softplus_degree + 2`` passes."""
+    """softplus(x) = max(x, 0) + log1p(u), ``u = exp(-|x|)``: ``u·q(u)`` with ``q ≈ log1p(u)/u``
+    (relative, so the far left keeps exp's accuracy), then ``max(x + u·q, u·q)`` (= u·q + max(x, 0)).
+    ``exp passes + softplus_degree + 4`` passes."""
     constants = _constants(source)
-    passes = _exp_passes(constants, INPUT, 0)
-    exponential = result_of(len(passes) - 1)
-    passes += _polynomial_passes(constants, "softplus", len(passes))
-    passes.append(Pass(ElementwiseOp.FUNCTION, INPUT, result_of(len(passes) - 1), exponential,
-                       function=LaneFunction.SOFTPLUS_SELECT, comment="x above range: x; below: exp(x)"))
-    return Program("softplus", constants.fmt, tuple(passes))
-
-
-def rsqrt_correction_is_fused(fmt: FloatFormat) -> bool:
-    """Whether rsqrt's last arithmetic pass adds the correction as ``y·w + y`` (one rounding near the
-    result) or multiplies ``y · (1 + w)`` (the factor rounded near 1: up to 0.7 ulp more). The fused form
-    needs ``y·w`` normal down to half an ulp of the smallest result ``y ≈ 2^-(emax+1)/2``: FP32 and BF16
-    yes, FP16 no (there ``y·w`` would flush to zero for the smallest results: 16 ulps off)."""
-    smallest_result = -(fmt.emax + 1) / 2
-    return smallest_result - fmt.precision - 1 >= fmt.emin
+    fmt = constants.fmt
+    q = constants.softplus_coefficients
+    degree = len(q) - 1
+    builder = _Builder()
+    m = builder.add(ElementwiseOp.FUNCTION, INPUT, function=LaneFunction.NEGATIVE_MAGNITUDE,
+                    comment="m = -min(|x|, 128)")
+    u = _exp_passes(builder, constants, m)
+    p = builder.add(ElementwiseOp.MULADD, u, constant(q[degree]), constant(q[degree - 1]),
+                    comment=f"q = q{degree} * u + q{degree - 1}")
+    for k in range(degree - 2, -1, -1):
+        p = builder.add(ElementwiseOp.MULADD, p, u, constant(q[k]), comment=f"q = q * u + q{k}")
+    log1p = builder.add(ElementwiseOp.MUL, p, u, comment="log1p(u) = q * u")
+    total = builder.add(ElementwiseOp.ADD, INPUT, log1p, comment="x + log1p(u)")
+    builder.add(ElementwiseOp.MAX, total, log1p, comment="softplus = max(x + log1p(u), log1p(u))")
+    return Program("softplus", fmt, tuple(builder.passes))
 
 
 def rsqrt_program(source) -> Program:
     """1/sqrt(x): 7 passes. The lane's bit-trick seed ``y``, one third-order correction on the multiplier
-    and adder (``d = x·y·y - 1``, ``w = d·(b1 + b2·d)``, then ``y·w + y`` or ``y·(1 + w)``:
-    :func:`rsqrt_correction_is_fused`; ``x·y`` first, so nothing under- or overflows for any normal x),
-    then the lane's special-case select."""
+    and adder (``d = x·y·y - 1``, ``y · (1 + d·(b1 + b2·d))``; ``x·y`` first, so nothing under- or
+    overflows for any normal x), then the lane's special-case select."""
     constants = _constants(source)
     fmt = constants.fmt
     b1, b2 = constants.rsqrt_coefficients
-    minus_one = fmt.one | fmt.sign_bit
-    y, h, d, q, w = (result_of(k) for k in range(5))
-    passes = [
-        Pass(ElementwiseOp.FUNCTION, INPUT, function=LaneFunction.RSQRT_SEED, comment="y = magic - (bits >> 1)"),
-        Pass(ElementwiseOp.MUL, INPUT, y, comment="h = x * y"),
-        Pass(ElementwiseOp.MULADD, h, y, constant(minus_one), comment="d = h * y - 1"),
-        Pass(ElementwiseOp.MULADD, d, constant(b2), constant(b1), comment="q = b2 * d + b1"),
-    ]
-    if rsqrt_correction_is_fused(fmt):
-        passes += [Pass(ElementwiseOp.MUL, q, d, comment="w = q * d"),
-                   Pass(ElementwiseOp.MULADD, y, w, y, comment="r = y * w + y")]
-    else:
-        passes += [Pass(ElementwiseOp.MULADD, q, d, constant(fmt.one), comment="g = q * d + 1"),
-                   Pass(ElementwiseOp.MUL, y, result_of(4), comment="r = y * g")]
-    passes.append(Pass(ElementwiseOp.FUNCTION, INPUT, result_of(5), function=LaneFunction.RSQRT_SELECT,
-                       comment="x NaN or < 0: NaN; ±0: ±Inf; +Inf: +0"))
-    return Program("rsqrt", fmt, tuple(passes))
+    builder = _Builder()
+    y = builder.add(ElementwiseOp.FUNCTION, INPUT, function=LaneFunction.RSQRT_SEED,
+                    comment="y = magic - (bits >> 1)")
+    h = builder.add(ElementwiseOp.MUL, INPUT, y, comment="h = x * y")
+    d = builder.add(ElementwiseOp.MULADD, h, y, constant(fmt.one | fmt.sign_bit), comment="d = h * y - 1")
+    q = builder.add(ElementwiseOp.MULADD, d, constant(b2), constant(b1), comment="q = b2 * d + b1")
+    g = builder.add(ElementwiseOp.MULADD, q, d, constant(fmt.one), comment="g = q * d + 1")
+    r = builder.add(ElementwiseOp.MUL, y, g, comment="r = y * g")
+    builder.add(ElementwiseOp.FUNCTION, INPUT, r, function=LaneFunction.RSQRT_SELECT,
+                comment="x NaN or < 0: NaN; ±0: ±Inf; +Inf: +0")
+    return Program("rsqrt", fmt, tuple(builder.passes))
 
 
 def programs(source) -> dict[str, Program]:
@@ -782,40 +536,36 @@ def _read(bits, fmt: FloatFormat) -> torch.Tensor:
     return fp.encode(fp.decode(bits, fmt), fmt)
 
 
-def floor(a, fmt: FloatFormat) -> torch.Tensor:
-    """FLOOR: the largest integer-valued float <= a (exact: always representable or overflowing to -Inf in
-    tiny formats); ±Inf, signed zeros kept; subnormals read as zeros; NaN gives the canonical NaN."""
-    return fp.encode(torch.floor(fp.decode(a, fmt)), fmt)
-
-
 def exp_int_bits(fmt: FloatFormat) -> int:
     """Width of the saturated integer exponent shift: every |n| beyond its range over- or underflows."""
     return fmt.exp_bits + 2
 
 
-def exp_scale(a, b, fmt: FloatFormat) -> torch.Tensor:
-    """EXP_SCALE: ``ldexp(a, to_int(b, exp_bits + 2, toward_zero))`` (contract ldexp: exact, ±Inf above
-    range, signed zero below), except that ``b`` decides first: NaN -> canonical NaN, +Inf -> +Inf,
-    -Inf -> +0 (exp of ±Inf, where the program's fraction is Inf - Inf = NaN)."""
-    shift = fp.to_int(b, fmt, exp_int_bits(fmt), "toward_zero")
-    out = fp.ldexp(a, shift, fmt)
+def exp_scale(a, b, constants: FunctionConstants) -> torch.Tensor:
+    """EXP_SCALE: ``ldexp(a, n)`` (contract ldexp: exact, ±Inf above range, signed zero below) with
+    ``n = b - C``, where ``b`` must lie in ``[2^(p-1), 2^(p+1))`` (two binades, see :func:`_round_constant`)
+    and ``-2^(exp_bits+1) <= n < 2^(exp_bits+1)``; ``b`` decides first: NaN -> canonical NaN; below the window (negative, zero,
+    -Inf, small, or n too negative) -> +0; above it (+Inf, or n too large) -> +Inf."""
+    fmt = constants.fmt
     b_value = fp.decode(b, fmt)
-    out = torch.where(b_value == torch.inf, fmt.inf, out)
-    out = torch.where(b_value == -torch.inf, 0, out)
+    low = 2.0 ** (fmt.precision - 1)
+    high = low * 4
+    n = b_value - _decode_value(constants.round_constant, fmt)
+    limit = 2 ** (exp_int_bits(fmt) - 1)
+    inside = (b_value >= low) & (b_value < high)
+    shift = torch.where(inside, n, 0.0).clamp(-limit, limit - 1).to(torch.int64)
+    out = fp.ldexp(a, shift, fmt)
+    over = (b_value >= high) | (inside & (n >= limit))
+    under = (b_value < low) | (inside & (n < -limit))
+    out = torch.where(over, fmt.inf, torch.where(under, 0, out))
     return torch.where(torch.isnan(b_value), fmt.canonical_nan, out)
 
 
-def range_select(x, b, c, layout: SegmentLayout, fmt: FloatFormat) -> torch.Tensor:
-    """SILU_SELECT / SOFTPLUS_SELECT: NaN x -> canonical NaN; x >= 2^K+ (and +Inf) -> read(x);
-    x <= -2^K- (and -Inf) -> read(c); otherwise read(b). Compares only sign and exponent field."""
-    x = torch.as_tensor(x, dtype=torch.int64)
-    sign = (x >> (fmt.width - 1)) & 1
-    field = (x >> fmt.man_bits) & fmt.exp_max
-    is_nan = (field == fmt.exp_max) & ((x & ((1 << fmt.man_bits) - 1)) != 0)
-    above = (sign == 0) & (field >= layout.positive.threshold_field(fmt))
-    below = (sign == 1) & (field >= layout.negative.threshold_field(fmt))
-    out = torch.where(above, _read(x, fmt), torch.where(below, _read(c, fmt), _read(b, fmt)))
-    return torch.where(is_nan, fmt.canonical_nan, out)
+def negative_magnitude(a, fmt: FloatFormat) -> torch.Tensor:
+    """NEGATIVE_MAGNITUDE: ``-min(|a|, 2^7)`` (subnormals read as -0); NaN -> canonical NaN."""
+    value = fp.decode(a, fmt)
+    out = fp.encode(-value.abs().clamp(max=2.0 ** MAGNITUDE_BOUND_EXPONENT), fmt)
+    return torch.where(torch.isnan(value), fmt.canonical_nan, out)
 
 
 def rsqrt_seed(a, magic: int, fmt: FloatFormat) -> torch.Tensor:
@@ -838,23 +588,16 @@ def rsqrt_select(x, b, fmt: FloatFormat) -> torch.Tensor:
 
 def lane_function(function: LaneFunction, a, b, c, constants) -> torch.Tensor:
     """Golden model of one FUNCTION pass of the lane extension."""
+    constants = _constants(constants)
     fmt = constants.fmt
     function = LaneFunction(function)
-    if function == LaneFunction.FLOOR:
-        return floor(a, fmt)
     if function == LaneFunction.EXP_SCALE:
-        return exp_scale(a, b, fmt)
+        return exp_scale(a, b, constants)
+    if function == LaneFunction.NEGATIVE_MAGNITUDE:
+        return negative_magnitude(a, fmt)
     if function == LaneFunction.RSQRT_SEED:
         return rsqrt_seed(a, constants.rsqrt_magic, fmt)
-    if function == LaneFunction.RSQRT_SELECT:
-        return rsqrt_select(a, b, fmt)
-    if function in (LaneFunction.SILU_SELECT, LaneFunction.SOFTPLUS_SELECT):
-        name = "silu" if function == LaneFunction.SILU_SELECT else "softplus"
-        return range_select(a, b, c, constants.table(name).layout, fmt)
-    name, k = function.piecewise
-    table = constants.table(name)
-    rom = torch.tensor([row[k] if k <= table.degree else 0 for row in table.coefficients], dtype=torch.int64)
-    return rom[table.layout.segment_index(a, fmt)]
+    return rsqrt_select(a, b, fmt)
 
 
 def run_program(program: Program, x, constants, *, every_pass: bool = False):

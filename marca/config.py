@@ -34,8 +34,8 @@ class MarcaConfig:
         ``compute_format`` (PEs, trees, accumulators, nonlinear units, scan state) and ``storage_format``
         (memory, weight and activation buffers); see docs/numerics.md.
     Nonlinear functions
-        ``exp_degree``: degree of the 2^f polynomial; ``silu_segments``/``silu_degree`` and
-        ``softplus_segments``/``softplus_degree``: the piecewise polynomials (docs/nonlinear.md).
+        ``exp_degree``: degree of the e^r polynomial of exp (also inside SiLU and softplus);
+        ``softplus_degree``: degree of softplus's log1p(u)/u polynomial (docs/nonlinear.md).
     Buffers
         Sizes in KiB of the on-chip weight, activation, state and scratch buffers.
     Bus
@@ -51,10 +51,7 @@ class MarcaConfig:
     storage_format: FloatFormat | str = "bf16"
 
     exp_degree: int = 3
-    silu_segments: int = 32  # 16 quadratic segments leave SiLU at 1.3e-3 abs error (docs/nonlinear.md)
-    silu_degree: int = 2
-    softplus_segments: int = 16
-    softplus_degree: int = 2
+    softplus_degree: int = 4  # degree 3 leaves softplus at ~5e-4 relative, the target (docs/nonlinear.md)
 
     weight_buffer_kib: int = 64
     activation_buffer_kib: int = 32
@@ -87,14 +84,9 @@ class MarcaConfig:
                     raise ValueError(f"{name}: {error}") from None
             elif not isinstance(value, FloatFormat):
                 fail(name, "must be a FloatFormat or a format name ('fp32', 'bf16', 'fp16')")
-        if not _is_int(self.exp_degree) or not 1 <= self.exp_degree <= 5:
-            fail("exp_degree", "must be an integer in [1, 5]")
-        for name in ("silu_segments", "softplus_segments"):
-            if not _is_power_of_two(getattr(self, name)) or not 2 <= getattr(self, name) <= 256:
-                fail(name, "must be a power of two in [2, 256] (half the segments per sign)")
-        for name in ("silu_degree", "softplus_degree"):
-            if not _is_int(getattr(self, name)) or not 0 <= getattr(self, name) <= 4:
-                fail(name, "must be an integer in [0, 4]")
+        for name in ("exp_degree", "softplus_degree"):
+            if not _is_int(getattr(self, name)) or not 1 <= getattr(self, name) <= 6:
+                fail(name, "must be an integer in [1, 6]")
         for name in ("weight_buffer_kib", "activation_buffer_kib", "state_buffer_kib",
                      "scratch_buffer_kib"):
             if not _is_power_of_two(getattr(self, name)):
@@ -184,7 +176,7 @@ DEFAULT = MarcaConfig()
 FPGA_SMALL = dataclasses.replace(
     DEFAULT, name="fpga-small", array_rows=2, array_cols=2,
     compute_format="bf16", storage_format="bf16",
-    exp_degree=2, silu_segments=8, softplus_segments=8,
+    exp_degree=2,
     weight_buffer_kib=4, activation_buffer_kib=2, state_buffer_kib=2, scratch_buffer_kib=1,
     axi_data_width=32)
 

@@ -34,9 +34,10 @@ def stimulus(constants, *, random_count: int, seed: int = 4):
     """Input bit patterns for the functions of ``constants`` (a FunctionConstants).
 
     16-bit formats: every pattern (65,536). Wider formats: the corner cases (zeros, subnormals, ±Inf,
-    NaNs, largest and smallest normals), every segment edge and range bound of the SiLU and softplus tables
-    with its neighbours, multiples of ln 2 (integer t = x·log2 e), exp's overflow and underflow region and
-    tiny magnitudes, then ``random_count`` random patterns (:func:`marca.golden.fp.random_bits`) and
+    NaNs, largest and smallest normals), with their neighbours: integer and half-integer multiples of
+    ln 2 (where t = x·log2 e rounds to n), the edges of EXP_SCALE's window and of NEGATIVE_MAGNITUDE's
+    bound, exp's overflow and underflow region; tiny magnitudes, the first and last pattern of every
+    binade, then ``random_count`` random patterns (:func:`marca.golden.fp.random_bits`) and
     ``random_count // 2`` uniform values in [-40, 100].
     """
     import torch
@@ -46,10 +47,11 @@ def stimulus(constants, *, random_count: int, seed: int = 4):
     if fmt.width <= 16:
         return torch.arange(1 << fmt.width, dtype=torch.int64)
     generator = torch.Generator().manual_seed(seed)
-    edges = [0.0]
-    for table in (constants.silu, constants.softplus):
-        for low, high in table.layout.intervals():
-            edges += [low, high]
+    # Half-integer t (where the rounding of t to n flips), the edges of EXP_SCALE's window of n
+    # (|n| = 2^(exp_bits+1)), NEGATIVE_MAGNITUDE's bound ±128.
+    window = 1 << (fmt.exp_bits + 1)
+    edges = [0.0, 128.0, -128.0] + [t * 0.6931471805599453 for t in (window, -window, window - 0.5, 0.5 - window)]
+    edges += [(k + 0.5) * 0.6931471805599453 for k in range(-160, 140)]
     edges += [k * 0.6931471805599453 for k in range(-160, 140)]
     edges += [88.72283935546875, -87.33654022216797, -103.27892303466797, 2.0 ** -30, -(2.0 ** -30)]
     centre = fp.encode(torch.tensor(edges, dtype=torch.float64), fmt)
@@ -57,9 +59,13 @@ def stimulus(constants, *, random_count: int, seed: int = 4):
     tiny = torch.cat([torch.arange(fmt.smallest_normal - 4, fmt.smallest_normal + 400),
                       torch.arange(0, 64), fmt.one + torch.arange(-64, 64)])
     tiny = torch.cat([tiny, tiny | fmt.sign_bit])
+    # Every binade's first and last pattern (rsqrt's seed and correction over all exponents).
+    fields = torch.arange(1, fmt.exp_max) << fmt.man_bits
+    binades = torch.cat([fields, fields | ((1 << fmt.man_bits) - 1)])
+    binades = torch.cat([binades, binades | fmt.sign_bit])
     random = fp.random_bits(random_count, fmt, generator)
     values = torch.rand(random_count // 2, generator=generator, dtype=torch.float64) * 140 - 40
-    return torch.cat([fp.special_values(fmt), near, tiny, random, fp.encode(values, fmt)])
+    return torch.cat([fp.special_values(fmt), near, tiny, binades, random, fp.encode(values, fmt)])
 
 
 def write_case(path, *, name: str, array, x, runs: dict) -> str:

@@ -31,7 +31,7 @@ def test_formats_by_name():
     (dict(compute_format="fp8"), "compute_format", "'fp8'"),
     (dict(storage_format=12), "storage_format", "12"),
     (dict(exp_degree=0), "exp_degree", "0"),
-    (dict(silu_segments=12), "silu_segments", "12"),
+    (dict(softplus_degree=9), "softplus_degree", "9"),
     (dict(weight_buffer_kib=3), "weight_buffer_kib", "3"),
     (dict(array_rows=32, array_cols=32, weight_buffer_kib=1), "weight_buffer_kib", "1"),
     (dict(array_rows=16, array_cols=16, state_buffer_kib=1), "state_buffer_kib", "1"),

@@ -37,6 +37,9 @@ FP32 = dataclasses.replace(MIXED, name="fp32-2x2", storage_format="fp32")
 # Relative 2-norm error of the output against the float64 reference on storage-rounded weights and tokens.
 # The output is itself rounded to the storage format (BF16: 2^-9 relative per element).
 TOLERANCE = {"tiny": 1e-2, "mixed": 5e-3, "fp32-2x2": 1e-3, "fpga-small": 5e-2}
+# Relative 2-norm error of the final scan state (compute format, never rounded to storage): FP32 must be
+# within 1e-3 since softplus and SiLU are relatively accurate (issue 13: it was 6.1e-3).
+STATE_TOLERANCE = {"fp32-2x2": 1e-3}
 
 CASES = {
     "tiny": [mamba.MixerCase(name="d16-n4-L8", config=TINY, d_model=16, d_state=4, length=8, seed=1),
@@ -64,6 +67,8 @@ def test_mamba_mixer_on_rtl(name):
         report = mamba.evaluate(item, rtl)     # bit-exact image and counters, decode == prefill
         error = report["prefill"]["relative_error"]
         assert error < TOLERANCE[name], f"{item.case.name} on {name}: relative error {error:.2e}"
+        state_error = report["prefill"]["state_relative_error"]
+        assert state_error < STATE_TOLERANCE.get(name, 1.0), f"{item.case.name} on {name}: scan state {state_error:.2e}"
         report["utilization"] = mamba.utilization(item.prefill, rtl[item.case.name]["prefill"][0].counters)
         reports.append(report)
     out = BUILD_ROOT / "mamba" / f"test-{name}.json"     # measured numbers for docs/mamba.md

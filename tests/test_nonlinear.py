@@ -1,11 +1,11 @@
-"""exp, SiLU and softplus on the PE array in Verilator, bit for bit against the golden programs (issue #4).
+"""exp, SiLU, softplus and rsqrt on the PE array in Verilator, bit for bit against the golden programs (issue #4).
 
 One array per compute format, built once, with the FunctionLane extension of a preset configuration:
-FP32 (DEFAULT: exp degree 3, SiLU 32 x quadratic, softplus 16 x quadratic) on 1,050,000 random inputs
+FP32 (DEFAULT: exp degree 3, softplus degree 4) on 1,050,000 random inputs
 (700,000 random patterns, 350,000 uniform values in [-40, 100]) plus corner cases, segment edges and range
 bounds; BF16 (FPGA_SMALL) and FP16 (TINY) on every one of the
-65,536 inputs. Each program's every pass is compared (tb/nonlinear.py). A lane whose FLOOR forgets the
-increment of negative non-integers must fail.
+65,536 inputs. Each program's every pass is compared (tb/nonlinear.py). A lane whose EXP_SCALE forgets its
+window check must fail.
 """
 
 import dataclasses
@@ -29,8 +29,7 @@ MATRIX = {
 }
 
 
-def _run(tmp_path, label, config, rows, cols, random_count, fault=None, functions=("exp", "silu", "softplus"),
-         stride=1):
+def _run(tmp_path, label, config, rows, cols, random_count, fault=None, functions=nl.FUNCTIONS, stride=1):
     """Build (once) the array with the FunctionLane extension, run the programs; return (inputs, log)."""
     array = PEArray(rows=rows, cols=cols, fmt=config.compute_format,
                     lane_extension=FunctionLane.factory(config, _fault=fault))
@@ -61,9 +60,10 @@ def test_programs_on_array(tmp_path, label):
         assert count >= 1_050_000
 
 
-def test_broken_floor_is_caught(tmp_path):
-    """A lane whose FLOOR rounds negative non-integers toward zero: exp's pass 1 must mismatch."""
+def test_broken_exp_scale_is_caught(tmp_path):
+    """A lane whose EXP_SCALE forgets the window check of n (so exp of x < -44 wraps around instead of
+    flushing to +0): exp's last pass must mismatch."""
     config = dataclasses.replace(TINY, name="tiny-broken")
-    label = "fp16-broken-floor"
-    with pytest.raises(AssertionError, match=f"{label}/exp: pass 1 \\(FUNCTION, function 0\\)"):
-        _run(tmp_path, label, config, 1, 1, 0, fault="floor_no_increment", functions=("exp",), stride=16)
+    label = "fp16-broken-scale"
+    with pytest.raises(AssertionError, match=f"{label}/exp: pass \\d+ \\(FUNCTION, function 0\\)"):
+        _run(tmp_path, label, config, 1, 1, 0, fault="scale_window_unchecked", functions=("exp",), stride=16)

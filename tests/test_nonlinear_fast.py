@@ -1,17 +1,21 @@
-"""Fast tier of the nonlinear functions (issue #4): the golden programs' properties and accuracy, and the
-lane extension (hw/nonlinear.py) against the golden sub-operations in Amaranth's simulator."""
+"""Fast tier of the nonlinear functions (issues #4 and 13): the golden programs' accuracy against float64
+and their form, and the lane extension (hw/nonlinear.py) against the golden sub-operations in Amaranth's
+simulator. The accuracy bounds are the goals of issue 13; the 16-bit exceptions are the ones documented in
+docs/nonlinear.md (with why)."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
 from amaranth.sim import Simulator
 from marca.golden import fp
 from marca.golden import nonlinear as nl
-from marca.hw.nonlinear import FunctionLane
+from marca.hw.nonlinear import FAULTS, FunctionLane
 
 from marca.config import DEFAULT, FPGA_SMALL, TINY
 from marca.formats import BF16, FP16, FP32
+from marca.ops import ElementwiseOp
 
 FORMATS = [FP32, BF16, FP16]
 
@@ -27,83 +31,116 @@ def _bits(values, fmt):
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 def test_exp_exact_points(fmt):
     constants = _constants(fmt)
-    program = nl.exp_program(constants)
     x = torch.tensor([0, fmt.sign_bit, 1, fmt.sign_bit | 1, fmt.inf, fmt.inf | fmt.sign_bit,
                       fmt.canonical_nan, fmt.largest_finite, fmt.largest_finite | fmt.sign_bit])
-    out = nl.run_program(program, x, constants).tolist()
-    assert out[:4] == [fmt.one] * 4                       # exp(±0) = exp(±subnormal) = 1 exactly
+    out = nl.exp(x, constants).tolist()
+    assert out[:4] == [fmt.one] * 4                       # exp(±0) = exp(±subnormal) = 1 exactly (c0 = 1)
     assert out[4:] == [fmt.inf, 0, fmt.canonical_nan, fmt.inf, 0]
-    # Integer t: n = t and f = +0, so 2^f is exactly 1 and the result an exact power of two.
-    for k in (-3, -1, 1, 2):
-        t = _bits([float(k)], fmt)
-        assert nl.exp_scale(fmt.one, nl.floor(t, fmt), fmt).tolist() == _bits([2.0 ** k], fmt).tolist()
-        assert fp.sub(t, nl.floor(t, fmt), fmt).tolist() == [0]
+    assert constants.exp_coefficients[0] == fmt.one
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
-def test_exp_polynomial_ends(fmt):
-    constants = _constants(fmt)
-    c = constants.exp_coefficients
-    assert c[0] == fmt.one
-    assert nl._horner_constant(c, fmt.one, fmt) == int(_bits([2.0], fmt)[0])
-    assert nl._horner_constant(c, 0, fmt) == fmt.one
-
-
-def test_default_accuracy_targets():
-    """Issue #4 targets for the default configuration (FP32): exp <= 2e-4 relative where the result is
-    normal; SiLU and softplus <= 1e-3 absolute everywhere; rsqrt (issue 13) <= 2e-4 relative."""
-    fmt = DEFAULT.compute_format
-    x = fp.random_bits(150_000, fmt, torch.Generator().manual_seed(7), specials=0.0)
-    values = fp.decode(x, fmt)
-    finite = torch.isfinite(values)
-    for name, program in nl.programs(DEFAULT).items():
-        got = fp.decode(nl.run_program(program, x, DEFAULT), fmt)
-        want = nl.reference(name, values)
-        if name in ("exp", "rsqrt"):
-            normal = finite & (want >= 2.0 ** fmt.emin) & (want < 2.0 ** (fmt.emax + 1))
-            assert ((got - want).abs() / want)[normal].max() <= 2e-4
-        else:
-            assert (got - want).abs()[finite].max() <= 1e-3
-
-
-def _positive_normals_all_exponents(fmt, count, seed):
-    """``count`` random positive normals, exponents uniform over the whole range, plus every binade's
-    first and last pattern."""
+def _all_exponents(fmt, count, seed):
+    """``count`` random patterns of each sign with exponents uniform over the whole range, plus every
+    binade's first and last pattern, zeros, ±Inf and NaN."""
     generator = torch.Generator().manual_seed(seed)
     field = torch.randint(1, fmt.exp_max, (count,), generator=generator)
     mantissa = torch.randint(0, 1 << fmt.man_bits, (count,), generator=generator)
-    edges = torch.arange(1, fmt.exp_max)
-    last = (1 << fmt.man_bits) - 1
-    return torch.cat([(field << fmt.man_bits) | mantissa, edges << fmt.man_bits, (edges << fmt.man_bits) | last])
+    edges = torch.arange(1, fmt.exp_max) << fmt.man_bits
+    magnitudes = torch.cat([(field << fmt.man_bits) | mantissa, edges, edges | ((1 << fmt.man_bits) - 1),
+                            torch.tensor([0, fmt.inf, fmt.canonical_nan])])
+    return torch.cat([magnitudes, magnitudes | fmt.sign_bit])
 
 
-def _rsqrt_error(x, constants):
-    """(max relative error, max error in ulps of the true result) of the rsqrt program on positive normals."""
+def _errors(name, x, constants):
+    """(|error|, |reference|, normal) of ``name``'s program on bit patterns ``x``; ``normal``: finite x
+    whose true result is a normal number of the format."""
     fmt = constants.fmt
-    got = fp.decode(nl.run_program(nl.rsqrt_program(constants), x, constants), fmt)
-    want = torch.rsqrt(fp.decode(x, fmt))
-    ulp = torch.exp2(torch.floor(torch.log2(want)) - fmt.man_bits)
-    return float(((got - want).abs() / want).max()), float(((got - want).abs() / ulp).max())
+    values = fp.decode(x, fmt)
+    got = fp.decode(nl.run_program(nl.programs(constants)[name], x, constants), fmt)
+    want = nl.reference(name, values)
+    normal = torch.isfinite(values) & (want.abs() >= 2.0 ** fmt.emin) & (want.abs() < 2.0 ** (fmt.emax + 1))
+    return (got - want).abs(), want.abs(), normal
 
 
-@pytest.mark.parametrize("broken", [False, True], ids=["rsqrt", "broken-b2"])
-def test_rsqrt_accuracy_fp32(broken):
-    """Issue 13: rsqrt <= 2e-4 relative on every positive normal FP32 input (10^6 random over all
-    exponents, every binade's ends); the constant b2 of the correction off by 1/8 must fail."""
+def _broken(constants, name):
+    """A constant of ``name``'s program off by one place (every coefficient moved one power down)."""
+    field = {"exp": "exp_coefficients", "softplus": "softplus_coefficients", "silu": "reciprocal_coefficients",
+             "rsqrt": "rsqrt_coefficients"}[name]
+    values = getattr(constants, field)
+    moved = values[::-1] if len(values) == 2 else values[:1] + values[2:] + values[1:2]
+    return dataclasses.replace(constants, **{field: moved})
+
+
+FP32_GOALS = {
+    "exp": lambda error, want: error <= 2e-4 * want,
+    "softplus": lambda error, want: error <= 5e-4 * want,
+    "silu": lambda error, want: error <= 1e-3 * want + 2.0 ** -24,
+    "rsqrt": lambda error, want: error <= 2e-4 * want,
+}
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["programs", "broken-constant"])
+@pytest.mark.parametrize("name", nl.FUNCTIONS)
+def test_fp32_accuracy_goals(name, broken):
+    """Issue 13's FP32 goals on 2 x 100,000 random inputs over every exponent plus every binade's ends (the
+    benchmark and the Verilator tier cover >= 10^6), exp and softplus also on a dense sweep of [-110, 100]:
+    exp <= 2e-4 relative, softplus <= 5e-4 relative, SiLU <= 1e-3 relative + 2^-24, rsqrt <= 2e-4 relative,
+    wherever the true result is normal (SiLU: everywhere finite). A constant moved one place must fail."""
     constants = _constants(FP32)
     if broken:
-        b1, b2 = constants.rsqrt_coefficients
-        constants = dataclasses.replace(constants, rsqrt_coefficients=(b1, int(_bits([0.5], FP32)[0])))
-    relative, _ = _rsqrt_error(_positive_normals_all_exponents(FP32, 1_000_000, 13), constants)
-    assert (relative <= 2e-4) != broken, relative
+        constants = _broken(constants, name)
+    x = torch.cat([_all_exponents(FP32, 100_000, 17),
+                   _bits(torch.linspace(-110, 100, 50_001, dtype=torch.float64).tolist(), FP32)])
+    error, want, normal = _errors(name, x, constants)
+    checked = torch.isfinite(fp.decode(x, FP32)) & (want > 0) if name == "silu" else normal
+    if name == "rsqrt":
+        checked &= fp.decode(x, FP32) > 0
+    ok = FP32_GOALS[name](error, want)[checked]
+    assert bool(ok.all()) != broken, float((error / want)[checked].max())
 
 
-@pytest.mark.parametrize("fmt", [BF16, FP16], ids=lambda f: f.name)
-def test_rsqrt_accuracy_16_bit_exhaustive(fmt):
-    """Every positive normal of the 16-bit formats within 2 ulps (measured: BF16 0.92, FP16 1.65)."""
-    x = torch.arange(1 << fmt.man_bits, fmt.exp_max << fmt.man_bits)
-    _, ulps = _rsqrt_error(x, _constants(fmt))
-    assert ulps <= 2.0, ulps
+def _ulps(error, want, fmt):
+    return error / torch.exp2(torch.floor(torch.log2(want)) - fmt.man_bits)
+
+
+# Max ulps over every 16-bit input whose true result is normal, by |x| range; the documented bounds
+# (docs/nonlinear.md): exp within 2 ulps where n·ln2_hi is exact (BF16: |x| < 16), SiLU up to 4 (three
+# rounded factors), and the exceptions named there.
+ULP_BOUNDS = {
+    ("bf16", "exp"): [(16.0, 2.0)],
+    ("bf16", "softplus"): [(16.0, 2.0)],
+    ("bf16", "silu"): [(16.0, 3.0)],
+    ("bf16", "rsqrt"): [(math.inf, 2.0)],
+    ("fp16", "exp"): [(math.inf, 2.0)],
+    ("fp16", "softplus"): [(math.inf, 2.0)],
+    ("fp16", "silu"): [(9.5, 4.0), (math.inf, None)],
+    ("fp16", "rsqrt"): [(math.inf, 2.0)],
+}
+
+
+@pytest.mark.parametrize("config", [FPGA_SMALL, TINY], ids=lambda c: c.compute_format.name)
+@pytest.mark.parametrize("name", nl.FUNCTIONS)
+def test_16_bit_exhaustive_ulps(config, name):
+    constants = nl.constants_for(config)
+    fmt = constants.fmt
+    x = torch.arange(1 << fmt.width)
+    error, want, normal = _errors(name, x, constants)
+    magnitude = fp.decode(x, fmt).abs()
+    ulps = _ulps(error, want, fmt)
+    for bound, most in ULP_BOUNDS[(fmt.name, name)]:
+        inside = normal & (magnitude < bound)
+        if most is not None:
+            assert float(ulps[inside].max()) <= most, (bound, float(ulps[inside].max()))
+
+
+def test_bf16_exp_issue_points():
+    """Issue 13's BF16 failures: exp(88.5) was +Inf (true 2.72e38 is finite), exp(-6.8125) 9 ulps off."""
+    constants = nl.constants_for(FPGA_SMALL)
+    x = _bits([88.5, -6.8125], BF16)
+    got = fp.decode(nl.exp(x, constants), BF16)
+    want = torch.exp(fp.decode(x, BF16))
+    assert torch.isfinite(got).all()
+    assert float(_ulps((got - want).abs(), want, BF16).max()) <= 1.0
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
@@ -118,44 +155,45 @@ def test_rsqrt_specials(fmt):
                                                nan, nan, nan, nan, nan]
     # The seed is a positive normal for every pattern (the select alone handles the specials).
     every = torch.arange(1 << fmt.width) if fmt.width <= 16 else fp.random_bits(100_000, fmt)
-    seed = nl.rsqrt_seed(every, constants.rsqrt_magic, fmt)
-    field = seed >> fmt.man_bits
+    field = nl.rsqrt_seed(every, constants.rsqrt_magic, fmt) >> fmt.man_bits
     assert bool(((field >= 1) & (field < fmt.exp_max)).all())
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_silu_softplus_specials(fmt):
+    constants = _constants(fmt)
+    x = torch.tensor([0, fmt.sign_bit, fmt.inf, fmt.inf | fmt.sign_bit, fmt.canonical_nan])
+    assert nl.silu(x, constants).tolist() == [0, fmt.sign_bit, fmt.inf, fmt.sign_bit, fmt.canonical_nan]
+    softplus = nl.softplus(x, constants).tolist()
+    assert softplus[2:] == [fmt.inf, 0, fmt.canonical_nan]
+    assert abs(float(fp.decode(torch.tensor(softplus[:1]), fmt)[0]) - math.log(2)) <= max(2.0 ** -fmt.man_bits, 5e-4 * math.log(2))
 
 
 @pytest.mark.parametrize("config", [DEFAULT, FPGA_SMALL, TINY], ids=lambda c: c.name)
 def test_programs_are_well_formed(config):
-    constants = nl.constants_for(config)
-    for program in nl.programs(config).values():
+    """Constants fit the format; at most 2 scratch operands per pass (the engine's scratch read ports);
+    the pass counts of docs/nonlinear.md."""
+    split = 1 if config.compute_format.precision <= 16 else 0
+    exp_passes = 4 + config.exp_degree + split
+    counts = {"exp": exp_passes, "silu": exp_passes + 9, "softplus": exp_passes + config.softplus_degree + 4,
+              "rsqrt": 7}
+    for name, program in nl.programs(config).items():
         assert program.fmt == config.compute_format
+        assert len(program) == counts[name], name
         assert program.live_values() <= 5
         for step in program.passes:
+            assert sum(operand.kind == "result" for operand in step.operands()) <= 2, (name, str(step))
             for operand in step.operands():
                 if operand.kind == "constant":
                     assert 0 <= operand.bits < 1 << config.compute_format.width
-    assert len(nl.exp_program(config)) == 4 + config.exp_degree
-    assert len(nl.silu_program(config)) == 2 * config.silu_degree + 2
-    assert len(nl.softplus_program(config)) == 4 + config.exp_degree + 2 * config.softplus_degree + 2
-    assert len(nl.rsqrt_program(config)) == 7
-    for table in (constants.silu, constants.softplus):
-        assert table.layout.segments <= {"silu": config.silu_segments,
-                                         "softplus": config.softplus_segments}[table.function]
-
-
-def test_segment_index_matches_intervals():
-    table = _constants(FP32).silu
-    layout = table.layout
-    for index, (low, high) in enumerate(layout.intervals()):
-        inside = [low + (high - low) * q for q in (0.001, 0.5, 0.999)]
-        got = layout.segment_index(_bits(inside, FP32), FP32).tolist()
-        assert got == [index] * 3, (index, low, high)
+            assert (step.op == ElementwiseOp.FUNCTION) == (step.function is not None)
 
 
 def test_bad_parameters():
     with pytest.raises(ValueError, match="exp_degree"):
         nl.build_constants(fmt=FP32, exp_degree=0)
-    with pytest.raises(ValueError, match="silu_segments"):
-        nl.build_constants(fmt=FP32, silu_segments=12)
+    with pytest.raises(ValueError, match="softplus_degree"):
+        nl.build_constants(fmt=FP32, softplus_degree=9)
     with pytest.raises(ValueError, match="fmt"):
         FunctionLane(fmt="fp32")
     with pytest.raises(ValueError, match="_fault"):
@@ -164,15 +202,17 @@ def test_bad_parameters():
 
 def _lane_vectors(fmt, count, seed):
     generator = torch.Generator().manual_seed(seed)
+    constants = _constants(fmt)
     a = fp.random_bits(count, fmt, generator)
     b = fp.random_bits(count, fmt, generator)
-    # EXP_SCALE's b: small integers (and some specials), as the exp program feeds it.
-    integers = _bits(torch.randint(-2 * (fmt.bias + fmt.man_bits), 2 * (fmt.bias + fmt.man_bits), (count,),
-                                   generator=generator).double().tolist(), fmt)
-    b = torch.where(torch.rand(count, generator=generator) < 0.6, integers, b)
+    # EXP_SCALE's b: C + n over and beyond the window (both binades), as the exp program feeds it.
+    offsets = torch.randint(-3 * (1 << (fmt.exp_bits + 1)), 3 * (1 << (fmt.exp_bits + 1)), (count,),
+                            generator=generator).double()
+    sums = fp.encode(offsets + fp.decode(torch.tensor([constants.round_constant]), fmt), fmt)
+    b = torch.where(torch.rand(count, generator=generator) < 0.6, sums, b)
     c = fp.random_bits(count, fmt, generator)
-    # Around the polynomial range and segment edges.
-    edges = _bits([v * s for v in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0, 32.0) for s in (1, -1)], fmt)
+    # Around the magnitude bound and powers of two.
+    edges = _bits([v * s for v in (0.5, 1.0, 2.0, 64.0, 128.0, 256.0) for s in (1, -1)], fmt)
     nudged = torch.cat([edges, edges + 1, edges - 1])
     a = torch.cat([a, nudged])
     b = torch.cat([b, b[:len(nudged)]])
@@ -209,23 +249,21 @@ def _simulate_lane(lane, codes, a, b, c):
 def test_lane_matches_golden(fmt):
     lane = FunctionLane(fmt=fmt)
     codes = list(nl.LaneFunction)
-    a, b, c = _lane_vectors(fmt, 120, seed=fmt.width + fmt.exp_bits)
+    a, b, c = _lane_vectors(fmt, 300, seed=fmt.width + fmt.exp_bits)
     got = _simulate_lane(lane, codes, a, b, c)
     for row, code in zip(got, codes):
-        if code.piecewise and code.piecewise[1] > lane.constants.table(code.piecewise[0]).degree:
-            continue
         want = nl.lane_function(code, a, b, c, lane.constants)
         wrong = (row != want).nonzero().flatten().tolist()
         assert not wrong, (f"{code.name}: a={hex(int(a[wrong[0]]))} b={hex(int(b[wrong[0]]))} "
                            f"got {hex(int(row[wrong[0]]))} want {hex(int(want[wrong[0]]))}")
 
 
-@pytest.mark.parametrize("fault", ["floor_no_increment", "scale_no_overflow", "coefficient_off_by_one"])
+@pytest.mark.parametrize("fault", [fault for fault in FAULTS if fault])
 def test_lane_broken_variants_are_caught(fault):
     fmt = FP16
     lane = FunctionLane(fmt=fmt, _fault=fault)
-    codes = list(nl.LaneFunction)[:2] + [nl.LaneFunction.SILU_COEFFICIENT_0, nl.LaneFunction.SILU_COEFFICIENT_1]
-    a, b, c = _lane_vectors(fmt, 120, seed=3)
+    codes = list(nl.LaneFunction)
+    a, b, c = _lane_vectors(fmt, 300, seed=3)
     got = _simulate_lane(lane, codes, a, b, c)
     mismatches = sum(int((row != nl.lane_function(code, a, b, c, lane.constants)).sum())
                      for row, code in zip(got, codes))
