@@ -1,0 +1,306 @@
+"""Paper-scale performance of the generated accelerator from the cycle model (``marca.perf``), for the
+released Mamba sizes (docs/performance.md).
+
+    marca bench scale            (or python -m marca.bench.scale [out_dir] [--quick])
+
+For each size (130m .. 2.8b, shapes from ``MambaDims``; weights are zeros of the right shapes: a program's
+timing does not depend on the values, and a 2.8b model's FP32 weights would not fit this machine), each
+configuration (``paper``, ``default``) and each memory system (HBM-class, DDR-class; the clock and the
+bandwidths are :data:`CLOCK_HZ` and :data:`MEMORIES`):
+
+* one mixer layer is compiled (``marca.compiler.compile_mixer``) for a prefill of L = 512 and 2048 tokens,
+  a decode step, and a 16-token prefill that stands for a batch of 16 decode steps (the compiler has no
+  batched decode: 16 tokens of one sequence share every weight read as 16 sequences would; the 15 extra
+  per-sequence state round trips are added as DMA time at the memory's bandwidth), with both buffer
+  management strategies on and off;
+* the LM head (vocabulary x d_model) is a streamed GEMV/GEMM program (:func:`lm_head_program`) run per
+  decoded token, once per prefill (the last token's logits);
+* the model's cycles are layers x one layer + the head. Not included: the embedding lookup, the RMSNorms
+  and residual adds (a few element-wise beats per token and layer).
+
+Writes ``scale.json``, ``scale-roofline.png`` and ``scale-sweep.png`` to ``out_dir`` and prints the tables
+of docs/performance.md.
+"""
+
+import base64
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import pathlib
+import sys
+import time
+import zlib
+
+from marca import isa, perf
+from marca.config import DEFAULT, PAPER, MarcaConfig
+from marca.isa import Barrier, Buffer, Halt, Linear, Load, Store
+
+__all__ = ["SIZES", "VOCAB", "CLOCK_HZ", "MEMORIES", "SCENARIOS", "lm_head_program", "layer_program",
+           "model_run", "run"]
+
+SIZES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48), "2.8b": (2560, 64)}
+"""Released Mamba-1 sizes: (d_model, layers); d_state 16, d_conv 4, expand 2, dt_rank ceil(d_model / 16)."""
+VOCAB = 50280
+CLOCK_HZ = 1.0e9          # MARCA's clock (28 nm, 1 GHz)
+MEMORIES = {
+    # name: (bytes per second, read latency in ns, what it stands for)
+    "hbm": (1.555e12, 100.0, "HBM2-class, 1555 GB/s (an A100 40 GB's)"),
+    "ddr": (51.2e9, 80.0, "DDR4-3200, two channels, 51.2 GB/s"),
+}
+SCENARIOS = {"prefill-512": ("prefill", 512), "prefill-2048": ("prefill", 2048), "decode-b1": ("decode", 1),
+             "decode-b16": ("prefill", 16)}
+"""Scenario: (compiled mode, tokens per program)."""
+
+
+def memory_system(name: str) -> perf.MemorySystem:
+    bandwidth, latency_ns, _ = MEMORIES[name]
+    cycles = latency_ns * 1e-9 * CLOCK_HZ
+    return perf.MemorySystem(read_latency=cycles, write_latency=cycles, bytes_per_cycle=bandwidth / CLOCK_HZ)
+
+
+def _zeros(dims):
+    import torch
+    d, di, r, n = dims.d_model, dims.d_inner, dims.dt_rank, dims.d_state
+    return {"in_proj.weight": torch.zeros(2 * di, d), "conv1d.weight": torch.zeros(di, 1, dims.d_conv),
+            "conv1d.bias": torch.zeros(di), "x_proj.weight": torch.zeros(r + 2 * n, di),
+            "dt_proj.weight": torch.zeros(di, r), "dt_proj.bias": torch.zeros(di),
+            "A_log": torch.zeros(di, n), "D": torch.zeros(di), "out_proj.weight": torch.zeros(d, di)}
+
+
+PROGRAM_CACHE = pathlib.Path("build") / "scale-programs"
+"""Compiled layer programs are kept here (keyed by the configuration, the compiler's source and the
+arguments), so a rerun only reruns the model; delete the folder to compile afresh."""
+
+
+def _cache_key(config: MarcaConfig, *parts) -> str:
+    compiler = pathlib.Path(__file__).resolve().parents[1] / "compiler"
+    sources = b"".join(path.read_bytes() for path in sorted(compiler.glob("*.py")))
+    digest = hashlib.sha256(config.to_json().encode() + sources + repr(parts).encode()).hexdigest()[:16]
+    return f"{config.name}-{'-'.join(map(str, parts))}-{digest}"
+
+
+@functools.lru_cache(maxsize=None)
+def layer_program(config: MarcaConfig, d_model: int, mode: str, tokens: int, buffer_management: bool):
+    """(instructions, state bytes) of one compiled mixer layer (weights: zeros of the right shapes)."""
+    path = PROGRAM_CACHE / (_cache_key(config, d_model, mode, tokens, buffer_management) + ".json")
+    if path.exists():
+        cached = json.loads(path.read_text())
+        return tuple(isa.decode_program(zlib.decompress(base64.b64decode(cached["program"])))), cached["state_bytes"]
+    from marca.compiler import CompileOptions, compile_mixer
+    from marca.reference.mamba import MambaDims
+    dims = MambaDims(d_model=d_model)
+    options = CompileOptions(intra_operation=buffer_management, inter_operation=buffer_management)
+    compiled = compile_mixer(_zeros(dims), config, mode=mode, length=tokens if mode == "prefill" else None,
+                             options=options)
+    state_bytes = sum(place.rows * place.row_elements * config.compute_bytes
+                      for place in (compiled.conv_state, compiled.ssm_state))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encoded = base64.b64encode(zlib.compress(isa.encode_program(compiled.instructions), 9)).decode()
+    path.write_text(json.dumps({"program": encoded, "state_bytes": state_bytes}))
+    return tuple(compiled.instructions), state_bytes
+
+
+def lm_head_program(config: MarcaConfig, vocab: int, d_model: int, tokens: int) -> list:
+    """A streamed LM head: ``tokens`` vectors of ``d_model`` (storage format) times the vocab x d_model
+    matrix (pre-tiled in memory, row tile by row tile), logits stored. Weight blocks are double-buffered:
+    the DMA loads block ``b + 1`` while the array works on block ``b``."""
+    R, C, lanes, size = config.array_rows, config.array_cols, config.lanes, config.storage_bytes
+    chunks = -(-d_model // C)
+    row_tiles = -(-vocab // R)
+    half = isa.buffer_lines(config, Buffer.WEIGHT) // 2
+    activation_lines = isa.buffer_lines(config, Buffer.ACTIVATION) // 2
+    block = max(1, min(row_tiles, half // chunks, activation_lines * lanes // (R * tokens)))
+    blocks = -(-row_tiles // block)
+    vector_bytes = tokens * d_model * size
+    weights = 1 << 20
+    logits = weights + row_tiles * chunks * lanes * size
+
+    def load(b):
+        tiles = min(block, row_tiles - b * block)
+        return Load(memory_address=weights + b * block * chunks * lanes * size, row_count=tiles * chunks,
+                    row_elements=lanes, memory_row_stride=lanes * size, buffer=Buffer.WEIGHT,
+                    buffer_address=(b % 2) * half * lanes, buffer_row_stride=lanes)
+
+    program = [Load(memory_address=4096, row_count=tokens, row_elements=d_model, memory_row_stride=d_model * size,
+                    buffer=Buffer.SCRATCH, buffer_address=0, buffer_row_stride=chunks * C), load(0), Barrier()]
+    del vector_bytes
+    for b in range(blocks):
+        tiles = min(block, row_tiles - b * block)
+        if b + 1 < blocks:
+            program.append(load(b + 1))
+        output = (b % 2) * activation_lines * lanes
+        program += [Linear(matrix_buffer=Buffer.WEIGHT, matrix_address=(b % 2) * half * lanes,
+                           chunk_count=chunks, row_tile_count=tiles, token_count=tokens,
+                           vector_buffer=Buffer.SCRATCH, vector_address=0, vector_token_stride=chunks,
+                           output_buffer=Buffer.ACTIVATION, output_address=output, output_token_stride=tiles),
+                    Barrier(),
+                    Store(memory_address=logits + b * block * R * size, row_count=tokens, row_elements=tiles * R,
+                          memory_row_stride=vocab * size, buffer=Buffer.ACTIVATION, buffer_address=output,
+                          buffer_row_stride=tiles * R)]
+    program += [Barrier(), Halt()]
+    return program
+
+
+def _combine(parts):
+    """Sum of (report, times) pairs into cycles and counters."""
+    counters = {}
+    for report, times in parts:
+        for name, value in report.counters.items():
+            counters[name] = counters.get(name, 0) + value * times
+    return counters
+
+
+def model_run(config: MarcaConfig, size: str, scenario: str, memory: perf.MemorySystem,
+              buffer_management: bool = True) -> dict:
+    """Cycles, tokens/s, PE utilization and DRAM bytes per token of the whole model (layers x one layer +
+    the LM head) for one scenario."""
+    d_model, layers = SIZES[size]
+    mode, tokens = SCENARIOS[scenario]
+    instructions, state_bytes = layer_program(config, d_model, mode, tokens, buffer_management)
+    layer = perf.estimate(config, instructions, memory)
+    head_tokens = 1 if scenario.startswith("prefill") else tokens
+    head = perf.estimate(config, lm_head_program(config, VOCAB, d_model, head_tokens), memory)
+    counters = _combine([(layer, layers), (head, 1)])
+    sequences = tokens if scenario == "decode-b16" else 1
+    extra_cycles = 0.0
+    if sequences > 1:
+        # 15 more sequences' states in and out per layer (the 16-token program moves one state).
+        extra_bytes = 2 * (sequences - 1) * state_bytes * layers
+        extra_cycles = extra_bytes / min(memory.bytes_per_cycle or math.inf, config.axi_data_width / 8)
+        counters["dma_bytes_read"] += extra_bytes // 2
+        counters["dma_bytes_written"] += extra_bytes // 2
+    cycles = counters["cycles"] + extra_cycles
+    beats = counters["array_linear_cycles"] + counters["array_elementwise_cycles"]
+    dram = counters["dma_bytes_read"] + counters["dma_bytes_written"]
+    return {"cycles": cycles, "tokens": tokens, "tokens_per_second": tokens * CLOCK_HZ / cycles,
+            "pe_utilization": beats / cycles, "dram_bytes_per_token": dram / tokens,
+            "pe_operations": beats * config.lanes, "dram_bytes": dram,
+            "layer_cycles": layer.cycles, "head_cycles": head.cycles, "layer_instructions": len(instructions)}
+
+
+def _table(results, memory_name, buffer_management=True) -> str:
+    lines = [f"Memory: {MEMORIES[memory_name][2]}; clock {CLOCK_HZ / 1e9:g} GHz; buffer management "
+             f"{'on' if buffer_management else 'off'}.", "",
+             "| config | size | prefill 512 tok/s | prefill 2048 tok/s | decode b=1 tok/s | decode b=16 tok/s | "
+             "PE util (prefill 2048 / decode b=1) | DRAM B/token (prefill 2048 / decode b=1) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for key, entry in results.items():
+        config, size, memory, managed = key.split("|")
+        if memory != memory_name or managed != str(buffer_management):
+            continue
+        def value(scenario, key, spec):
+            return format(entry[scenario][key], spec) if scenario in entry else "-"
+        lines.append(f"| {config} | {size} | {value('prefill-512', 'tokens_per_second', ',.0f')} | "
+                     f"{value('prefill-2048', 'tokens_per_second', ',.0f')} | "
+                     f"{value('decode-b1', 'tokens_per_second', ',.1f')} | "
+                     f"{value('decode-b16', 'tokens_per_second', ',.1f')} | "
+                     f"{value('prefill-2048', 'pe_utilization', '.1%')} / {value('decode-b1', 'pe_utilization', '.1%')} | "
+                     f"{value('prefill-2048', 'dram_bytes_per_token', ',.0f')} / "
+                     f"{value('decode-b1', 'dram_bytes_per_token', ',.0f')} |")
+    return "\n".join(lines)
+
+
+def _roofline(results, out: pathlib.Path, config: MarcaConfig, memory_name: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    peak = config.lanes * CLOCK_HZ
+    bandwidth = min(MEMORIES[memory_name][0], config.axi_data_width / 8 * CLOCK_HZ)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    intensities = [2 ** k for k in range(-4, 14)]
+    axes.loglog(intensities, [min(peak, bandwidth * x) for x in intensities], "k-",
+                label=f"roof: {peak / 1e12:.2f} T lane-ops/s, {bandwidth / 1e9:.0f} GB/s")
+    for size in SIZES:
+        entry = results.get(f"{config.name}|{size}|{memory_name}|True")
+        if not entry:
+            continue
+        for scenario, marker in (("prefill-2048", "o"), ("decode-b1", "s"), ("decode-b16", "^")):
+            s = entry[scenario]
+            x = s["pe_operations"] / s["dram_bytes"]
+            y = s["pe_operations"] / (s["cycles"] / CLOCK_HZ)
+            axes.loglog([x], [y], marker, label=f"{size} {scenario}")
+    axes.set_xlabel("operational intensity (PE lane operations per DRAM byte)")
+    axes.set_ylabel("attained lane operations per second")
+    axes.set_title(f"Roofline: {config.name} ({config.array_rows}x{config.array_cols}), {memory_name}, modelled")
+    axes.legend(fontsize=6, ncol=2)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+
+
+def _sweep(out_dir: pathlib.Path, size: str, memory_name: str, arrays, bus_widths) -> dict:
+    """Array size x bus width (the bandwidth the accelerator can draw, capped by the DRAM) for one model."""
+    bandwidth, latency_ns, _ = MEMORIES[memory_name]
+    grid = {}
+    for rows in arrays:
+        base = dataclasses.replace(PAPER, name=f"paper-{rows}x{rows}", array_rows=rows, array_cols=rows)
+        for width in bus_widths:
+            config = dataclasses.replace(base, axi_data_width=width)
+            memory = memory_system(memory_name)
+            grid[f"{rows}x{rows}|{width}"] = {
+                scenario: model_run(config, size, scenario, memory)["tokens_per_second"]
+                for scenario in ("prefill-512", "decode-b1")}
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, scenario in zip(axes, ("prefill-512", "decode-b1")):
+        for rows in arrays:
+            axis.plot([w / 8 for w in bus_widths], [grid[f"{rows}x{rows}|{w}"][scenario] for w in bus_widths],
+                      "o-", label=f"{rows}x{rows} PEs")
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("bus bytes per cycle (GB/s at 1 GHz)")
+        axis.set_ylabel("tokens / s")
+        axis.set_title(f"{size} {scenario} ({memory_name})")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out_dir / "scale-sweep.png", dpi=120)
+    plt.close(figure)
+    return grid
+
+
+def _plan(quick: bool):
+    """(config, size, memory, buffer management, scenarios) in the order they run."""
+    sizes = ["130m"] if quick else list(SIZES)
+    plan = []
+    for size in sizes:
+        plan.append((PAPER, size, "hbm", True, tuple(SCENARIOS)))
+        plan.append((PAPER, size, "ddr", True, tuple(SCENARIOS)))
+    for size in sizes:
+        plan.append((PAPER, size, "hbm", False, ("prefill-512", "decode-b1")))
+    for size in sizes:
+        plan.append((DEFAULT, size, "hbm", True, tuple(SCENARIOS)))
+        plan.append((DEFAULT, size, "ddr", True, tuple(SCENARIOS)))
+    return plan
+
+
+def run(out_dir: pathlib.Path, *, quick: bool = False) -> dict:
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results = {}
+    summary = {"clock_hz": CLOCK_HZ, "memories": MEMORIES, "vocab": VOCAB, "sizes": SIZES, "results": results}
+    for config, size, memory_name, managed, scenarios in _plan(quick):
+        memory = memory_system(memory_name)
+        entry = {scenario: model_run(config, size, scenario, memory, managed) for scenario in scenarios}
+        results[f"{config.name}|{size}|{memory_name}|{managed}"] = entry
+        print(f"[scale] {config.name} {size} {memory_name} buffer management {'on' if managed else 'off'}: "
+              + ", ".join(f"{scenario} {value['tokens_per_second']:,.1f} tok/s" for scenario, value in entry.items())
+              + f" ({time.time() - started:.0f} s)", flush=True)
+        (out_dir / "scale.json").write_text(json.dumps(summary, indent=1) + "\n")
+    tables = "\n\n".join([_table(results, "hbm"), _table(results, "ddr"), _table(results, "hbm", False)])
+    print(tables)
+    _roofline(results, out_dir / "scale-roofline.png", PAPER, "hbm")
+    summary["sweep"] = _sweep(out_dir, "130m", "hbm", (8, 16, 32, 64), (128, 256, 512, 1024))
+    summary["tables"] = tables
+    summary["wall_seconds"] = round(time.time() - started, 1)
+    (out_dir / "scale.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    arguments = [a for a in sys.argv[1:] if not a.startswith("--")]
+    run(pathlib.Path(arguments[0] if arguments else "build/bench"), quick="--quick" in sys.argv)
