@@ -15,6 +15,11 @@ from marca.golden import fp, iss
 from marca.golden.random_program import random_program
 from marca.isa import Buffer, ErrorCode, MemoryFormat
 
+# One preset per distinct (compute, storage) format pair of the presets: the smallest buffers of each.
+FORMAT_PRESETS = {}
+for _config in sorted(PRESETS.values(), key=lambda c: sum(isa.buffer_elements(c, b) for b in Buffer)):
+    FORMAT_PRESETS.setdefault((_config.compute_format, _config.storage_format), _config.name)
+
 TABLE = 0x4000
 IDS = 0x3000
 OUT = 0x8000
@@ -45,10 +50,10 @@ def _stored(config, machine, rows, elements):
     return bits.reshape(rows, elements)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(FORMAT_PRESETS.values()))
 @pytest.mark.parametrize("memory_format", list(MemoryFormat), ids=lambda f: f.name.lower())
 def test_gather_picks_rows_by_id(name, memory_format):
-    """Every preset's formats, both memory formats: repeated ids, id 0 and id table_rows-1, a row stride
+    """Every preset's formats (FORMAT_PRESETS), both memory formats: repeated ids, id 0 and id table_rows-1, a row stride
     wider than the row; the buffer rows equal the table rows named by the ids, converted as LOAD does."""
     config = PRESETS[name]
     compute = memory_format == MemoryFormat.COMPUTE
@@ -167,12 +172,12 @@ def test_gather_needs_a_barrier_before_compute_reads_it():
 def test_random_programs_contain_gathers_and_index_range_tails():
     config = TINY
     gathers = 0
-    for seed in range(4):
-        generated = random_program(config, seed=seed, length=40)
+    for seed in range(2):
+        generated = random_program(config, seed=seed, length=30)
         gathers += sum(isinstance(i, isa.Gather) for i in generated.instructions)
         result, _ = iss.run_program(config, generated.memory)
         assert result.error == ErrorCode.NONE, result
-    assert gathers >= 4
+    assert gathers >= 2
     generated = random_program(config, seed=5, length=10, final_error=ErrorCode.INDEX_RANGE)
     result, _ = iss.run_program(config, generated.memory)
     assert isinstance(generated.instructions[-1], isa.Gather)
@@ -199,7 +204,7 @@ def test_gather_rtl_matches_iss(config, tmp_path):
     from marca import sim
     verilog = sim.emit_verilog(Accelerator(config), "accelerator")
     build_dir = sim.build(verilog, "accelerator", label=f"accelerator-{config.name}")
-    params = dict(config=config.to_dict(), pause=0.3, seed=3, programs=2, length=20)
+    params = dict(config=config.to_dict(), pause=0.3, seed=3, programs=2, length=20, gathers=True)
     sim.run(build_dir, "accelerator", "marca.tb.accelerator", params=params, testcase="gathers",
             name="gathers")
     # Cycles from start to done of a LOAD and a GATHER of the same rows (docs/shell.md quotes them: run
