@@ -635,6 +635,7 @@ class Machine:
         key = (config, str(self.device))
         self._plans = _PLAN_CACHE.setdefault(key, {})
         self._fetched: dict[int, object] = {}
+        self._views: dict = {}              # _Access -> its view of self.values (updated in place)
         self._fetched_span = [None, None]
         self.pc = None
 
@@ -693,12 +694,22 @@ class Machine:
                 raise ProgramError("undefined", f"{name} reads {access.buffer.name} element {first}, which "
                                    "nothing has written", pc)
 
+    def _view(self, access: _Access) -> torch.Tensor:
+        """``access``'s view of its buffer, made once per machine (as_strided costs more than the small
+        instructions' arithmetic)."""
+        view = self._views.get(access)
+        if view is None:
+            if len(self._views) >= _PLAN_CACHE_LIMIT:
+                self._views.clear()
+            view = self._views[access] = access.tensor(self.values[access.buffer])
+        return view
+
     def _write(self, access: _Access, values: torch.Tensor, survivors) -> None:
         """``values`` (access shape) into the buffer; where the access names an element twice the last
         write wins (``survivors``: precomputed targets and positions)."""
         target = self.values[access.buffer]
         if survivors is None:
-            access.tensor(target).copy_(values.reshape(access.shape))
+            self._view(access).copy_(values.reshape(access.shape))
         else:
             elements, positions = survivors
             target[elements.to(target.device)] = values.reshape(-1)[positions.to(target.device)]
@@ -783,6 +794,7 @@ class Machine:
             for b in Buffer:
                 self.values[b] = fp.to_values(reference.buffers[b], fmt).to(self.device)
                 self.written[b] = reference.written[b].numpy().copy()
+            self._views.clear()
             self.counters = reference.counters
             for key, table in reference._pending.items():
                 for b, mask in table.items():
@@ -816,7 +828,7 @@ class Machine:
         self._check_defined(access, "STORE", pc)
         self._check_streams("dma", [access], [], pc)
         size, fmt = extra["size"], extra["format"]
-        bits = fp.from_values(fp.value_convert(access.tensor(self.values[access.buffer]), fmt), fmt)
+        bits = fp.from_values(fp.value_convert(self._view(access), fmt), fmt)
         bits = bits - ((bits >> (8 * size - 1)) << (8 * size))          # the signed element dtype's range
         elements = self._memory_elements(size)
         bits = bits.to(elements.dtype)
@@ -844,9 +856,9 @@ class Machine:
         self._check_streams("compute", reads, [access["output"]], pc)
         R, C = self.config.array_rows, self.config.array_cols
         K, J, T = i.chunk_count, i.row_tile_count, i.token_count
-        matrix = access["matrix"].tensor(self.values[i.matrix_buffer]).reshape(J, K, R, C)
-        vector = access["vector"].tensor(self.values[i.vector_buffer])                  # [T, K, C]
-        bias = access["bias"].tensor(self.values[i.bias_buffer]) if "bias" in access else None
+        matrix = self._view(access["matrix"]).reshape(J, K, R, C)
+        vector = self._view(access["vector"])                                          # [T, K, C]
+        bias = self._view(access["bias"]) if "bias" in access else None
         out = linear_values(matrix, vector, bias, self.config.compute_format)
         self._write(access["output"], out, None)
         self.counters["linear_beats"] += T * J * K
@@ -854,14 +866,15 @@ class Machine:
 
     def _elementwise(self, plan: _Plan, pc) -> ErrorCode:
         i, access = plan.instruction, plan.access
-        names = isa.operands_used(i.op)
+        names = plan.extra["names"]
         for name in names:
             self._check_defined(access[name], name, pc)
         if plan.error is not None:
             raise ProgramError(*plan.error, pc)
         self._check_streams("compute", [access[name] for name in names], [access["dst"]], pc)
-        operands = {name: plan.extra["lanes"][name].tensor(self.values[access[name].buffer]) for name in names}
-        result = elementwise_values(i.op, operands, self.config.compute_format)
+        lanes = plan.extra["lanes"]
+        operands = {name: self._view(lanes[name]) for name in names}
+        result = plan.extra["compute"](operands, self.config.compute_format)
         self._write(access["dst"], result, plan.extra["survivors"])
         self.counters["elementwise_beats"] += i.outer_count * i.inner_count
         return ErrorCode.NONE
@@ -872,7 +885,7 @@ class Machine:
             raise ProgramError(*plan.error, pc)
         self._check_defined(access["src"], "src", pc)
         self._check_streams("compute", [access["src"]], [access["dst"]], pc)
-        source = access["src"].tensor(self.values[i.src_buffer]).reshape(-1)
+        source = self._view(access["src"]).reshape(-1)
         result = nonlinear_values(i.function, source, self.config)
         self._write(access["dst"], result, None)
         self.counters["nonlinear_lines"] += i.line_count
@@ -965,6 +978,9 @@ def _plan_elementwise(plan: _Plan, config: MarcaConfig) -> None:
         lanes[name] = _Access(read.buffer, (O, I, R, C), read.strides[:2] + lane_strides[broadcast],
                               read.offset, read.source)
     plan.extra["lanes"] = lanes
+    plan.extra["names"] = isa.operands_used(i.op)
+    op = ElementwiseOp(i.op)
+    plan.extra["compute"] = lambda operands, fmt: elementwise_values(op, operands, fmt)
     dst = access["dst"]
     dst_index = dst.indices()
     # A beat may not read what an earlier beat of the same instruction wrote.
@@ -1011,7 +1027,7 @@ def _no_tiny(values: torch.Tensor) -> bool:
     """No nonzero magnitude below 2^-50. Then every product of two such FP32 values is 0 or at least
     2^-100, so every product, tree sum and accumulator value is a multiple of 2^-123 (sums of multiples
     stay multiples, and rounding keeps them), never a subnormal: IEEE float32 needs no flush anywhere."""
-    return not bool(((values.abs() < _SAFE_MAGNITUDE) & (values != 0)).any())
+    return not fp._any_small(values, _SAFE_MAGNITUDE, inclusive=False)
 
 
 def linear_values(matrix: torch.Tensor, vector: torch.Tensor, bias, fmt: FloatFormat) -> torch.Tensor:
@@ -1059,6 +1075,7 @@ def linear_values(matrix: torch.Tensor, vector: torch.Tensor, bias, fmt: FloatFo
 def elementwise_values(op: ElementwiseOp, operands: dict, fmt: FloatFormat) -> torch.Tensor:
     """:func:`elementwise_op` on values."""
     a, b, c = operands.get("a"), operands.get("b"), operands.get("c")
+    op = int(op)           # plain int comparisons: comparing amaranth enum members is slow
     if op == ElementwiseOp.PASS:
         return a.clone()
     if op == ElementwiseOp.MUL:
@@ -1077,6 +1094,11 @@ def elementwise_values(op: ElementwiseOp, operands: dict, fmt: FloatFormat) -> t
         a, b, c = torch.broadcast_tensors(a, b, c)
         return torch.where(a < b, c, a)
     raise ValueError(f"op {op!r} is not an element-wise instruction op")
+
+
+@functools.lru_cache(maxsize=1024)
+def _constant_value(bits: int, fmt: FloatFormat) -> float:
+    return float(fp.to_values(torch.tensor([bits]), fmt)[0])
 
 
 @functools.lru_cache(maxsize=32)
@@ -1119,7 +1141,7 @@ def nonlinear_values(function: NonlinearFunction, x: torch.Tensor, config: Marca
             return x
         if operand.kind == "result":
             return results[operand.index]
-        return torch.full_like(x, float(fp.to_values(torch.tensor([operand.bits]), fmt)[0]))
+        return torch.full_like(x, _constant_value(operand.bits, fmt))
 
     for step in program.passes:
         a, b, c = fetch(step.a), fetch(step.b), fetch(step.c)
