@@ -252,13 +252,13 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
                 high = middle - 1
         return best
 
-    first_error = None
+    error = None
     for G in group_candidates:
         group_tiles = min(Jd, G * C)
         scan_top = min(group_tiles, options.max_scan_tiles or group_tiles)
         for params_resident in ((True, False) if G < Di_l else (True,)):
-            for hidden_resident, output_resident in ((True, True), (False, True), (True, False),
-                                                     (False, False)):
+            for hidden_resident, output_resident in (((False, False),) if options.stream_rows else
+                                                     ((True, True), (False, True), (True, False), (False, False))):
                 streamed = not hidden_resident or G < Di_l
                 staging = 1 if streamed else 0
                 O = 0 if output_resident else 1
@@ -266,8 +266,8 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
                                                                 output_resident, O, staging, S)
                 try:
                     attempt(*args())
-                except CompileError as error:
-                    first_error = first_error or error
+                except CompileError as failure:     # the last one tried is the minimal working set
+                    error = failure
                     continue
                 # h and A of as many channel tiles as the state buffer holds (as before the token block)
                 S = max(1, min(scan_top, base.free(Buffer.STATE) // (2 * Kn)))
@@ -280,7 +280,7 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
                     O = largest(1, ceil_div(d.d_model, R), lambda o: fits(*args(T=T, S=S, staging=staging,
                                                                                  O=o)))
                 return build(*args(T=T, S=S, staging=staging, O=O))
-    raise first_error
+    raise error
 
 
 def lower_mixer(emitter: Emitter, layout: MixerWeights, plan: MixerPlan, config: MarcaConfig,

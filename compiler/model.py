@@ -269,8 +269,8 @@ class _ModelLowering:
         em.load_lines(self.constants, self.constant_lines, Buffer.WEIGHT, 0)
         em.load_lines(self.compute_constants, 1, Buffer.WEIGHT, self.constant_lines * P, compute=True)
         base = Allocator(config, {Buffer.WEIGHT: self.constant_lines + 1})
-        row_T, row_D, row_regions = _plan_rows(config, base, self.Dm_l, self.tokens, self.ones_lines * self.R,
-                                               self.options)
+        chunk_limit = 1 if self.options.stream_rows else self.ones_lines * self.R
+        row_T, row_D, row_regions = _plan_rows(config, base, self.Dm_l, self.tokens, chunk_limit, self.options)
         self.row = (row_T, row_D, row_regions)
         if not self.embedding_on_host:
             em.section("embedding: GATHER of the token ids' rows")
@@ -414,7 +414,7 @@ class _ModelLowering:
             except CompileError:
                 return False
 
-        for resident in (True, False):
+        for resident in ((False,) if self.options.stream_rows else (True, False)):
             if fits(1, resident, 1, 1):
                 break
         else:

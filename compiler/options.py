@@ -27,6 +27,10 @@ class CompileOptions:
     max_group_lines : int or None
         At most this many lines of ``d_inner`` per channel group (default: as many as fit); smaller
         values force the channel-grouped mixer that large models need on small buffers (for tests).
+    stream_rows : bool
+        Stream the mixer's and the LM head's input rows in chunks and write their outputs in groups of
+        row tiles, and run RMSNorm in one-line chunks of d_model, even when they fit on chip (the paths of
+        models whose d_model does not fit; for tests).
     """
 
     intra_operation: bool = True
@@ -35,9 +39,10 @@ class CompileOptions:
     max_weight_lines: int | None = None
     max_scan_tiles: int | None = None
     max_group_lines: int | None = None
+    stream_rows: bool = False
 
     def __post_init__(self):
-        for name in ("intra_operation", "inter_operation"):
+        for name in ("intra_operation", "inter_operation", "stream_rows"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, not {getattr(self, name)!r}")
         for name in ("max_block_tokens", "max_weight_lines", "max_scan_tiles", "max_group_lines"):
