@@ -10,7 +10,8 @@ PE array's work: ``R·C`` per LINEAR, ELEMENTWISE or NONLINEAR beat (a LINEAR la
 multiply-add), i.e. ``(linear_beats + elementwise_beats + nonlinear_beats) · R·C`` from the counters.
 
 * **per class**: lane operations per second of single LINEAR (GEMV and GEMM), ELEMENTWISE (scan-like
-  MULADD with row broadcast, plain MUL) and NONLINEAR (exp, SiLU, softplus) instructions at the ``paper``
+  MULADD with row broadcast, plain MUL) and NONLINEAR (exp, SiLU, softplus) instructions, and bytes per
+  second of a LOAD and a STORE, at the ``paper``
   preset's size (32 x 32 array), fast machine, CPU; the reference machine (the simulator before issue 12,
   kept as the oracle) on the same instructions;
 * **fixed cost**: microseconds per instruction of a program of 1-beat instructions on the ``default``
@@ -96,6 +97,15 @@ def _class_cases(config):
             op=ElementwiseOp.MUL, dst_buffer=Buffer.SCRATCH, **scan,
             a_buffer=Buffer.STATE, a_outer_stride=16, a_inner_stride=1,
             b_buffer=Buffer.WEIGHT, b_outer_stride=16, b_inner_stride=1),
+        "load (storage -> compute, 2^20 elements)": isa.Load(memory_address=0, row_count=32,
+                                                              row_elements=1 << 15,
+                                                              memory_row_stride=config.storage_bytes << 15,
+                                                              buffer=Buffer.WEIGHT, buffer_row_stride=1 << 15),
+        "store (compute -> storage, 2^19 elements)": isa.Store(memory_address=0, row_count=16,
+                                                               row_elements=1 << 15,
+                                                               memory_row_stride=config.storage_bytes << 15,
+                                                               buffer=Buffer.SCRATCH,
+                                                               buffer_row_stride=1 << 15),
         **{f"nonlinear {f.name.lower()} (24 lines)": isa.Nonlinear(function=f, line_count=24,
                                                                    src_buffer=Buffer.STATE,
                                                                    dst_buffer=Buffer.SCRATCH)
@@ -104,12 +114,14 @@ def _class_cases(config):
 
 
 def _per_class(config, device: str, reference: bool, repeats: int) -> dict:
+    from marca import isa
     from marca.golden.iss import COUNTER_NAMES
     from marca.isa import ErrorCode
     machine = _class_machine(config, device, reference)
     cases, lanes, _ = _class_cases(config)
     out = {}
     for name, instruction in cases.items():
+        machine.execute(isa.Barrier())              # each case after the previous one's DMA or compute
         before = dict(machine.counters)
         code = machine.execute(instruction)          # warm: plan made, tables built
         if code != ErrorCode.NONE:
@@ -125,9 +137,11 @@ def _per_class(config, device: str, reference: bool, repeats: int) -> dict:
             best_cpu = cpu if best_cpu is None else min(best_cpu, cpu)
         done = {k: (machine.counters[k] - before[k]) // (repeats + 1) for k in COUNTER_NAMES}
         ops = _lane_ops(done, lanes)
+        moved = done["dma_bytes_read"] + done["dma_bytes_written"]
         timing = best if device.startswith("cuda") else max(best_cpu, 1e-6)
-        out[name] = {"lane_operations": ops, "seconds": best, "cpu_seconds": best_cpu,
-                     "lane_operations_per_second": ops / timing, "load": _load()}
+        out[name] = {"lane_operations": ops, "dma_bytes": moved, "seconds": best, "cpu_seconds": best_cpu,
+                     "lane_operations_per_second": ops / timing, "dma_bytes_per_second": moved / timing,
+                     "load": _load()}
     return out
 
 
@@ -211,14 +225,18 @@ def _run_mixer(config, compiled, memory, **options) -> dict:
 
 def _predict(counters: dict, config, rates: dict, fixed_us: float) -> float:
     """Seconds predicted from the per-class rates: LINEAR at the GEMV rate, ELEMENTWISE at the MULADD
-    rate, NONLINEAR at the mean of the three functions' rates, plus the fixed cost per instruction."""
+    rate, NONLINEAR at the mean of the three functions' rates, DMA bytes at the LOAD and STORE rates, plus
+    the fixed cost per instruction."""
     lanes = config.lanes
     nonlinear = [v["lane_operations_per_second"] for k, v in rates.items() if k.startswith("nonlinear")]
     linear_rate = rates["linear gemv (J 48, K 24, T 1)"]["lane_operations_per_second"]
     elementwise_rate = rates["elementwise muladd (row broadcast, 384 beats)"]["lane_operations_per_second"]
+    load_rate = rates["load (storage -> compute, 2^20 elements)"]["dma_bytes_per_second"]
+    store_rate = rates["store (compute -> storage, 2^19 elements)"]["dma_bytes_per_second"]
     return (counters["linear_beats"] * lanes / linear_rate
             + counters["elementwise_beats"] * lanes / elementwise_rate
             + counters["nonlinear_beats"] * lanes / (sum(nonlinear) / len(nonlinear))
+            + counters["dma_bytes_read"] / load_rate + counters["dma_bytes_written"] / store_rate
             + counters["instructions"] * fixed_us * 1e-6)
 
 
@@ -241,9 +259,11 @@ def run(out_dir: pathlib.Path) -> dict:
           f"{'ref M/s':>8s} {'speed-up':>8s}")
     for name, fast in results["per_class"]["fast"].items():
         ref = results["per_class"]["reference"][name]
-        print(f"{name:48s} {fast['lane_operations']:10,d} {fast['lane_operations_per_second'] / 1e6:9.1f} "
-              f"{ref['lane_operations_per_second'] / 1e6:8.2f} "
-              f"{fast['lane_operations_per_second'] / ref['lane_operations_per_second']:7.0f}x")
+        unit = "lane_operations" if fast["lane_operations"] else "dma_bytes"
+        print(f"{name:48s} {fast[unit]:10,d} {fast[unit + '_per_second'] / 1e6:9.1f} "
+              f"{ref[unit + '_per_second'] / 1e6:8.2f} "
+              f"{fast[unit + '_per_second'] / ref[unit + '_per_second']:7.0f}x"
+              + ("" if unit == "lane_operations" else "  (DMA: MB/s)"))
 
     from marca.config import DEFAULT
     results["fixed_cost"] = _fixed_cost(DEFAULT)

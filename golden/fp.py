@@ -256,7 +256,13 @@ def to_values(bits, fmt: FloatFormat) -> torch.Tensor:
     """float32 values of bit patterns (any integer dtype; the low ``fmt.width`` bits count): subnormals
     read as zeros of their sign, any NaN as NaN."""
     _fits_float32(fmt)
-    bits = torch.as_tensor(bits).to(torch.int64) & ((1 << fmt.width) - 1)
+    bits = torch.as_tensor(bits)
+    if fmt.exp_bits == 8 and fmt.width in (16, 32) and bits.dtype == {16: torch.int16, 32: torch.int32}[fmt.width]:
+        # Memory elements (BF16, FP32) in int32 arithmetic: the shift puts the sign at bit 31 either way.
+        word = bits.to(torch.int32) << (32 - fmt.width) if fmt.width == 16 else bits
+        word = torch.where((word & 0x7F800000) == 0, word & -0x80000000, word)
+        return word.view(torch.float32)
+    bits = bits.to(torch.int64) & ((1 << fmt.width) - 1)
     if fmt.exp_bits == 8:             # float32's own exponent field: a shift, then DAZ
         word = bits << (23 - fmt.man_bits)
         word = torch.where((word & 0x7F800000) == 0, word & 0x80000000, word)

@@ -88,6 +88,16 @@ def test_convert_every_pattern(source, target):
     assert torch.equal(got, fp.convert(every, source, target))
 
 
+@pytest.mark.parametrize("fmt", [BF16, FP16, FP32], ids=lambda f: f.name)
+def test_values_of_memory_element_dtypes(fmt):
+    """LOADs hand to_values the memory's own signed int16/int32 elements (a separate fast path)."""
+    generator = torch.Generator().manual_seed(2)
+    bits = torch.cat([torch.arange(1 << 16, dtype=torch.int64) if fmt.width == 16
+                      else fp.random_bits(1_000_000, fmt, generator), fp.special_values(fmt)])
+    signed = (bits - ((bits >> (fmt.width - 1)) << fmt.width)).to({16: torch.int16, 32: torch.int32}[fmt.width])
+    assert torch.equal(fp.to_values(signed, fmt).view(torch.int32), fp.to_values(bits, fmt).view(torch.int32))
+
+
 def test_fp32_conversions_random_and_special():
     generator = torch.Generator().manual_seed(1)
     bits = torch.cat([fp.random_bits(1_000_000, FP32, generator), fp.special_values(FP32)])
