@@ -1,6 +1,6 @@
 """Benchmark: what the accelerator's arithmetic costs a trained language model, in bits per byte.
 
-    marca bench accuracy [--device cuda]        (or ``python -m marca.bench.accuracy [out_dir] [device]``)
+    marca bench accuracy [--device cuda]    (or ``python -m marca.bench.accuracy [out_dir] [device] [iss_segments]``)
 
 The model is the committed byte-level Shakespeare Mamba (``reference/checkpoints/shakespeare-mamba``,
 trained by :mod:`marca.reference.train_charlm`); the text is its validation split (Hamlet and The Tempest,
@@ -28,8 +28,10 @@ how many prompts all 64 agree.
    format by the numerics contract (:func:`marca.golden.fp.encode`: nearest even, subnormals flushed to
    zero, overflow to infinity), then float32 math. The cost of storage alone, separated from compute.
 4. ``ISS <preset>``: the accelerator's exact arithmetic (the golden ISS) at ``default``, ``paper``,
-   ``fpga-small``, ``tiny``, through :func:`iss_model`. It needs a whole-model compiler (embedding, norms,
-   blocks, LM head as one program): until ``marca.compiler`` has one, these rows say so and carry no numbers.
+   ``fpga-small``, ``tiny``, through :func:`iss_model` (the whole-model compiler's programs, chunked
+   prefill of 256 tokens, batch 1). Run only when ``iss_segments > 0`` (command line: the third argument),
+   because the ISS needs hours for 100,352 bytes on a CPU; otherwise these rows say so and carry no
+   numbers.
 
 Goals (issue 14): storage FP32 within +0.0005 bits/byte of float32; ``default`` (FP32 compute, BF16
 storage) within +0.002 of the BF16-storage row. Prints the table (docs/accuracy.md) and writes
@@ -125,19 +127,39 @@ def float_model(weights, state_matrices=None):
     return forward
 
 
-def iss_model(checkpoint, config_name: str):
+def iss_model(checkpoint, config_name: str, *, prompt_length: int):
     """The accelerator's exact arithmetic as a model (``forward(tokens, states) -> (logits, states)``):
-    the checkpoint compiled for the preset ``config_name`` and run on the golden ISS.
+    the checkpoint compiled for the preset ``config_name`` by the whole-model compiler
+    (``marca.compiler.model.compile_model``: a prefill program of ``prompt_length`` tokens and a decode
+    step in one memory image) and run on the golden ISS, one ISS session per sequence of the batch (the
+    states stay in each session's memory image, so consecutive prefills are a chunked prefill). A call
+    takes ``prompt_length`` tokens (prefill) or, after the first call, one token (decode).
 
-    Needs a whole-model compiler (``marca.compiler.compile_model``); raises ``NotImplementedError`` while
-    the repository has none.
+    Raises ``NotImplementedError`` while the repository has no whole-model compiler.
     """
-    import marca.compiler
-    if not hasattr(marca.compiler, "compile_model"):
-        raise NotImplementedError("needs the whole-model compiler (marca.compiler.compile_model: embedding, "
-                                  "norms, blocks and LM head as one program), which this repository lacks")
-    raise NotImplementedError(f"marca.compiler.compile_model exists, but the ISS rows are not wired to it "
-                              f"yet (preset {config_name!r})")
+    from marca.config import preset
+    try:
+        from marca.compiler.model import compile_model
+    except ImportError:
+        raise NotImplementedError("needs the whole-model compiler (marca.compiler.model.compile_model: "
+                                  "embedding, norms, blocks and LM head as one program), which this "
+                                  "repository lacks") from None
+    compiled = compile_model(load_checkpoint(checkpoint), None, preset(config_name),
+                             prompt_length=prompt_length, logits="all")
+
+    def forward(tokens, states):
+        sessions = states if states is not None else [compiled.session() for _ in range(tokens.shape[0])]
+        rows = []
+        for session, row in zip(sessions, tokens.cpu()):
+            if row.numel() == prompt_length:
+                rows.append(session.prefill(row))
+            elif row.numel() == 1 and states is not None:
+                rows.append(session.decode(int(row)))
+            else:
+                raise ValueError(f"the ISS model takes {prompt_length} tokens or one after the first call, "
+                                 f"not {row.numel()}")
+        return torch.stack(rows).to(dtype=torch.float32, device=tokens.device), sessions
+    return forward
 
 
 @torch.no_grad()
@@ -194,25 +216,30 @@ def agreement(continuations: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 def _transformers_rows(model, segments, prompts, batch: int = 7):
-    """Row 1: transformers' logits per segment (one forward each) and its greedy continuations."""
+    """Row 1: transformers' bits per byte (one forward per segment), its greedy continuations, and its
+    logits of the first ``batch`` segments (to compare the repository's float model with)."""
     with torch.no_grad():
-        total, count = 0.0, 0
+        total, count, first_logits = 0.0, 0, None
         for start in range(0, segments.shape[0], batch):
             part = segments[start:start + batch]
             logits = model(part[:, :-1], use_cache=False).logits
+            if first_logits is None:
+                first_logits = logits
             total += bits_per_byte(logits, part[:, 1:]) * part[:, 1:].numel()
             count += part[:, 1:].numel()
         attention = torch.ones_like(prompts)
         generated = model.generate(prompts, attention_mask=attention, max_new_tokens=GENERATED_BYTES,
                                    do_sample=False, pad_token_id=0)[:, prompts.shape[1]:]
-    return total / count, generated
+    return total / count, generated, first_logits
 
 
-def run(out_dir, device: str | None = None, *, checkpoint=CHECKPOINT_DIR, segments_count: int | None = None) -> dict:
+def run(out_dir, device: str | None = None, *, checkpoint=CHECKPOINT_DIR, segments_count: int | None = None,
+        iss_segments: int = 0) -> dict:
     """Measure every row (see the module's docstring), print the table, write ``accuracy.json``.
 
     ``checkpoint`` and ``segments_count`` (fewer validation segments) exist for quick trials; the figures
-    of docs/accuracy.md use the defaults."""
+    of docs/accuracy.md use the defaults. ``iss_segments``: how many of the validation segments the ISS
+    rows score (0: the ISS rows are not run; 98: all of them)."""
     checkpoint = pathlib.Path(checkpoint)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +256,7 @@ def run(out_dir, device: str | None = None, *, checkpoint=CHECKPOINT_DIR, segmen
     rows = []
 
     model = load_checkpoint(checkpoint, device=device)
-    bits, reference_text = _transformers_rows(model, segments, prompts)
+    bits, reference_text, transformers_logits = _transformers_rows(model, segments, prompts)
     rows.append({"row": "float32, transformers", "bits_per_byte": bits,
                  "greedy": agreement(reference_text, reference_text)})
     print(f"[accuracy] float32 transformers: {bits:.5f} bits/byte ({time.monotonic() - started:.0f} s)",
@@ -241,25 +268,43 @@ def run(out_dir, device: str | None = None, *, checkpoint=CHECKPOINT_DIR, segmen
         rounded, state_matrices, census = storage_rounded(weights, fmt_name)
         variants.append((f"storage {fmt_name.upper()}, float32 math", float_model(rounded, state_matrices),
                          census))
+    # The repository's float model by chunked prefill against transformers' whole-segment forward.
+    with torch.no_grad():
+        inputs, chunked = segments[:transformers_logits.shape[0], :-1], []
+        states = None
+        for position in range(0, inputs.shape[1], PREFILL_CHUNK):
+            logits, states = variants[0][1](inputs[:, position:position + PREFILL_CHUNK], states)
+            chunked.append(logits)
+        logit_difference = float((torch.cat(chunked, 1) - transformers_logits).abs().max())
     for name, forward, census in variants:
         bits = teacher_forced_bits(forward, segments)
         row = {"row": name, "bits_per_byte": bits,
                "greedy": agreement(greedy_continuations(forward, prompts), reference_text)}
         if census is not None:
             row["storage_rounding"] = census
+        else:
+            row["max_abs_logit_difference_vs_transformers"] = logit_difference
         rows.append(row)
         print(f"[accuracy] {name}: {bits:.5f} bits/byte, greedy {row['greedy']['mean_matched_bytes']:.1f}/64 "
               f"({time.monotonic() - started:.0f} s)", flush=True)
 
     for config_name in ISS_PRESETS:
+        if not iss_segments:
+            rows.append({"row": f"ISS {config_name}", "bits_per_byte": None,
+                         "not_run": "ISS rows run only when asked (iss_segments > 0): hours on a CPU"})
+            continue
         try:
-            forward = iss_model(checkpoint, config_name)
+            tf_forward = iss_model(checkpoint, config_name, prompt_length=PREFILL_CHUNK)
+            greedy_forward = iss_model(checkpoint, config_name, prompt_length=PROMPT_BYTES)
         except NotImplementedError as reason:
             rows.append({"row": f"ISS {config_name}", "bits_per_byte": None, "not_run": str(reason)})
             continue
-        bits = teacher_forced_bits(forward, segments)
+        bits = teacher_forced_bits(tf_forward, segments[:iss_segments], batch=1)
         rows.append({"row": f"ISS {config_name}", "bits_per_byte": bits,
-                     "greedy": agreement(greedy_continuations(forward, prompts), reference_text)})
+                     "predicted_bytes": segments[:iss_segments, 1:].numel(),
+                     "greedy": agreement(greedy_continuations(greedy_forward, prompts), reference_text)})
+        print(f"[accuracy] ISS {config_name}: {bits:.5f} bits/byte ({time.monotonic() - started:.0f} s)",
+              flush=True)
 
     base = rows[0]["bits_per_byte"]
     for row in rows:
@@ -287,7 +332,7 @@ def markdown_table(result: dict) -> str:
              "|---|---|---|---|---|"]
     for row in result["rows"]:
         if row["bits_per_byte"] is None:
-            lines.append(f"| {row['row']} | not run: needs the whole-model compiler | | | |")
+            lines.append(f"| {row['row']} | not run: {row['not_run']} | | | |")
             continue
         greedy = row["greedy"]
         lines.append(f"| {row['row']} | {row['bits_per_byte']:.5f} | {row['delta_vs_float32']:+.5f} | "
@@ -299,4 +344,4 @@ def markdown_table(result: dict) -> str:
 
 if __name__ == "__main__":
     run(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "build/bench"),
-        sys.argv[2] if len(sys.argv) > 2 else None)
+        sys.argv[2] if len(sys.argv) > 2 else None, iss_segments=int(sys.argv[3]) if len(sys.argv) > 3 else 0)
