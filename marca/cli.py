@@ -4,6 +4,7 @@
     marca lint     --dir build/verilog/default                    verilator --lint-only -Wall
     marca bench    [AREA ...] --out build/bench                   run benchmarks, write JSON
     marca presets                                                 list the configuration presets
+    marca generate --random 130m --prompt Hello --tokens 2        a Mamba model generating text
 """
 
 import argparse
@@ -143,6 +144,8 @@ def main(argv=None) -> int:
     bench.set_defaults(handler=_bench)
     presets = commands.add_parser("presets", help="list configuration presets")
     presets.set_defaults(handler=_presets)
+    from .generate import add_parser as add_generate
+    add_generate(commands)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

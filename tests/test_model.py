@@ -143,3 +143,21 @@ def test_bad_inputs():
         compile_model(model, config=DEFAULT, prompt_length=0)
     with pytest.raises(ValueError, match="needs its MambaConfig"):
         compile_model(model.state_dict(), config=DEFAULT)
+
+
+def test_generate_command(tmp_path, capsys):
+    from marca.cli import main
+    out = tmp_path / "report.json"
+    assert main(["generate", "--random", "toy", "--prompt", "Hi", "--tokens", "2", "--backend", "iss",
+                 "--config", "default", "--out", str(out)]) == 0
+    import json
+    report = json.loads(out.read_text())
+    assert len(report["generated_ids"]) == 2 and report["top1_agreement"] == 1.0
+    assert report["max_abs_logit_difference"] < LOGIT_BOUND["default"]
+    assert report["decode"]["dram_bytes_per_token"] > 0 and len(report["measured_counters"]) == 2
+    assert "agreement with the float64 reference" in capsys.readouterr().out
+    for bad, message in ((["--tokens", "0"], "--tokens"), (["--checkpoint", str(tmp_path / "none")], "does not exist")):
+        arguments = ["generate", "--prompt", "x", *bad] + (["--random", "toy"] if "--checkpoint" not in bad else [])
+        assert main(arguments) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert message in error[-1] and len(error) == 1
