@@ -39,7 +39,7 @@ verilog: $(STAMP)  ## emit the Verilog of CONFIG, with its config.json, into OUT
 lint: verilog  ## verilator --lint-only -Wall on the emitted Verilog
 	$(PY) -m marca lint --dir $(OUT)
 
-sim: $(STAMP)  ## demo: a Mamba block compiled and run end to end on the accelerator in Verilator (SIM_ARGS=...)
+sim: $(STAMP)  ## demo: a small Mamba language model generating text on the accelerator RTL in Verilator, checked against the ISS (SIM_ARGS=...; --mixer: one mixer)
 	$(PY) -m marca.demo --out build/demo $(SIM_ARGS)
 
 test-sim: $(STAMP)  ## only the cocotb + Verilator tests

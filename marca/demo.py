@@ -1,17 +1,26 @@
-"""``make sim``: one Mamba-1 mixer end to end on the generated accelerator, in Verilator.
+"""``make sim``: a small Mamba language model generating text on the generated accelerator, in Verilator.
 
-    python -m marca.demo [--config demo|PRESET|config.json] [--d-model 32] [--d-state 16] [--tokens 16]
-                         [--seed 1] [--out build/demo] [--no-decode] [--pause 0]
+    python -m marca.demo [--config demo|PRESET|config.json] [--checkpoint DIR] [--prompt TEXT]
+                         [--tokens 8] [--pause 0] [--out build/demo]
+    python -m marca.demo --mixer [--d-model 32] [--d-state 16] [--tokens 16] ...   one mixer (the older demo)
 
-What it does, step by step (docs/mamba.md):
+The model demo (docs/model.md): the byte-level Shakespeare Mamba shipped in reference/checkpoints (d_model
+128, 4 layers, vocabulary 256; or ``--checkpoint DIR``) is compiled for the configuration
+(``marca.compiler.compile_model``: a prefill of the prompt and a decode step in one memory image), the
+prompt is prefilled and ``--tokens`` tokens are generated greedily **on the RTL** (cocotbext-axi memory
+behind the AXI4 master, one simulator run per step, the states carried from step to step in memory). After
+every step the RTL's whole memory image and counters are checked bit for bit against the golden ISS running
+the same step, and the logits against transformers' MambaForCausalLM in float64. Prints the text as it is
+generated, then cycles per token (prefill, decode), PE utilization per operation class, DRAM traffic per
+token and the agreement with the float reference; writes ``<out>/demo.json``.
+
+The mixer demo (``--mixer``), step by step (docs/mamba.md):
 
 1. draws random mixer weights (``marca.reference.mamba.random_mixer_weights``, initialised like a fresh
    transformers ``MambaMixer``) and ``--tokens`` random input tokens;
 2. compiles a prefill of those tokens and a decode step (``marca.compiler``);
 3. builds the accelerator's Verilog for the configuration in Verilator (once; cached in build/sim/);
-4. runs the prefill, then a chain of decode steps over the same tokens, on the RTL: cocotbext-axi memory
-   behind the AXI4 master, the program started and polled over the AXI4-Lite CSRs (progress: instructions
-   retired, read from the counters while it runs);
+4. runs the prefill, then a chain of decode steps over the same tokens, on the RTL;
 5. checks every run against the golden instruction-set simulator (whole memory image and deterministic
    counters bit for bit) and the decode chain against the prefill (bit for bit);
 6. prints the error against the float reference, cycles, cycles per token, PE utilization per operation
@@ -31,11 +40,103 @@ from pathlib import Path
 
 from marca.bench.accelerator import BENCH_CONFIG
 
-__all__ = ["DEMO_CONFIG", "main", "print_report", "resolve_config", "run_demo"]
+__all__ = ["DEMO_CONFIG", "DEMO_CHECKPOINT", "main", "print_report", "resolve_config", "run_demo",
+           "run_model_demo"]
 
 
 # The benchmark's configuration, imported so that the demo and ``marca bench accelerator`` share one build.
 DEMO_CONFIG = BENCH_CONFIG
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "reference" / "checkpoints" / "shakespeare-mamba"
+
+
+def run_model_demo(config, *, checkpoint=DEMO_CHECKPOINT, prompt: str = "ROMEO:", tokens: int = 8,
+                   pause: float = 0.0, seed: int = 1) -> dict:
+    """Generate ``tokens`` tokens after ``prompt`` on the RTL, each step checked against the ISS and the
+    float64 reference; returns the report."""
+    import torch
+
+    from marca.compiler import compile_model
+    from marca.generate import _float_model, load_checkpoint
+    from marca.golden.iss import COUNTER_NAMES
+    from marca.tb.model import RtlModelSession
+    from marca.tb.mamba import build_accelerator
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    state, mamba_config, tokenizer = load_checkpoint(checkpoint)
+    ids = tokenizer.encode(prompt)
+    compiled = compile_model(state, mamba_config, config, prompt_length=len(ids))
+    reference = _float_model(state, mamba_config)
+    print(f"compiled {compiled.shape.layers} layers, d_model {compiled.shape.d_model}: prefill "
+          f"{len(compiled.programs['prefill'].instructions)} instructions, decode step "
+          f"{len(compiled.programs['decode'].instructions)}; memory image {compiled.memory_size / 1024:.0f} KiB "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    print("building the accelerator in Verilator (cached after the first time; a few minutes) ...", flush=True)
+    build_accelerator(config)
+    rtl, iss = RtlModelSession(compiled, pause=pause, seed=seed), compiled.session()
+    decode = tokenizer.decoder()
+    sequence, text, agree, delta = list(ids), "", [], 0.0
+    print(f"\n{prompt}", end="", flush=True)
+    for step in range(tokens):
+        if step == 0:
+            logits, golden = rtl.prefill(ids)[-1], iss.prefill(ids)[-1]
+        else:
+            logits, golden = rtl.decode(sequence[-1])[-1], iss.decode(sequence[-1])[-1]
+        if rtl.memory != iss.memory:
+            wrong = next(k for k in range(len(iss.memory)) if rtl.memory[k] != iss.memory[k])
+            raise AssertionError(f"step {step}: the RTL's memory differs from the ISS's at {wrong:#x}")
+        for name in COUNTER_NAMES:
+            if rtl.steps[-1][name] != iss.steps[-1][name]:
+                raise AssertionError(f"step {step}: counter {name}: RTL {rtl.steps[-1][name]}, "
+                                     f"ISS {iss.steps[-1][name]}")
+        with torch.no_grad():
+            expected = reference(torch.tensor([sequence])).logits[0, -1]
+        agree.append(int(torch.argmax(logits)) == int(torch.argmax(expected)))
+        delta = max(delta, float((logits - expected).abs().max()))
+        token = int(torch.argmax(logits))
+        sequence.append(token)
+        piece = decode(token)
+        text += piece
+        print(piece, end="", flush=True)
+    print("\n")
+    prefill, decodes = rtl.steps[0], rtl.steps[1:]
+
+    def per_token(step, name):
+        return step[name] / step["tokens"]
+
+    def utilization(steps):
+        cycles = sum(s["cycles"] for s in steps)
+        return {kind: sum(s[f"{kind}_beats"] for s in steps) / max(1, cycles)
+                for kind in ("linear", "elementwise", "nonlinear")}
+    report = {"checkpoint": str(checkpoint), "config": config.name, "prompt": prompt, "generated": text,
+              "prompt_tokens": len(ids), "tokens": tokens, "pause": pause,
+              "prefill_cycles_per_token": per_token(prefill, "cycles"),
+              "decode_cycles_per_token": (sum(s["cycles"] for s in decodes) / len(decodes)) if decodes else None,
+              "dram_bytes_per_token": {"prefill": (prefill["dma_bytes_read"] + prefill["dma_bytes_written"])
+                                       / prefill["tokens"],
+                                       "decode": (sum(s["dma_bytes_read"] + s["dma_bytes_written"] for s in decodes)
+                                                  / len(decodes)) if decodes else None},
+              "pe_utilization": {"prefill": utilization([prefill]), "decode": utilization(decodes or [prefill])},
+              "top1_agreement_with_float64": sum(agree) / len(agree), "max_abs_logit_difference": delta,
+              "clock_mhz": config.fpga_clock_mhz, "seconds": time.perf_counter() - started,
+              "rtl_equals_iss": True, "steps": rtl.steps}
+    return report
+
+
+def print_model_report(report: dict) -> None:
+    use = report["pe_utilization"]
+    print(f"every step: RTL memory image and counters = golden ISS, bit for bit (AXI pause {report['pause']})")
+    print(f"prefill: {report['prefill_cycles_per_token']:.0f} cycles/token, "
+          f"DRAM {report['dram_bytes_per_token']['prefill']:.0f} B/token, PE utilization linear "
+          f"{use['prefill']['linear']:.1%} element-wise {use['prefill']['elementwise']:.1%} nonlinear "
+          f"{use['prefill']['nonlinear']:.1%}")
+    if report["decode_cycles_per_token"] is not None:
+        print(f"decode:  {report['decode_cycles_per_token']:.0f} cycles/token "
+              f"({report['clock_mhz'] * 1e6 / report['decode_cycles_per_token']:.1f} tokens/s at "
+              f"{report['clock_mhz']:g} MHz), DRAM {report['dram_bytes_per_token']['decode']:.0f} B/token, "
+              f"PE utilization linear {use['decode']['linear']:.1%} element-wise {use['decode']['elementwise']:.1%} "
+              f"nonlinear {use['decode']['nonlinear']:.1%}")
+    print(f"float64 reference: greedy top-1 agreement {report['top1_agreement_with_float64']:.0%}, "
+          f"max |dlogit| {report['max_abs_logit_difference']:.3g}")
 
 
 def resolve_config(value: str):
@@ -193,12 +294,15 @@ def main(argv=None) -> int:
                              "fpga-medium, tiny, paper) or a config JSON file")
     parser.add_argument("--d-model", type=int, default=32, help="model width (d_inner = 2 d_model)")
     parser.add_argument("--d-state", type=int, default=16, help="SSM state size per channel")
-    parser.add_argument("--tokens", type=int, default=16, help="prefill length = decode steps")
+    parser.add_argument("--tokens", type=int, default=8, help="model: tokens to generate; mixer: prefill length = decode steps")
     parser.add_argument("--seed", type=int, default=1, help="seed of the weights and tokens")
     parser.add_argument("--out", default="build/demo", help="folder for demo.json")
     parser.add_argument("--no-decode", action="store_true", help="skip the chain of decode steps")
     parser.add_argument("--pause", type=float, default=0.0,
                         help="probability of a random pause on each AXI channel each cycle (stress)")
+    parser.add_argument("--mixer", action="store_true", help="the one-mixer demo instead of the model")
+    parser.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT), help="model demo: checkpoint folder")
+    parser.add_argument("--prompt", default="ROMEO:", help="model demo: the prompt")
     args = parser.parse_args(argv)
     try:
         config = resolve_config(args.config)
@@ -207,6 +311,17 @@ def main(argv=None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
     except ValueError as error:
         parser.error(str(error))
+    if not args.mixer:
+        print(f"marca demo: a Mamba language model generating {args.tokens} tokens on {config.name} "
+              f"({config.array_rows}x{config.array_cols} PEs) in Verilator", flush=True)
+        report = run_model_demo(config, checkpoint=args.checkpoint, prompt=args.prompt, tokens=args.tokens,
+                                pause=args.pause, seed=args.seed)
+        print_model_report(report)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "demo.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {out / 'demo.json'} ({report['seconds']:.0f} s)")
+        return 0
     from marca.reference.mamba import MambaDims
     dims = MambaDims(d_model=args.d_model, d_state=args.d_state)
     compute, storage = config.compute_format, config.storage_format
