@@ -233,7 +233,9 @@ def run(out_dir: pathlib.Path, *, rerun: bool = True) -> dict:
 if __name__ == "__main__":
     # --compare: the recorded counts only; --config NAME ...: record only these configurations.
     arguments = sys.argv[1:]
-    if "--config" in arguments:
-        record(configs=tuple(arguments[arguments.index("--config") + 1:]))
+    if "--config" in arguments:     # --config NAME ... [--out PATH]
+        out = pathlib.Path(arguments[arguments.index("--out") + 1]) if "--out" in arguments else RECORD
+        names = arguments[arguments.index("--config") + 1:]
+        record(out, configs=tuple(names[:names.index("--out")] if "--out" in names else names))
     else:
         run(pathlib.Path("build/bench"), rerun="--compare" not in arguments)

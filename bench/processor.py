@@ -41,7 +41,7 @@ from marca.reference.mamba import (
     zero_states,
 )
 
-__all__ = ["run", "SIZES", "vectorised_scan"]
+__all__ = ["run", "SIZES", "vectorised_scan", "MODEL_SIZES", "CPU_MODEL_SIZES", "measure_model", "model_rows"]
 
 #: (d_model, sequence lengths) measured; batch 1, float32.
 SIZES = ((64, (128, 512, 2048)), (256, (128, 512, 2048)), (768, (128, 512, 2048)))
@@ -182,6 +182,67 @@ def _measure(d_model: int, length: int, device: torch.device, clock=time.perf_co
     }
 
 
+#: Released Mamba-1 sizes for the whole-model rows (d_model, layers); vocab 50,280, d_state 16.
+MODEL_SIZES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48), "2.8b": (2560, 64)}
+#: Sizes measured on this machine's CPU (one thread): these fit its 24 GB and run in minutes; the larger
+#: ones fit in FP32 too (2.8b: ~11 GB) but one 512-token prefill takes minutes per run on one thread.
+CPU_MODEL_SIZES = ("130m", "370m")
+MODEL_PREFILL_TOKENS = 512
+MODEL_DECODE_TOKENS = 16
+
+
+def measure_model(size: str, device: torch.device, dtype: torch.dtype, clock=time.perf_counter) -> dict:
+    """transformers' ``MambaForCausalLM`` at a released size (random weights: timing does not depend on the
+    values): prefill tokens/s of a 512-token prompt (one forward pass, batch 1) and decode tokens/s (greedy
+    ``generate`` of 16 tokens after a 16-token prompt, minus that prompt's forward pass)."""
+    from transformers import MambaConfig, MambaForCausalLM
+    d_model, layers = MODEL_SIZES[size]
+    config = MambaConfig(hidden_size=d_model, num_hidden_layers=layers, vocab_size=50280, state_size=16,
+                         expand=2, conv_kernel=4)
+    torch.manual_seed(0)
+    model = MambaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    prompt = torch.randint(0, 50280, (1, MODEL_PREFILL_TOKENS), device=device)
+    short = prompt[:, :16]
+    with torch.inference_mode():
+        prefill_s = _best_seconds(lambda: model(prompt), device, clock, min_repeats=2, min_seconds=0.1,
+                                  max_repeats=3)
+        short_s = _best_seconds(lambda: model(short), device, clock, min_repeats=2, min_seconds=0.1, max_repeats=3)
+        generate_s = _best_seconds(
+            lambda: model.generate(short, max_new_tokens=MODEL_DECODE_TOKENS, min_new_tokens=MODEL_DECODE_TOKENS,
+                                   do_sample=False, pad_token_id=0), device, clock, min_repeats=2, min_seconds=0.1,
+            max_repeats=3)
+    decode_s = max(generate_s - short_s, 1e-9) / MODEL_DECODE_TOKENS
+    return {"size": size, "d_model": d_model, "layers": layers, "dtype": str(dtype).replace("torch.", ""),
+            "device": device.type, "prefill_tokens": MODEL_PREFILL_TOKENS,
+            "prefill_tokens_per_s": MODEL_PREFILL_TOKENS / prefill_s,
+            "decode_tokens_per_s": 1.0 / decode_s, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def model_rows(sizes=None) -> list[dict]:
+    """Whole-model rows: CPU one thread (fp32, :data:`CPU_MODEL_SIZES`), CUDA when present (every size,
+    bf16 and fp32)."""
+    rows = []
+    default_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for size in sizes or CPU_MODEL_SIZES:
+            row = {"target": "cpu-1thread", **measure_model(size, torch.device("cpu"), torch.float32, time.thread_time)}
+            rows.append(row)
+            print(f"model {size} cpu-1thread fp32: prefill {row['prefill_tokens_per_s']:,.0f} tok/s, decode "
+                  f"{row['decode_tokens_per_s']:,.1f} tok/s", flush=True)
+    finally:
+        torch.set_num_threads(default_threads)
+    if torch.cuda.is_available():
+        for size in MODEL_SIZES:
+            for dtype in (torch.bfloat16, torch.float32):
+                row = {"target": "cuda", "cuda_device": torch.cuda.get_device_name(),
+                       **measure_model(size, torch.device("cuda"), dtype)}
+                rows.append(row)
+                print(f"model {size} cuda {row['dtype']}: prefill {row['prefill_tokens_per_s']:,.0f} tok/s, "
+                      f"decode {row['decode_tokens_per_s']:,.1f} tok/s", flush=True)
+    return rows
+
+
 def _processor_name() -> str:
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -241,8 +302,10 @@ def run(out_dir: pathlib.Path) -> dict:
                     )
     finally:
         torch.set_num_threads(default_threads)
+    models = model_rows()
     report = {
         "benchmark": "processor",
+        "models": models,
         "what": "Mamba-1 mixer (marca.reference.mamba), batch 1, float32, d_state 16, d_conv 4, expand 2",
         "torch": torch.__version__,
         "processor": _processor_name(),

@@ -75,10 +75,12 @@ arguments), so a rerun only reruns the model; delete the folder to compile afres
 
 
 def _cache_key(config: MarcaConfig, *parts) -> str:
+    # The compiler does not read the bus width (nor the name): one program serves every bus of the sweep.
+    config = dataclasses.replace(config, name="any", axi_data_width=PAPER.axi_data_width)
     compiler = pathlib.Path(__file__).resolve().parents[1] / "compiler"
     sources = b"".join(path.read_bytes() for path in sorted(compiler.glob("*.py")))
     digest = hashlib.sha256(config.to_json().encode() + sources + repr(parts).encode()).hexdigest()[:16]
-    return f"{config.name}-{'-'.join(map(str, parts))}-{digest}"
+    return f"{config.array_rows}x{config.array_cols}-{'-'.join(map(str, parts))}-{digest}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,28 +264,34 @@ def _sweep(out_dir: pathlib.Path, size: str, memory_name: str, arrays, bus_width
     return grid
 
 
-def _plan(quick: bool):
+SECONDARY_SIZES = ("130m", "370m")
+"""Sizes of the secondary rows (buffer management off; the ``default`` preset) in a normal run; ``--full``
+runs them for every size (compiling the big layers for the small preset takes most of an hour)."""
+
+
+def _plan(quick: bool, full: bool = False):
     """(config, size, memory, buffer management, scenarios) in the order they run."""
     sizes = ["130m"] if quick else list(SIZES)
+    secondary = sizes if full else [size for size in sizes if size in SECONDARY_SIZES]
     plan = []
     for size in sizes:
         plan.append((PAPER, size, "hbm", True, tuple(SCENARIOS)))
         plan.append((PAPER, size, "ddr", True, tuple(SCENARIOS)))
-    for size in sizes:
+    for size in secondary:
         plan.append((PAPER, size, "hbm", False, ("prefill-512", "decode-b1")))
-    for size in sizes:
+    for size in secondary:
         plan.append((DEFAULT, size, "hbm", True, tuple(SCENARIOS)))
         plan.append((DEFAULT, size, "ddr", True, tuple(SCENARIOS)))
     return plan
 
 
-def run(out_dir: pathlib.Path, *, quick: bool = False) -> dict:
+def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False) -> dict:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results = {}
     summary = {"clock_hz": CLOCK_HZ, "memories": MEMORIES, "vocab": VOCAB, "sizes": SIZES, "results": results}
-    for config, size, memory_name, managed, scenarios in _plan(quick):
+    for config, size, memory_name, managed, scenarios in _plan(quick, full):
         memory = memory_system(memory_name)
         entry = {scenario: model_run(config, size, scenario, memory, managed) for scenario in scenarios}
         results[f"{config.name}|{size}|{memory_name}|{managed}"] = entry
@@ -294,7 +302,7 @@ def run(out_dir: pathlib.Path, *, quick: bool = False) -> dict:
     tables = "\n\n".join([_table(results, "hbm"), _table(results, "ddr"), _table(results, "hbm", False)])
     print(tables)
     _roofline(results, out_dir / "scale-roofline.png", PAPER, "hbm")
-    summary["sweep"] = _sweep(out_dir, "130m", "hbm", (8, 16, 32, 64), (128, 256, 512, 1024))
+    summary["sweep"] = _sweep(out_dir, "130m", "hbm", (16, 32, 64), (128, 256, 512, 1024))
     summary["tables"] = tables
     summary["wall_seconds"] = round(time.time() - started, 1)
     (out_dir / "scale.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -303,4 +311,5 @@ def run(out_dir: pathlib.Path, *, quick: bool = False) -> dict:
 
 if __name__ == "__main__":
     arguments = [a for a in sys.argv[1:] if not a.startswith("--")]
-    run(pathlib.Path(arguments[0] if arguments else "build/bench"), quick="--quick" in sys.argv)
+    run(pathlib.Path(arguments[0] if arguments else "build/bench"), quick="--quick" in sys.argv,
+        full="--full" in sys.argv)

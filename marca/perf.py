@@ -112,6 +112,7 @@ PIPELINE = {
                                   # first burst's length register (fitted: micro-dma-rows)
     "dma_burst_interval": 2,      # a burst's length is registered a cycle before it is issued
     "dma_ar_to_bus": 2,           # read_address skid buffer, the top's AR slice
+    "gather_id_stages": 3,        # GATHER: id word, range check and id * row_stride, table address
     "dma_load_tail": 5,           # line-write skid buffer, `finished` register, done, controller's register
     "dma_store_to_w": 5,          # line read, queue, cut register, W skid buffer (+ converter latency)
     "dma_store_row_gap": 3,       # a row end flushes the line queue: lines are read again
@@ -426,12 +427,7 @@ class _Model:
     def dma(self, i, dispatch: float):
         t, P = self.t, PIPELINE
         start = dispatch + P["dma_dispatch_to_start"]
-        if isinstance(i, _GATHER):
-            # The row ids are read first (one burst), then each row like a LOAD row (its address depends on
-            # the id: the model places row r at stride r, which costs the same unless it crosses 4 KiB).
-            _, last = self.read.request(start + P["dma_row_setup"] + 1 + P["dma_ar_to_bus"],
-                                        -(-_GATHER_ID_BYTES * i.row_count // t.beat_bytes))
-            start = max(start, last)
+        gather = isinstance(i, _GATHER)
         setup, interval = P["dma_row_setup"], P["dma_burst_interval"]
         if not isinstance(i, isa.Store):
             row_setup = start                # address side: the cycle a row is set up
@@ -439,7 +435,15 @@ class _Model:
             outstanding = collections.deque()   # (time the burst's last beat is taken, beats)
             in_flight = 0
             limit = t.max_outstanding_beats - t.burst_limit
+            id_request = start
             for row in self._rows(i):
+                if gather:
+                    # GATHER: each row's address waits for its id, a one-beat read issued when the previous
+                    # row's bursts are, then three registered stages (id word, range check and
+                    # id * row_stride, table address). Row r is placed at stride r (same cost unless it
+                    # crosses 4 KiB).
+                    _, arrived = self.read.request(id_request + P["dma_ar_to_bus"], 1)
+                    row_setup = max(row_setup, arrived + 1 + P["gather_id_stages"] - setup)
                 request = row_setup + setup + 1      # set-up, then the burst length register
                 taken += setup
                 for number, beats in enumerate(row):
@@ -457,6 +461,7 @@ class _Model:
                     outstanding.append((taken, beats))
                     in_flight += beats
                 row_setup = request + 1
+                id_request = request + 1
             end = taken + t.convert_latency + P["dma_load_tail"]
             self.counters["dma_read_busy_cycles"] += end - start
             self.counters["dma_bytes_read"] += i.row_count * i.row_elements * isa.memory_element_bytes(i, self.config)
