@@ -199,7 +199,8 @@ class ModelSession:
         ids = self._write_ids(ids)
         if len(ids) != program.tokens:
             raise ValueError(f"the {mode} program takes {program.tokens} token ids, not {len(ids)}")
-        result, machine = run_program(self.compiled.config, self.memory, program.address, **self.iss_options)
+        options = {"max_instructions": len(program.instructions) + 1, **self.iss_options}   # straight-line code
+        result, machine = run_program(self.compiled.config, self.memory, program.address, **options)
         self.memory = bytearray(machine.memory_bytes())
         if result.error != isa.ErrorCode.NONE:
             raise RuntimeError(f"the {mode} program faulted: {result.error.name} at {result.error_pc} "

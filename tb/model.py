@@ -96,7 +96,9 @@ def check_against_iss(compiled, run: ModelRun) -> list[bytes]:
         if k:
             for address, data in run.patches[k - 1]:
                 memory[address:address + len(data)] = data
-        result, machine = run_program(compiled.config, memory, compiled.programs["prefill"].address)
+        longest = max(len(p.instructions) for p in compiled.programs.values())
+        result, machine = run_program(compiled.config, memory, compiled.programs["prefill"].address,
+                                      max_instructions=longest + 1)
         golden = machine.memory_bytes()
         where = "prefill" if k == 0 else f"decode step {k}"
         if result.error != ErrorCode.NONE or rtl.error != ErrorCode.NONE:
