@@ -2,8 +2,8 @@
 
 * **Accuracy** of the bit-exact golden programs (marca.golden.nonlinear, identical to the RTL) against
   float64 ``torch.exp``, ``F.silu``, ``F.softplus``, ``torch.rsqrt`` over the whole input range of each
-  compute format: every pattern of the 16-bit formats; for FP32 4,096 random mantissas of every binade,
-  both signs (2,080,768 inputs over all exponents) plus a dense uniform sweep of [-110, 100]. Per function:
+  compute format: every pattern of the 16-bit formats; for FP32 2,048 random mantissas of every binade,
+  both signs (1,040,384 inputs over all exponents) plus a dense uniform sweep of [-110, 100]. Per function:
   max relative error where the true result is a normal number of the format, max absolute error, and for
   16-bit formats the max error in ulps of the format (ulp of the true result), overall and for |x| < 16.
 * **Cost**: Yosys cells (``synth -flatten``, YoWASP Yosys) of one PE (a 1x1 PEArray) with and without
@@ -45,30 +45,28 @@ PASSES_BEFORE = {"fp32-default": {"exp": 7, "silu": 6, "softplus": 13},
 
 def configurations() -> dict:
     """The configurations reported: the presets (TINY is FP16 with the default nonlinear settings), BF16
-    with the default settings, and the other exp and softplus degrees in FP32."""
+    with the default settings, and softplus degree 3 in FP32 (why the default is 4)."""
     out = {
         "fp32-default": DEFAULT,
         "bf16-fpga-small": FPGA_SMALL,
         "fp16-tiny": TINY,
         "bf16-default": dataclasses.replace(DEFAULT, name="bf16-default", compute_format="bf16"),
     }
-    for degree in (2, 4):
-        out[f"fp32-exp{degree}"] = dataclasses.replace(DEFAULT, name=f"fp32-exp{degree}", exp_degree=degree)
     out["fp32-softplus3"] = dataclasses.replace(DEFAULT, name="fp32-softplus3", softplus_degree=3)
     return out
 
 
 def evaluation_inputs(fmt: FloatFormat) -> torch.Tensor:
-    """Every pattern of a 16-bit format; for wider formats 4,096 random mantissas of every binade, both
+    """Every pattern of a 16-bit format; for wider formats 2,048 random mantissas of every binade, both
     signs, plus a uniform sweep of [-110, 100] (see the module docstring)."""
     if fmt.width <= 16:
         return torch.arange(1 << fmt.width, dtype=torch.int64)
     generator = torch.Generator().manual_seed(11)
     fields = torch.arange(1, fmt.exp_max, dtype=torch.int64)
-    mantissas = torch.randint(0, 1 << fmt.man_bits, (len(fields), 4096), generator=generator)
+    mantissas = torch.randint(0, 1 << fmt.man_bits, (len(fields), 2048), generator=generator)
     mantissas[:, 0], mantissas[:, 1] = 0, (1 << fmt.man_bits) - 1
     magnitudes = ((fields[:, None] << fmt.man_bits) | mantissas).flatten()
-    sweep = fp.encode(torch.linspace(-110.0, 100.0, 400_001, dtype=torch.float64), fmt)
+    sweep = fp.encode(torch.linspace(-110.0, 100.0, 200_001, dtype=torch.float64), fmt)
     specials = torch.tensor([0, fmt.inf, fmt.canonical_nan])
     return torch.cat([magnitudes, magnitudes | fmt.sign_bit, sweep, specials, specials | fmt.sign_bit])
 
@@ -264,12 +262,15 @@ def run(out_dir: pathlib.Path) -> dict:
     results["cycles_array"] = f"{DEFAULT.array_rows}x{DEFAULT.array_cols}"
     plotted = {"fp32-default": configs["fp32-default"], "bf16-fpga-small": configs["bf16-fpga-small"],
                "fp16-tiny": configs["fp16-tiny"]}
-    results["plot"] = "nonlinear_error.png" if _plot(out_dir / "nonlinear_error.png", plotted) else None
-    results["cost"] = cost(plotted)
-    (out_dir / "nonlinear.json").write_text(json.dumps(results, indent=2) + "\n")
-    tables = markdown(results)
-    (out_dir / "nonlinear.md").write_text(tables)
-    results["doc_updated"] = update_doc(pathlib.Path(__file__).resolve().parents[1] / "docs" / "nonlinear.md",
-                                        tables)
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "nonlinear.md"
+    # Accuracy and cycles are written first (the cell counts take minutes of synthesis), then everything.
+    for stage in ("accuracy", "cost"):
+        if stage == "cost":
+            results["plot"] = "nonlinear_error.png" if _plot(out_dir / "nonlinear_error.png", plotted) else None
+            results["cost"] = cost(plotted)
+        (out_dir / "nonlinear.json").write_text(json.dumps(results, indent=2) + "\n")
+        tables = markdown(results)
+        (out_dir / "nonlinear.md").write_text(tables)
+        results["doc_updated"] = update_doc(doc, tables)
     print(tables)
     return results
