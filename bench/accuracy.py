@@ -74,6 +74,7 @@ __all__ = [
     "greedy_continuations",
     "agreement",
     "markdown_table",
+    "iss_sample",
     "run",
 ]
 
@@ -139,9 +140,9 @@ def iss_model(checkpoint, config_name: str, *, prompt_length: int):
     """
     from marca.config import preset
     try:
-        from marca.compiler.model import compile_model
+        from marca.compiler import compile_model
     except ImportError:
-        raise NotImplementedError("needs the whole-model compiler (marca.compiler.model.compile_model: "
+        raise NotImplementedError("needs the whole-model compiler (marca.compiler.compile_model: "
                                   "embedding, norms, blocks and LM head as one program), which this "
                                   "repository lacks") from None
     compiled = compile_model(load_checkpoint(checkpoint), None, preset(config_name),
@@ -326,6 +327,43 @@ def run(out_dir, device: str | None = None, *, checkpoint=CHECKPOINT_DIR, segmen
     return result
 
 
+def iss_sample(out_dir, config_name: str = "default", *, length: int = 256) -> dict:
+    """A small ISS measurement, when the full ISS rows are too slow: the first ``length`` + 1 bytes of the
+    first validation segment by teacher forcing (one prefill of ``length`` tokens on the golden ISS at
+    preset ``config_name``), against the float32 model and the same storage rounding with float math on
+    the same bytes: bits per byte, top-1 agreement with float32, largest logit difference. Writes
+    ``accuracy-iss-<preset>.json``."""
+    from marca.config import preset
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    _, validation = split_corpus(load_corpus())
+    tokens = evaluation_segments(validation)[:1, :length + 1]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    weights = checkpoint_weights()
+    storage = preset(config_name).storage_format.name
+    rounded, state_matrices, _ = storage_rounded(weights, storage)
+    with torch.no_grad():
+        reference = float_model(weights)(inputs, None)[0]
+        stored = float_model(rounded, state_matrices)(inputs, None)[0]
+    iss = iss_model(CHECKPOINT_DIR, config_name, prompt_length=length)(inputs, None)[0]
+    rows = {}
+    for name, logits in (("float32", reference), (f"storage {storage.upper()}, float32 math", stored),
+                         (f"ISS {config_name}", iss)):
+        rows[name] = {"bits_per_byte": bits_per_byte(logits, targets),
+                      "top1_agreement_with_float32": float((logits.argmax(-1) == reference.argmax(-1)).double().mean()),
+                      "max_abs_logit_difference_vs_float32": float((logits - reference).abs().max())}
+    result = {"preset": config_name, "predicted_bytes": targets.numel(), "rows": rows,
+              "seconds": round(time.monotonic() - started, 1)}
+    for name, row in rows.items():
+        print(f"[accuracy] {name}: {row['bits_per_byte']:.5f} bits/byte over {targets.numel()} bytes, top-1 "
+              f"agreement {row['top1_agreement_with_float32']:.4f}, max |logit diff| "
+              f"{row['max_abs_logit_difference_vs_float32']:.4g}", flush=True)
+    (out_dir / f"accuracy-iss-{config_name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def markdown_table(result: dict) -> str:
     """The rows of ``result`` as the markdown table of docs/accuracy.md."""
     lines = ["| row | bits/byte | Δ vs float32 | greedy: matched bytes (mean of 20, /64) | prompts all 64 |",
@@ -343,5 +381,10 @@ def markdown_table(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    run(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "build/bench"),
-        sys.argv[2] if len(sys.argv) > 2 else None, iss_segments=int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    if len(sys.argv) > 1 and sys.argv[1] == "--iss-sample":
+        # python -m marca.bench.accuracy --iss-sample PRESET [BYTES] [OUT]
+        iss_sample(pathlib.Path(sys.argv[4] if len(sys.argv) > 4 else "build/bench"), sys.argv[2],
+                   length=int(sys.argv[3]) if len(sys.argv) > 3 else 256)
+    else:
+        run(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "build/bench"),
+            sys.argv[2] if len(sys.argv) > 2 else None, iss_segments=int(sys.argv[3]) if len(sys.argv) > 3 else 0)

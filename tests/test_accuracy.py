@@ -1,10 +1,9 @@
 """The accuracy benchmark's machinery (bench/accuracy.py) on the committed checkpoint, without the corpus."""
 
-import importlib.util
-
 import pytest
 import torch
 
+import marca.compiler
 from marca.bench import accuracy
 from marca.reference.charlm import CHECKPOINT_DIR, VALIDATION_EXCERPT, byte_tensor, load_checkpoint
 
@@ -89,9 +88,47 @@ def test_prompts_start_at_line_starts():
     assert [bytes(p.tolist()) for p in prompts] == [b"line 000", b"line 025", b"line 050", b"line 075"]
 
 
-def test_iss_rows_say_what_they_need():
-    """Without the whole-model compiler the ISS rows raise a clear NotImplementedError."""
-    if importlib.util.find_spec("marca.compiler.model") is not None:
-        pytest.skip("the whole-model compiler exists")
+class _FakeSession:
+    """Stands in for a compiled model's ISS session: logits that say which call and token made them."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def prefill(self, ids):
+        self.calls.append(("prefill", ids.tolist()))
+        return torch.stack([torch.full((256,), float(i)) for i in ids.tolist()]).double()
+
+    def decode(self, token):
+        self.calls.append(("decode", token))
+        return torch.full((1, 256), -float(token)).double()
+
+
+def test_iss_model_drives_one_session_per_sequence(monkeypatch):
+    calls, compiled_with = [], []
+
+    class _Compiled:
+        def session(self):
+            return _FakeSession(calls)
+
+    def fake_compile(model, mamba_config, config, *, prompt_length, logits):
+        compiled_with.append((model, config.name, prompt_length, logits))
+        return _Compiled()
+
+    monkeypatch.setattr(marca.compiler, "compile_model", fake_compile)
+    monkeypatch.setattr(accuracy, "load_checkpoint", lambda path: "the model")
+    forward = accuracy.iss_model(CHECKPOINT_DIR, "tiny", prompt_length=3)
+    assert compiled_with == [("the model", "tiny", 3, "all")]
+    logits, sessions = forward(torch.tensor([[1, 2, 3], [4, 5, 6]]), None)
+    assert logits.shape == (2, 3, 256) and logits.dtype == torch.float32
+    assert logits[1, :, 0].tolist() == [4.0, 5.0, 6.0] and len(sessions) == 2
+    logits, sessions = forward(torch.tensor([[7], [8]]), sessions)
+    assert logits[:, 0, 0].tolist() == [-7.0, -8.0]
+    assert calls == [("prefill", [1, 2, 3]), ("prefill", [4, 5, 6]), ("decode", 7), ("decode", 8)]
+    with pytest.raises(ValueError, match="takes 3 tokens"):
+        forward(torch.tensor([[1, 2]]), None)
+
+
+def test_iss_rows_say_what_they_need_without_the_compiler(monkeypatch):
+    monkeypatch.delattr(marca.compiler, "compile_model", raising=False)
     with pytest.raises(NotImplementedError, match="whole-model compiler"):
         accuracy.iss_model(CHECKPOINT_DIR, "default", prompt_length=4)
