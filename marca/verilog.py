@@ -9,7 +9,8 @@ identical too. It is purely structural: it compares the RTLIL text Amaranth writ
 Two module definitions are the same when their RTLIL items (wires, cells, connections, processes, memories)
 are the same as a set, with three things not compared because they do not change what the module does:
 
-* the order of the items (RTLIL is declarative, and Amaranth orders them by first use in the parent);
+* the order of the items (RTLIL is declarative, and Amaranth orders them by first use in the parent), and
+  of a cell's parameters and connections (all named);
 * the positions of the ports (``wire ... input 3 \\a``): every instance connects its ports by name;
 * ``src`` attributes (source locations, for people only).
 
@@ -131,6 +132,9 @@ def _structure(module: _Module, class_of: dict[str, str]) -> str:
     for item in module.items:
         lines = [_PORT_POSITION.sub(r"\1#", line) for line in _rename_cells(item, class_of)
                  if not line.startswith("  attribute \\src ")]
+        statement = _first_statement(lines)
+        if lines[statement].startswith("  cell "):    # a cell's parameters and connections are named
+            lines = lines[:statement + 1] + sorted(lines[statement + 1:-1]) + lines[-1:]
         canonical.append("\n".join(lines))
     return hashlib.sha256("\n\0".join(sorted(canonical)).encode()).hexdigest()
 

@@ -236,15 +236,17 @@ class RtlStep:
 
 
 def run_on_rtl(config: "MarcaConfig", prepared: list[PreparedCase], *, name: str = "mamba", pause: float = 0.0, seed: int = 1,
-               progress=None, poll_cycles: int = 2000) -> dict:
+               progress=None, poll_cycles: int = 2000, build_dir: Path | None = None) -> dict:
     """Run the prefill (and the decode chain) of every case in ``prepared`` on one build of
     ``Accelerator(config)``, in one simulator process.
 
     ``progress(job, step, retired, cycles, done)`` is called from a thread while the simulation runs.
+    ``build_dir``: a Verilator build of the accelerator to use instead of :func:`build_accelerator`'s
+    (bench/verilog.py compares builds of differently emitted Verilog).
     Returns ``{case name: {"prefill": [RtlStep], "decode": [RtlStep, ...]}}``.
     """
     from marca import sim
-    build_dir = build_accelerator(config)
+    build_dir = Path(build_dir) if build_dir else build_accelerator(config)
     work = (build_dir / name).resolve()
     work.mkdir(parents=True, exist_ok=True)
     jobs, memory_size = [], 0

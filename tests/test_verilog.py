@@ -41,9 +41,11 @@ def test_each_distinct_module_is_defined_once(tiny_verilog):
     assert len(modules) == len(set(modules))
     # No module is named by its place in the hierarchy ("\marca_accelerator.array.adder_0_0") any more.
     assert [name for name in modules if "." in name] == []
-    # The tiny preset's 2x2 array: four PEs' adders, one definition.
+    # The tiny preset's 2x2 array: four PEs, one definition, which holds the one adder definition.
+    assert modules.count("marca_processing_element_fp16") == 1
+    assert len(re.findall(r"^  marca_processing_element_fp16 pe_", text, flags=re.MULTILINE)) == 4
     assert modules.count("marca_float_adder_fp16") == 1
-    assert len(re.findall(r"^  marca_float_adder_fp16 ", text, flags=re.MULTILINE)) == 4
+    assert len(re.findall(r"^  marca_float_adder_fp16 ", text, flags=re.MULTILINE)) == 1
 
 
 class _Adders(wiring.Component):
@@ -97,7 +99,7 @@ def test_a_wrong_merge_is_caught(tiny_rtlil, monkeypatch):
     monkeypatch.setattr(verilog, "_structure", ports_only)
     merged, report = verilog.deduplicate_rtlil(tiny_rtlil)
     differences = verilog.flattened_differences(tiny_rtlil, merged, "marca_accelerator")
-    assert any("array.adder_0_0" in item for item in differences)
+    assert any("array.pe_0_0.adder." in item for item in differences)
 
 
 @pytest.mark.verilator
