@@ -23,6 +23,8 @@ multiply-add), i.e. ``(linear_beats + elementwise_beats + nonlinear_beats) Â· RÂ
 * **mamba-130m decode step**: one mixer layer of mamba-130m's shape (d_model 768, d_state 16, random
   weights) as a decode step on the ``paper`` preset, measured, and predicted from the per-class rates and
   the fixed cost;
+* **mamba-130m decode step, whole model** (with ``MARCA_BENCH_ISS_MODEL=1``; compiling takes minutes): the
+  24-layer model with its LM head through ``marca.compiler.model.compile_model``, measured and predicted;
 * **CUDA**: the mixers and per-class figures again with ``device="cuda"`` when a CUDA device is present.
 
 Prints the tables and writes ``out_dir/iss.json``.
@@ -240,6 +242,35 @@ def _predict(counters: dict, config, rates: dict, fixed_us: float) -> float:
             + counters["instructions"] * fixed_us * 1e-6)
 
 
+def _model_decode(rates: dict, fixed_us: float) -> dict:
+    """A whole mamba-130m-shaped model (transformers' random initialisation: d_model 768, 24 layers,
+    vocabulary 50,280, d_state 16) compiled for the ``paper`` preset (marca.compiler.model): one decode step
+    (GATHER embedding, 24 x [RMSNorm, mixer, residual], final RMSNorm, LM head) on the fast ISS."""
+    import torch
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from marca.compiler.model import compile_model
+    from marca.config import PAPER
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(hidden_size=768, num_hidden_layers=24, vocab_size=50280,
+                                         state_size=16)).eval()
+    compiled = compile_model(model, config=PAPER, prompt_length=1)
+    session = compiled.session()
+    started, started_cpu = time.perf_counter(), time.process_time()
+    logits = session.decode(11)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
+    counters = {k: v for k, v in session.steps[-1].items() if isinstance(v, int) and k != "tokens"}
+    predicted = _predict(counters, PAPER, rates, fixed_us)
+    out = {"cpu_seconds": cpu, "wall_seconds": elapsed, "load": _load(), "counters": counters,
+           "lane_operations": _lane_ops(counters, PAPER.lanes), "image_bytes": compiled.memory_size,
+           "predicted_seconds": predicted, "logits_finite": bool(torch.isfinite(logits).all())}
+    print(f"\nmamba-130m-shaped model, one decode step (24 layers, LM head, paper preset): {cpu:.2f} CPU s "
+          f"measured ({elapsed:.1f} s wall, load {out['load']}), {predicted:.2f} s predicted; "
+          f"{counters['instructions']} instructions, {out['lane_operations']:,d} lane operations, "
+          f"{counters['dma_bytes_read']:,d} DMA bytes read")
+    return out
+
+
 def run(out_dir: pathlib.Path) -> dict:
     import torch
 
@@ -316,6 +347,10 @@ def run(out_dir: pathlib.Path) -> dict:
           f"{predicted:.3f} s predicted from the per-class rates (CPU seconds; {setup:.3f} s of it machine "
           f"set-up and image copies); {measured['instructions']} instructions, "
           f"{measured['lane_operations']:,d} lane operations (load {measured['load']})")
+
+    if os.environ.get("MARCA_BENCH_ISS_MODEL") == "1":
+        results["mamba_130m_decode_model"] = _model_decode(results["per_class"]["fast"],
+                                                           fixed["warm"]["microseconds_per_instruction"])
 
     if cuda:
         results["per_class"]["cuda"] = _per_class(PAPER, "cuda", False, 5)
