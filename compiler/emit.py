@@ -15,9 +15,32 @@ from marca.isa import Broadcast, Buffer, MemoryFormat
 
 from .options import CompileError
 
-__all__ = ["Emitter", "Allocator", "Operand"]
+__all__ = ["Emitter", "Allocator", "Operand", "field_layouts", "encode_fast"]
 
 _COUNT_MAX = 0xFFFF
+
+_LAYOUTS: dict = {}
+
+
+def field_layouts(kind) -> tuple:
+    """``isa.field_layout`` of an instruction class, computed once (the compiler checks and encodes tens of
+    thousands of instructions per model)."""
+    if kind not in _LAYOUTS:
+        _LAYOUTS[kind] = isa.field_layout(kind.OPCODE)
+    return _LAYOUTS[kind]
+
+
+def encode_fast(instructions) -> bytes:
+    """``isa.encode_program`` for instructions the emitter has range-checked (tests/test_model.py checks
+    that both give the same bytes)."""
+    out = bytearray()
+    for instruction in instructions:
+        word = int(instruction.OPCODE)
+        for layout in field_layouts(type(instruction)):
+            word |= int(getattr(instruction, layout.name)) << layout.lsb
+        out += word.to_bytes(isa.INSTRUCTION_BYTES, "little")
+    return bytes(out)
+
 
 #: An element-wise operand: (buffer, address, outer stride, inner stride[, broadcast]).
 Operand = tuple
@@ -67,10 +90,11 @@ class Emitter:
         self.sections.append((len(self.program), label))
 
     def emit(self, instruction) -> None:
-        try:
-            isa.encode(instruction)
-        except ValueError as error:
-            raise CompileError(f"an instruction field overflows ({error})") from None
+        for layout in field_layouts(type(instruction)):
+            value = getattr(instruction, layout.name)
+            if not 0 <= int(value) < 1 << layout.width:
+                raise CompileError(f"{type(instruction).__name__}.{layout.name} = {value} overflows its "
+                                   f"{layout.width} bits")
         self.program.append(instruction)
 
     # DMA ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from marca.config import MarcaConfig
 from marca.golden import nonlinear
 from marca.golden.iss import COUNTER_NAMES
 
-from .emit import Emitter
+from .emit import Emitter, encode_fast
 from .layout import MemoryImage
 from .schedule import insert_barriers
 
@@ -25,7 +25,7 @@ def finish_program(emitter: Emitter, image: MemoryImage, config: MarcaConfig, na
             j += 1
     sections = [(position.get(index, len(program) - 1), label) for index, label in emitter.sections]
     if image.materialize:
-        code = isa.encode_program(program)
+        code = encode_fast(program)
         address = image.allocate(name, len(code))
         image.data[address:address + len(code)] = code
     else:

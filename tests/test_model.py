@@ -102,7 +102,10 @@ def test_compile_from_shapes_gives_the_same_program_and_counters():
     shapes = compile_model(None, model.config, config=FPGA_SMALL, prompt_length=3)
     assert shapes.memory is None and shapes.memory_size == compiled.memory_size
     for mode in ("prefill", "decode"):
-        assert shapes.programs[mode].instructions == compiled.programs[mode].instructions
+        program = compiled.programs[mode]
+        assert shapes.programs[mode].instructions == program.instructions
+        code = isa.encode_program(program.instructions)     # the compiler's own encoder gives the same bytes
+        assert compiled.memory[program.address:program.address + len(code)] == code
     session = compiled.session()
     session.prefill(PROMPT[:3])
     session.decode(5)
