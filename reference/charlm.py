@@ -16,10 +16,10 @@ share:
   the float reference's pieces (:mod:`marca.reference.mamba`) with a pluggable selective scan and carried
   states, so that long texts run in chunks (chunked prefill) and the storage-rounding experiments can
   change any weight, ``A = -exp(A_log)`` included.
-- **A fast selective scan for training** (:func:`chunked_scan`): the same recurrence as
-  :func:`marca.reference.mamba.selective_scan`, with the decays and inputs of a chunk of tokens computed
-  at once and the per-token update run over unbound slices (one backward node for the chunk, not a
-  full-size gradient per token).
+- **A fast selective scan for training** (:func:`fast_scan`, and :func:`chunked_scan` over chunks of
+  tokens): the same recurrence as :func:`marca.reference.mamba.selective_scan`, with every token's decay
+  and input computed at once, one in-place fused multiply-add per token, and a hand-written backward pass
+  (a reverse recurrence plus whole-tensor products), instead of autograd recording each token's steps.
 
 See docs/accuracy.md.
 """
