@@ -5,7 +5,8 @@
 Torch runs on one thread. Every figure is measured twice: wall-clock seconds, and the CPU seconds of this
 process (``time.process_time``), which on a shared, loaded machine stay close to what an idle core would
 take while wall time grows with the load; rates are given per CPU second ("M/s") and the load average is
-recorded beside every figure. CUDA figures are wall time (after ``torch.cuda.synchronize``). **Lane operations** are the
+recorded beside every figure. CUDA figures are wall time (after ``torch.cuda.synchronize``).
+**Lane operations** are the
 PE array's work: ``R·C`` per LINEAR, ELEMENTWISE or NONLINEAR beat (a LINEAR lane operation is one
 multiply-add), i.e. ``(linear_beats + elementwise_beats + nonlinear_beats) · R·C`` from the counters.
 
@@ -102,7 +103,8 @@ def _class_cases(config):
         "load (storage -> compute, 2^20 elements)": isa.Load(memory_address=0, row_count=32,
                                                               row_elements=1 << 15,
                                                               memory_row_stride=config.storage_bytes << 15,
-                                                              buffer=Buffer.WEIGHT, buffer_row_stride=1 << 15),
+                                                              buffer=Buffer.WEIGHT,
+                                                              buffer_row_stride=1 << 15),
         "store (compute -> storage, 2^19 elements)": isa.Store(memory_address=0, row_count=16,
                                                                row_elements=1 << 15,
                                                                memory_row_stride=config.storage_bytes << 15,
@@ -199,7 +201,8 @@ def _mixer(preset: str, d_model: int, mode: str, length):
     from marca.config import PRESETS
     from marca.reference import mamba as reference
     config = PRESETS[preset]
-    weights = reference.random_mixer_weights(reference.MambaDims(d_model=d_model), seed=1, dtype=torch.float64)
+    dims = reference.MambaDims(d_model=d_model)
+    weights = reference.random_mixer_weights(dims, seed=1, dtype=torch.float64)
     compiled = compile_mixer(weights, config, mode=mode, length=length)
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(compiled.length, d_model, generator=generator, dtype=torch.float64)
@@ -283,7 +286,8 @@ def run(out_dir: pathlib.Path) -> dict:
     results = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_at_start": _load(),
                "cuda_device": torch.cuda.get_device_name(0) if cuda else None}
 
-    print(f"[iss] load average {results['load_at_start']} on {os.cpu_count()} CPUs, torch 1 thread", flush=True)
+    print(f"[iss] load average {results['load_at_start']} on {os.cpu_count()} CPUs, torch 1 thread",
+          flush=True)
     results["per_class"] = {"fast": _per_class(PAPER, "cpu", False, 3),
                             "reference": _per_class(PAPER, "cpu", True, 1)}
     print(f"\n{'instruction (paper preset, per CPU second)':48s} {'lane ops':>10s} {'fast M/s':>9s} "
@@ -299,7 +303,8 @@ def run(out_dir: pathlib.Path) -> dict:
     from marca.config import DEFAULT
     results["fixed_cost"] = _fixed_cost(DEFAULT)
     fixed = results["fixed_cost"]
-    print(f"\nfixed cost in CPU time (default preset, 1-beat MUL): warm {fixed['warm']['microseconds_per_instruction']:.0f} us, "
+    print("\nfixed cost in CPU time (default preset, 1-beat MUL): "
+          f"warm {fixed['warm']['microseconds_per_instruction']:.0f} us, "
           f"cold {fixed['cold']['microseconds_per_instruction']:.0f} us, reference "
           f"{fixed['reference']['microseconds_per_instruction']:.0f} us per instruction")
 
@@ -325,7 +330,8 @@ def run(out_dir: pathlib.Path) -> dict:
         ref = entry.get("reference")
         print(f"{name:34s} {fast['instructions']:6d} {fast['lane_operations']:12,d} {fast['seconds']:8.2f} "
               f"{fast['lane_operations_per_second'] / 1e6:6.1f} {unchecked['seconds']:11.2f} "
-              + (f"{ref['seconds']:8.2f} {ref['seconds'] / fast['seconds']:7.1f}x" if ref else f"{'-':>8s} {'-':>8s}")
+              + (f"{ref['seconds']:8.2f} {ref['seconds'] / fast['seconds']:7.1f}x" if ref
+                 else f"{'-':>8s} {'-':>8s}")
               + f" {fast['wall_seconds']:7.2f} {fast['load']:5.1f}")
         results["mixers"][name] = entry
 

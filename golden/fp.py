@@ -257,7 +257,8 @@ def to_values(bits, fmt: FloatFormat) -> torch.Tensor:
     read as zeros of their sign, any NaN as NaN."""
     _fits_float32(fmt)
     bits = torch.as_tensor(bits)
-    if fmt.exp_bits == 8 and fmt.width in (16, 32) and bits.dtype == {16: torch.int16, 32: torch.int32}[fmt.width]:
+    element_dtype = {16: torch.int16, 32: torch.int32}.get(fmt.width)
+    if fmt.exp_bits == 8 and bits.dtype == element_dtype:
         # Memory elements (BF16, FP32) in int32 arithmetic: the shift puts the sign at bit 31 either way.
         word = bits.to(torch.int32) << (32 - fmt.width) if fmt.width == 16 else bits
         word = torch.where((word & 0x7F800000) == 0, word & -0x80000000, word)
@@ -289,7 +290,8 @@ def from_values(values, fmt: FloatFormat) -> torch.Tensor:
     else:
         sign = (word >> 31) << (fmt.width - 1)
         exponent = (word >> 23) & 0xFF
-        bits = sign | ((exponent - 127 + fmt.bias) << fmt.man_bits) | ((word & 0x7FFFFF) >> (23 - fmt.man_bits))
+        mantissa = (word & 0x7FFFFF) >> (23 - fmt.man_bits)
+        bits = sign | ((exponent - 127 + fmt.bias) << fmt.man_bits) | mantissa
         bits = torch.where(exponent == 0, sign, bits)
         bits = torch.where(exponent == 0xFF, sign | fmt.inf, bits)
     return torch.where(torch.isnan(values), fmt.canonical_nan, bits)

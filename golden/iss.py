@@ -507,7 +507,8 @@ class _Access:
     __slots__ = ("buffer", "shape", "strides", "offset", "source", "dense", "numel")
 
     def __init__(self, buffer: Buffer, shape, strides, offset: int, source: isa.BufferAccess):
-        self.buffer, self.shape, self.strides, self.offset = Buffer(buffer), tuple(shape), tuple(strides), offset
+        self.buffer, self.shape, self.strides = Buffer(buffer), tuple(shape), tuple(strides)
+        self.offset = offset
         self.source = source
         self.numel = 1
         for size in self.shape:
@@ -610,7 +611,8 @@ class Machine:
         fmt = config.compute_format
         if fmt.exp_bits == 8 and fmt.man_bits == 23 and not fp.subnormals_are_kept(self.device):
             raise RuntimeError("float32 arithmetic flushes subnormals in this process (FTZ/DAZ set, e.g. by "
-                               "torch.set_flush_denormal(True)); the FP32 fast path needs IEEE gradual underflow")
+                               "torch.set_flush_denormal(True)); the FP32 fast path needs IEEE gradual "
+                               "underflow")
         self.config = config
         image = memory_to_tensor(memory)
         if len(image) > 1 << config.axi_addr_width:
@@ -657,7 +659,7 @@ class Machine:
     def _memory_elements(self, size: int) -> torch.Tensor:
         return self.memory.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[size])
 
-    # Checks ---------------------------------------------------------------------------------------------------
+    # Checks ---------------------------------------------------------------------------------------------
 
     def _check_streams(self, stream: str, reads, writes, pc) -> None:
         """As ReferenceMachine._check_streams, on accesses: conflicts with the other stream since the last
@@ -674,7 +676,8 @@ class Machine:
                             index = access.indices()
                             first = int(index[stamps[index] == epoch].min())
                             raise ProgramError(
-                                "barrier", f"{stream} {kind} of {access.buffer.name} elements that an earlier "
+                                "barrier", f"{stream} {kind} of {access.buffer.name} elements that an "
+                                f"earlier "
                                 f"{other} instruction {other_kind}s (first {first}) with no BARRIER between "
                                 "them", pc)
         for kind, accesses in (("read", reads), ("write", writes)):
@@ -715,7 +718,7 @@ class Machine:
             target[elements.to(target.device)] = values.reshape(-1)[positions.to(target.device)]
         access.array(self.written[access.buffer])[...] = True
 
-    # Execution --------------------------------------------------------------------------------------------------
+    # Execution ------------------------------------------------------------------------------------------
 
     def run(self, program_address: int = 0, *, max_instructions: int = 1_000_000) -> RunResult:
         """Fetch, check and execute from ``program_address`` until HALT or an error."""
@@ -785,7 +788,8 @@ class Machine:
         reference.written = {b: torch.from_numpy(self.written[b].copy()) for b in Buffer}
         reference.counters = dict(self.counters)
         for key, table in self._stamps.items():
-            reference._pending[key] = {b: torch.from_numpy(stamps == self._epoch) for b, stamps in table.items()}
+            reference._pending[key] = {b: torch.from_numpy(stamps == self._epoch)
+                                       for b, stamps in table.items()}
         code = reference.execute(instruction, pc=pc)
         if code == ErrorCode.NONE:
             self.memory[:self.memory_size] = reference.memory.to(self.device)
@@ -802,7 +806,7 @@ class Machine:
                     stamps[mask.numpy()] = self._epoch
         return code
 
-    # Handlers: one per instruction class, each given the instruction's plan ----------------------------------
+    # Handlers: one per instruction class, each given the instruction's plan ---------------------------
 
     def _barrier(self, plan, pc) -> ErrorCode:
         self._epoch += 1
@@ -1017,7 +1021,7 @@ _PLAN_MAKERS = {
 """Instruction class -> (plan maker, handler name). A class missing here runs on the reference machine."""
 
 
-# Arithmetic on values ----------------------------------------------------------------------------------------
+# Arithmetic on values --------------------------------------------------------------------------------
 
 _SAFE_MAGNITUDE = 2.0 ** -50
 _LINEAR_BLOCK = 1 << 20

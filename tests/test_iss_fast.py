@@ -94,7 +94,8 @@ def test_values_of_memory_element_dtypes(fmt):
     generator = torch.Generator().manual_seed(2)
     bits = torch.cat([torch.arange(1 << 16, dtype=torch.int64) if fmt.width == 16
                       else fp.random_bits(1_000_000, fmt, generator), fp.special_values(fmt)])
-    signed = (bits - ((bits >> (fmt.width - 1)) << fmt.width)).to({16: torch.int16, 32: torch.int32}[fmt.width])
+    dtype = {16: torch.int16, 32: torch.int32}[fmt.width]
+    signed = (bits - ((bits >> (fmt.width - 1)) << fmt.width)).to(dtype)
     assert torch.equal(fp.to_values(signed, fmt).view(torch.int32), fp.to_values(bits, fmt).view(torch.int32))
 
 
@@ -104,7 +105,8 @@ def test_fp32_conversions_random_and_special():
     values = fp.to_values(bits, FP32)
     assert torch.equal(fp.from_values(values, FP32), read(bits, FP32))
     for target in (BF16, FP16, FloatFormat(5, 2)):
-        assert torch.equal(fp.from_values(fp.value_convert(values, target), target), fp.convert(bits, FP32, target))
+        got = fp.from_values(fp.value_convert(values, target), target)
+        assert torch.equal(got, fp.convert(bits, FP32, target))
 
 
 # Two-input operations ---------------------------------------------------------------------------------------
@@ -284,7 +286,8 @@ def test_program_errors_equal_reference():
         "undefined": [isa.Store(memory_address=0x800, row_count=1, row_elements=1, buffer=isa.Buffer.STATE)],
         "barrier": [isa.Load(memory_address=0x800, row_count=1, row_elements=lanes, buffer=isa.Buffer.STATE),
                     isa.Nonlinear(line_count=1, src_buffer=isa.Buffer.STATE, dst_buffer=isa.Buffer.SCRATCH)],
-        "overlap": [isa.Load(memory_address=0x800, row_count=1, row_elements=4 * lanes, buffer=isa.Buffer.STATE),
+        "overlap": [isa.Load(memory_address=0x800, row_count=1, row_elements=4 * lanes,
+                             buffer=isa.Buffer.STATE),
                     isa.Barrier(),
                     isa.Elementwise(op=ElementwiseOp.PASS, outer_count=1, inner_count=3,
                                     dst_buffer=isa.Buffer.STATE, dst_address=lanes, dst_inner_stride=1,
@@ -356,4 +359,5 @@ def test_cuda_equals_reference(config):
     for seed, generated in random_cases(config, 20):
         assert_same(*run_both(config, generated.memory, device="cuda"), f"cuda {config.name} seed {seed}")
     compiled, memory = mamba_case(config, 16, "prefill", 3)
-    assert_same(*run_both(config, memory, compiled.program_address, device="cuda"), f"cuda {config.name} mamba")
+    assert_same(*run_both(config, memory, compiled.program_address, device="cuda"),
+                f"cuda {config.name} mamba")
