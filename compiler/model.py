@@ -457,7 +457,7 @@ class _ModelLowering:
 
 def compile_model(model_or_state_dict=None, mamba_config=None, config: MarcaConfig | None = None, *,
                   prompt_length: int = 1, logits: str = "last", options: CompileOptions = CompileOptions(),
-                  gather: bool | None = None) -> CompiledModel:
+                  gather: bool | None = None, check_address_space: bool = True) -> CompiledModel:
     """Compile a Mamba language model: a prefill of ``prompt_length`` tokens and a decode step in one image.
 
     Parameters
@@ -473,6 +473,9 @@ def compile_model(model_or_state_dict=None, mamba_config=None, config: MarcaConf
         The prefill writes the logits of its last token only, or of every token.
     gather : bool or None
         Embed with the machine's GATHER (default: when the ISA has it), else the host writes the rows.
+    check_address_space : bool
+        Raise CompileError when the image exceeds ``2**axi_addr_width`` bytes (False: a shapes-only
+        study of what a model would need; ``memory_size`` says it).
     """
     if not isinstance(config, MarcaConfig):
         raise ValueError(f"config must be a MarcaConfig, not {config!r}")
@@ -561,7 +564,7 @@ def compile_model(model_or_state_dict=None, mamba_config=None, config: MarcaConf
                  staging=staging, spill=spill, embedding_on_host=not gather)
     programs = {"prefill": _ModelLowering(parts, "prefill", L, logits_rows, options).lower(),
                 "decode": _ModelLowering(parts, "decode", 1, 1, options).lower()}
-    if image.size > 1 << config.axi_addr_width:
+    if check_address_space and image.size > 1 << config.axi_addr_width:
         raise CompileError(f"the memory image needs {image.size} bytes; the configuration {config.name!r} "
                            f"addresses {1 << config.axi_addr_width} (axi_addr_width {config.axi_addr_width})")
     return CompiledModel(

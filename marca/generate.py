@@ -189,7 +189,13 @@ def generate(args) -> int:
         state = model.state_dict()
     _progress("compiling")
     compile_started = time.perf_counter()
-    compiled = compile_model(state if not shapes_only else None, mamba_config, config, prompt_length=len(ids))
+    compiled = compile_model(state if not shapes_only else None, mamba_config, config, prompt_length=len(ids),
+                             check_address_space=not shapes_only)
+    bits = max(1, compiled.memory_size - 1).bit_length()
+    if bits > config.axi_addr_width:      # only from shapes: say what the configuration would need
+        report["address_bits_needed"] = bits
+        _progress(f"note: the image needs {bits} address bits; {config.name!r} has axi_addr_width "
+                  f"{config.axi_addr_width}\n")
     report["compile_seconds"] = time.perf_counter() - compile_started
     report["memory_bytes"] = compiled.memory_size
     report["weight_bytes"] = compiled.weight_bytes
