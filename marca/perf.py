@@ -376,11 +376,12 @@ class _ReadChannel:
         self.period = memory.beat_period(beat_bytes)
         self.latency = memory.read_latency + memory.handshake()
         self.gap = memory.burst_gap
+        self.handshake = memory.handshake()     # each burst's request handshake, under pauses
         self.free = -math.inf      # the next cycle a beat can be delivered
 
     def request(self, at: float, beats: int) -> tuple[float, float]:
         """A burst requested on the bus at ``at``: (first beat, last beat)."""
-        first = max(at + self.latency, self.free + self.gap * self.period)
+        first = max(at + self.latency, self.free + self.gap * self.period + self.handshake)
         last = first + (beats - 1) * self.period
         self.free = last + self.period
         return first, last

@@ -1,0 +1,139 @@
+"""The cycle model (marca.perf) against cycle counts the RTL recorded (tests/data/rtl_cycles.json, written by
+``marca bench perf_validate``: Verilator runs of random programs, benchmarks, micro-programs and compiled
+Mamba mixers on several configurations, with and without AXI pauses). No simulator runs here."""
+
+import dataclasses
+import json
+
+import pytest
+
+from marca import isa, perf
+from marca.bench.perf_validate import RECORD, compare, decode_program
+from marca.config import DEFAULT, PAPER, TINY, MarcaConfig
+
+TOLERANCE = 0.05
+DETERMINISTIC = ("instructions", "load_instructions", "store_instructions", "linear_instructions",
+                 "elementwise_instructions", "nonlinear_instructions", "barrier_instructions", "fetch_bytes",
+                 "dma_bytes_read", "dma_bytes_written", "linear_beats", "elementwise_beats", "nonlinear_lines",
+                 "nonlinear_beats")
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    return json.loads(RECORD.read_text())
+
+
+def _stale(row) -> list[str]:
+    """Deterministic counters the current model does not reproduce: the hardware (e.g. a NONLINEAR pass
+    program) changed since the recording, so the pair no longer describes this RTL."""
+    return [name for name in DETERMINISTIC if row["model"][name] != row["rtl"][name]]
+
+
+def _fresh(rows):
+    return [row for row in rows if not _stale(row)]
+
+
+@pytest.fixture(scope="module")
+def rows(recorded):
+    return compare(recorded)
+
+
+def test_record_covers_the_required_pairs(recorded):
+    pairs = recorded["pairs"]
+    assert len(pairs) >= 20
+    assert {pair["pause"] > 0 for pair in pairs} == {False, True}
+    kinds = {pair["program_name"].split("-")[0] for pair in pairs}
+    assert {"random", "bench", "micro", "mamba"} <= kinds
+    names = {pair["program_name"] for pair in pairs}
+    assert {"mamba-prefill", "mamba-decode"} <= names
+
+
+def test_recorded_counts_are_current(rows):
+    """Every pair's deterministic counters (instructions, bytes, beats) are the model's, so the recording
+    describes this RTL; if not, the RTL changed since: rerun ``marca bench perf_validate``."""
+    stale = {f"{row['config']}/{row['program']}": _stale(row) for row in rows if _stale(row)}
+    if stale:
+        pytest.skip(f"{len(stale)} of {len(rows)} recorded pairs are stale (the RTL changed since the recording: "
+                    f"{sorted({name for names in stale.values() for name in names})} differ); "
+                    f"rerun `marca bench perf_validate`")
+
+
+def test_model_cycles_within_tolerance_of_the_rtl(rows):
+    """Every pair that still describes this RTL: the model's cycles within 5 % of the RTL's."""
+    fresh = _fresh(rows)
+    assert len(fresh) >= 10, "too few recorded pairs describe this RTL: rerun `marca bench perf_validate`"
+    wrong = [f"{row['config']}/{row['program']}/pause {row['pause']}: RTL {row['rtl_cycles']}, model "
+             f"{row['model_cycles']} ({row['error']:+.1%})" for row in fresh if abs(row["error"]) > TOLERANCE]
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("broken", ["no-scoreboard", "no-check-cycles", "free-memory"])
+def test_a_broken_model_is_caught(recorded, monkeypatch, broken):
+    """Each mechanism matters on the recorded pairs: without it some pair leaves the tolerance."""
+    if broken == "no-scoreboard":
+        monkeypatch.setitem(perf.PIPELINE, "issue_to_ready", -perf.hardware_timing(TINY).array_latency - 5)
+    elif broken == "no-check-cycles":
+        original = perf.hardware_timing
+
+        def timing(config):
+            return dataclasses.replace(original(config), check_cycles=0)
+        monkeypatch.setattr(perf, "hardware_timing", timing)
+    else:
+        monkeypatch.setattr(perf, "TESTBENCH_MEMORY", perf.MemorySystem(read_latency=0, write_latency=0))
+    rows = _fresh(compare(recorded))
+    assert rows and max(abs(row["error"]) for row in rows) > TOLERANCE
+
+
+def test_latencies_come_from_the_hardware(monkeypatch):
+    """The array latency is the PE array's, built from the float units' latency attributes: a slower adder
+    in hw/fp.py makes a longer hazard distance in the model."""
+    from marca.hw.fp import FloatAdder
+    before = perf.hardware_timing.__wrapped__(TINY)
+    monkeypatch.setattr(FloatAdder, "latency", FloatAdder.latency + 3)
+    after = perf.hardware_timing.__wrapped__(TINY)
+    assert after.array_latency > before.array_latency
+    assert after.hazard_distance("linear") > before.hazard_distance("linear")
+
+
+def test_a_dependent_chain_pays_the_hazard_distance():
+    """Each one-beat instruction reading the previous one's result waits a full hazard distance; independent
+    ones do not (they run at the fetch and dispatch rate)."""
+    from marca.isa import Barrier, Buffer, Elementwise, ElementwiseOp, Halt
+    add = Elementwise(op=ElementwiseOp.ADD, outer_count=1, inner_count=1, dst_buffer=Buffer.ACTIVATION,
+                      a_buffer=Buffer.ACTIVATION, b_buffer=Buffer.ACTIVATION, b_address=TINY.lanes)
+    independent = dataclasses.replace(add, dst_address=2 * TINY.lanes)
+
+    def cycles(instruction, count):
+        return perf.estimate(TINY, [instruction] * count + [Barrier(), Halt()]).cycles
+    distance = perf.hardware_timing(TINY).hazard_distance("elementwise")
+    assert cycles(add, 20) - cycles(add, 10) >= 10 * distance
+    assert cycles(independent, 20) - cycles(independent, 10) < 10 * distance
+
+
+def test_bandwidth_bounds_a_streamed_load():
+    from marca.isa import Barrier, Buffer, Halt, Load
+    config = DEFAULT
+    load = Load(memory_address=0, row_count=64, row_elements=config.lanes, memory_row_stride=config.lanes * 2,
+                buffer=Buffer.WEIGHT, buffer_address=0, buffer_row_stride=config.lanes)
+    program = [load, Barrier(), Halt()]
+    fast = perf.estimate(config, program, perf.MemorySystem(read_latency=100))
+    slow = perf.estimate(config, program, perf.MemorySystem(read_latency=100, bytes_per_cycle=4))
+    beats = 64 * config.lanes * 2 / (config.axi_data_width // 8)
+    assert fast.cycles >= beats and slow.cycles >= 64 * config.lanes * 2 / 4
+    assert slow.cycles > 2 * fast.cycles
+
+
+def test_bad_inputs_are_rejected():
+    with pytest.raises(ValueError, match="read_latency"):
+        perf.MemorySystem(read_latency=-1)
+    with pytest.raises(ValueError, match="pause"):
+        perf.MemorySystem(pause=1.0)
+    with pytest.raises(ValueError, match="config"):
+        perf.estimate("paper", [isa.Halt()])
+    assert isinstance(PAPER, MarcaConfig)
+
+
+def test_recorded_programs_decode():
+    data = json.loads(RECORD.read_text())
+    program = decode_program(data["pairs"][0]["program"])
+    assert isinstance(program[-1], isa.Halt)
