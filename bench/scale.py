@@ -115,7 +115,6 @@ def lm_head_program(config: MarcaConfig, vocab: int, d_model: int, tokens: int) 
     activation_lines = isa.buffer_lines(config, Buffer.ACTIVATION) // 2
     block = max(1, min(row_tiles, half // chunks, activation_lines * lanes // (R * tokens)))
     blocks = -(-row_tiles // block)
-    vector_bytes = tokens * d_model * size
     weights = 1 << 20
     logits = weights + row_tiles * chunks * lanes * size
 
@@ -127,7 +126,6 @@ def lm_head_program(config: MarcaConfig, vocab: int, d_model: int, tokens: int) 
 
     program = [Load(memory_address=4096, row_count=tokens, row_elements=d_model, memory_row_stride=d_model * size,
                     buffer=Buffer.SCRATCH, buffer_address=0, buffer_row_stride=chunks * C), load(0), Barrier()]
-    del vector_bytes
     for b in range(blocks):
         tiles = min(block, row_tiles - b * block)
         if b + 1 < blocks:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 from marca import isa
 from marca.config import MarcaConfig
-from marca.isa import Buffer, LinearInit, MemoryFormat
+from marca.isa import LinearInit
 from marca.ops import Broadcast
 
 __all__ = ["MemorySystem", "HardwareTiming", "PIPELINE", "PerfReport", "hardware_timing", "estimate",
