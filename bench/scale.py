@@ -188,7 +188,7 @@ def _table(results, memory_name, buffer_management=True) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for key, entry in results.items():
         config, size, memory, managed = key.split("|")
-        if memory != memory_name or managed != str(buffer_management):
+        if memory != memory_name or managed != str(buffer_management) or "error" in entry:
             continue
         def value(scenario, key, spec):
             return format(entry[scenario][key], spec) if scenario in entry else "-"
@@ -214,7 +214,7 @@ def _roofline(results, out: pathlib.Path, config: MarcaConfig, memory_name: str)
                 label=f"roof: {peak / 1e12:.2f} T lane-ops/s, {bandwidth / 1e9:.0f} GB/s")
     for size in SIZES:
         entry = results.get(f"{config.name}|{size}|{memory_name}|True")
-        if not entry:
+        if not entry or "error" in entry:
             continue
         for scenario, marker in (("prefill-2048", "o"), ("decode-b1", "s"), ("decode-b16", "^")):
             s = entry[scenario]
@@ -291,7 +291,12 @@ def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False) -> di
     summary = {"clock_hz": CLOCK_HZ, "memories": MEMORIES, "vocab": VOCAB, "sizes": SIZES, "results": results}
     for config, size, memory_name, managed, scenarios in _plan(quick, full):
         memory = memory_system(memory_name)
-        entry = {scenario: model_run(config, size, scenario, memory, managed) for scenario in scenarios}
+        try:
+            entry = {scenario: model_run(config, size, scenario, memory, managed) for scenario in scenarios}
+        except ValueError as error:        # CompileError: the layer does not compile for this preset
+            print(f"[scale] {config.name} {size}: not compiled ({error})", flush=True)
+            results[f"{config.name}|{size}|{memory_name}|{managed}"] = {"error": str(error)}
+            continue
         results[f"{config.name}|{size}|{memory_name}|{managed}"] = entry
         print(f"[scale] {config.name} {size} {memory_name} buffer management {'on' if managed else 'off'}: "
               + ", ".join(f"{scenario} {value['tokens_per_second']:,.1f} tok/s" for scenario, value in entry.items())
