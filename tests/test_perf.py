@@ -51,7 +51,7 @@ def test_record_covers_the_required_pairs(recorded):
 def test_recorded_counts_are_current(rows):
     """Every pair's deterministic counters (instructions, bytes, beats) are the model's, so the recording
     describes this RTL; if not, the RTL changed since: rerun ``marca bench perf_validate``."""
-    stale = {f"{row['config']}/{row['program']}": _stale(row) for row in rows if _stale(row)}
+    stale = {f"{row['config']}/{row['program']}/pause {row['pause']}": _stale(row) for row in rows if _stale(row)}
     if stale:
         pytest.skip(f"{len(stale)} of {len(rows)} recorded pairs are stale (the RTL changed since the recording: "
                     f"{sorted({name for names in stale.values() for name in names})} differ); "
