@@ -221,7 +221,7 @@ def directed_programs(config: MarcaConfig, rng: random.Random):
                  store(Buffer.SCRATCH, lines, output_address + k * lines * lanes * size), Barrier()]
     body += [Nonlinear(function=NonlinearFunction.EXP, line_count=2, src_buffer=Buffer.STATE, src_address=lanes,
                        dst_buffer=Buffer.STATE, dst_address=lanes), Barrier(),
-             store(Buffer.STATE, lines, output_address + 3 * lines * lanes * size)]
+             store(Buffer.STATE, lines, output_address + len(NonlinearFunction) * lines * lanes * size)]
     programs.append(("nonlinear", loads + body + [Halt()]))
     return [(name, _program_image(program, data, data_address, memory_size), 0) for name, program in programs]
 
