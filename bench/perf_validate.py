@@ -29,6 +29,9 @@ import zlib
 from marca import isa
 from marca.config import FPGA_SMALL, TINY, MarcaConfig
 
+# Rewrites tests/data/rtl_cycles.json from Verilator runs: run by name when the RTL changes.
+EXPLICIT_ONLY = True
+
 __all__ = ["CONFIGS", "RECORD", "programs", "record", "compare", "recorded_config", "decode_program", "run"]
 
 RECORD = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "rtl_cycles.json"

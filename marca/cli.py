@@ -97,10 +97,17 @@ def _bench_areas() -> list[str]:
     return sorted(info.name for info in pkgutil.iter_modules(marca.bench.__path__))
 
 
+def _default_bench_areas() -> list[str]:
+    """The benchmarks ``marca bench`` runs when none is named: all but those that declare
+    ``EXPLICIT_ONLY = True`` (regenerators of recorded data and very long builds, run by name)."""
+    return [area for area in _bench_areas()
+            if not getattr(importlib.import_module(f"marca.bench.{area}"), "EXPLICIT_ONLY", False)]
+
+
 def _bench(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    areas = args.areas or _bench_areas()
+    areas = args.areas or _default_bench_areas()
     unknown = sorted(set(areas) - set(_bench_areas()))
     if unknown:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(_bench_areas())}")
@@ -137,8 +144,8 @@ def main(argv=None) -> int:
     lint = commands.add_parser("lint", help="verilator --lint-only -Wall on emitted Verilog")
     lint.add_argument("--dir", default="build/verilog/default")
     lint.set_defaults(handler=_lint)
-    bench = commands.add_parser("bench", help="run benchmarks (all by default)")
-    bench.add_argument("areas", nargs="*", help="benchmark names (modules of marca.bench)")
+    bench = commands.add_parser("bench", help="run benchmarks (the default set when none is named)")
+    bench.add_argument("areas", nargs="*", help="benchmark names (modules of marca.bench); none: all but the explicit-only ones (perf_validate, verilog)")
     bench.add_argument("--out", default="build/bench")
     bench.add_argument("--device", default=None, help="torch device for benchmarks that take one (cpu, cuda)")
     bench.set_defaults(handler=_bench)
