@@ -11,11 +11,24 @@ import torch
 
 from marca.golden.iss import pack_elements
 
-__all__ = ["ceil_div", "TensorPlace", "Region", "MemoryImage", "tile_matrix", "untile_matrix", "line_vector"]
+__all__ = ["ceil_div", "largest", "TensorPlace", "Region", "MemoryImage", "tile_matrix", "untile_matrix", "line_vector"]
 
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def largest(low: int, high: int, ok) -> int:
+    """The largest value in [low, high] for which ``ok`` holds (``ok(low)`` is known to hold; ``ok`` is
+    monotone: the planners' "does this working set still fit")."""
+    best = low
+    while low <= high:
+        middle = (low + high) // 2
+        if ok(middle):
+            best, low = middle, middle + 1
+        else:
+            high = middle - 1
+    return best
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from marca.isa import Broadcast, Buffer, ElementwiseOp, LinearInit, NonlinearFun
 from marca.reference.mamba import MambaDims
 
 from .emit import Allocator, Emitter
-from .layout import MemoryImage, TensorPlace, ceil_div, line_vector, tile_matrix
+from .layout import MemoryImage, TensorPlace, ceil_div, largest, line_vector, tile_matrix
 from .linear import InMemory, Matrix, OnChip, WeightArea, emit_linear
 from .options import CompileError, CompileOptions
 
@@ -240,17 +240,6 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
             return True
         except CompileError:
             return False
-
-    def largest(low, high, ok):
-        """The largest value in [low, high] for which ok holds (ok(low) is known to hold)."""
-        best = low
-        while low <= high:
-            middle = (low + high) // 2
-            if ok(middle):
-                best, low = middle, middle + 1
-            else:
-                high = middle - 1
-        return best
 
     error = None
     for G in group_candidates:

@@ -35,7 +35,7 @@ from marca.isa import Broadcast, Buffer, ElementwiseOp, LinearInit, NonlinearFun
 from marca.reference.mamba import MambaDims
 
 from .emit import Allocator, Emitter
-from .layout import MemoryImage, TensorPlace, ceil_div, line_vector, tile_matrix
+from .layout import MemoryImage, TensorPlace, ceil_div, largest, line_vector, tile_matrix
 from .linear import InMemory, Matrix, OnChip, WeightArea, emit_linear
 from .mamba import read_place, spill_bytes
 from .mixer import MixerPlan, layout_mixer, lower_mixer, plan_mixer
@@ -220,17 +220,6 @@ class ModelSession:
 
 # Row stages (embedding, RMSNorm, residual add): token blocks x d_model chunks ---------------------------
 
-def _largest(low, high, ok):
-    best = low
-    while low <= high:
-        middle = (low + high) // 2
-        if ok(middle):
-            best, low = middle, middle + 1
-        else:
-            high = middle - 1
-    return best
-
-
 def _plan_rows(config, base: Allocator, Dm_l: int, tokens: int, chunk_limit: int, options: CompileOptions):
     """(token block, chunk lines, regions) for the row stages: XR, SQ (token x chunk lines each), PART,
     MS (a line per token) in the compute buffers and NW (chunk lines) in the weight buffer."""
@@ -250,8 +239,8 @@ def _plan_rows(config, base: Allocator, Dm_l: int, tokens: int, chunk_limit: int
             return False
 
     attempt(1, 1)       # raises what does not fit
-    D = _largest(1, min(Dm_l, chunk_limit), lambda d: fits(1, d))
-    T = _largest(1, min(tokens, options.max_block_tokens or tokens), lambda t: fits(t, D))
+    D = largest(1, min(Dm_l, chunk_limit), lambda d: fits(1, d))
+    T = largest(1, min(tokens, options.max_block_tokens or tokens), lambda t: fits(t, D))
     return T, D, attempt(T, D)
 
 
@@ -420,9 +409,9 @@ class _ModelLowering:
                 break
         else:
             attempt(1, False, 1, 1)
-        T = _largest(1, T_limit, lambda t: fits(t, resident, 1, 1))
-        I = 0 if resident else _largest(1, head.K, lambda i: fits(T, resident, i, 1))
-        O = _largest(1, head.J, lambda o: fits(T, resident, I, o))
+        T = largest(1, T_limit, lambda t: fits(t, resident, 1, 1))
+        I = 0 if resident else largest(1, head.K, lambda i: fits(T, resident, i, 1))
+        O = largest(1, head.J, lambda o: fits(T, resident, I, o))
         regions, (area_address, area_lines) = attempt(T, resident, I, O)
         staging = (*regions["STAGING"], ceil_div(T * I * C, P)) if not resident else None
         area = WeightArea(config, area_address, area_lines, staging)
