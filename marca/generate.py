@@ -71,6 +71,9 @@ class _HuggingFaceTokenizer:
         return step
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def load_checkpoint(folder):
     """``(state_dict, MambaConfig, tokenizer)`` from a folder as transformers saves it (config.json +
     safetensors), offline. Raises ValueError naming what is missing or wrong."""
@@ -94,11 +97,14 @@ def load_checkpoint(folder):
         state.update(load_file(str(file)))
     state = {name: value.to(torch.float32) for name, value in state.items()}
     tokenizer = ByteTokenizer()
-    try:
-        from transformers import AutoTokenizer
-        tokenizer = _HuggingFaceTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
-    except Exception:         # no tokenizer files (or none transformers can load offline): bytes
-        pass
+    # Only a folder with tokenizer files gets a transformers tokenizer: without them AutoTokenizer builds
+    # an empty one for the model type (every text encodes to no ids).
+    if any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        try:
+            from transformers import AutoTokenizer
+            tokenizer = _HuggingFaceTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+        except Exception:         # tokenizer files transformers cannot load offline: bytes
+            pass
     return state, config, tokenizer
 
 

@@ -164,3 +164,20 @@ def test_generate_command(tmp_path, capsys):
         assert main(arguments) == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert message in error[-1] and len(error) == 1
+
+
+def test_generate_from_a_checkpoint_folder_without_tokenizer_uses_bytes(tmp_path, capsys):
+    """A folder as transformers saves it (config.json + safetensors, no tokenizer files, like the shipped
+    Shakespeare checkpoint) tokenizes as bytes: transformers' AutoTokenizer would build an empty tokenizer
+    for the model type and the prompt would encode to no ids."""
+    from marca.cli import main
+    from marca.generate import ByteTokenizer, load_checkpoint
+    model = small_model(vocab=256).to(torch.float32)
+    model.save_pretrained(tmp_path / "model")
+    state, config, tokenizer = load_checkpoint(tmp_path / "model")
+    assert isinstance(tokenizer, ByteTokenizer) and tokenizer.encode("ROMEO:") == list(b"ROMEO:")
+    assert config.vocab_size == 256 and set(state) >= {"backbone.embeddings.weight", "backbone.norm_f.weight"}
+    out = tmp_path / "report.json"
+    assert main(["generate", "--checkpoint", str(tmp_path / "model"), "--prompt", "Hi", "--tokens", "1",
+                 "--backend", "reference", "--out", str(out)]) == 0
+    assert "report written" in capsys.readouterr().out
