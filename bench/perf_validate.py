@@ -10,7 +10,8 @@ The pairs: four configurations (2x2 FP16 32-bit bus, 2x2 FP32/BF16 64-bit bus, 2
 BF16 256-bit bus) times programs of every kind: constrained-random programs
 (``marca.golden.random_program``), the accelerator benchmark's three programs sized to the buffers
 (``marca.bench.accelerator``), micro-programs (a dependent chain of one-beat instructions, strided DMA
-rows), and compiled Mamba mixers in prefill and decode (``marca.tb.mamba.prepare``); each configuration
+rows), compiled Mamba mixers in prefill and decode (``marca.tb.mamba.prepare``) and a small whole model
+(``compile_model``: embedding by GATHER, norms, two layers, LM head) in prefill and decode; each configuration
 runs once without AXI pauses and once with random pauses on every channel.
 
 The recorded JSON holds, per pair, the configuration, the pause probability, the program (encoded,
@@ -126,7 +127,24 @@ def programs(name: str) -> dict:
                             prepared.prefill.program_address, 1)
     out["mamba-decode"] = (prepared.decode.instructions, prepared.decode_first_image,
                            prepared.decode.program_address, 1)
+    out.update(_model_programs(config, d_model))
     return out
+
+
+def _model_programs(config: MarcaConfig, d_model: int) -> dict:
+    """A small whole model (``compile_model``: GATHER embedding, 2 layers of RMSNorm, mixer and residual,
+    the final norm and the LM head) in prefill (4 tokens) and decode. Both run from the compiled image
+    (ids 0, zero states): the programs are straight-line, so their timing does not depend on the values."""
+    import torch
+    import transformers
+    from marca.compiler import compile_model
+    mamba_config = transformers.MambaConfig(hidden_size=d_model, num_hidden_layers=2, vocab_size=40, state_size=8,
+                                            intermediate_size=2 * d_model, time_step_rank=max(1, d_model // 16))
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(mamba_config).to(torch.float64).eval()
+    compiled = compile_model(model, config=config, prompt_length=4)
+    return {f"model-{mode}": (compiled.programs[mode].instructions, bytes(compiled.memory),
+                              compiled.programs[mode].address, 1) for mode in ("prefill", "decode")}
 
 
 def encode_program(instructions) -> str:
