@@ -45,21 +45,6 @@ def _truncated(state, mamba_config, layers: int):
     return keep, config
 
 
-def _rounder(fmt):
-    from marca.golden import fp
-    return lambda x: fp.decode(fp.encode(x.to(torch.float64), fmt), fmt)
-
-
-def _storage_model(state, mamba_config, rnd):
-    """float64 MambaForCausalLM with the weights and the norm / mixer outputs rounded by ``rnd``."""
-    from marca.generate import _float_model
-    model = _float_model({name: rnd(value) for name, value in state.items()}, mamba_config)
-    for module in [*(layer.norm for layer in model.backbone.layers), *(layer.mixer for layer in model.backbone.layers),
-                   model.backbone.norm_f]:
-        module.register_forward_hook(lambda module, inputs, output: rnd(output))
-    return model
-
-
 def _rel(a, b, scale):
     return {"max_abs": float((a - b).abs().max()), "rms_rel": float((a - b).pow(2).mean().sqrt() / scale)}
 
@@ -72,7 +57,7 @@ def measure(size: str = "130m", layers: int | None = None, config_name: str = "d
     from marca.compiler import compile_model
     from marca.compiler.mamba import read_place
     from marca.config import preset
-    from marca.generate import _float_model, random_config
+    from marca.generate import _float_model, random_config, storage_rounded_model
     from marca.golden.iss import Machine, ProgramError
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -84,9 +69,8 @@ def measure(size: str = "130m", layers: int | None = None, config_name: str = "d
         state, mamba_config = _truncated(state, mamba_config, layers)
     layers = mamba_config.num_hidden_layers
     ids = list(prompt.encode("utf-8"))
-    rnd = _rounder(config.storage_format)
     exact = _float_model(state, mamba_config)
-    rounded = _storage_model(state, mamba_config, rnd)
+    rounded = storage_rounded_model(state, mamba_config, config.storage_format)
     with torch.no_grad():
         out64 = exact(torch.tensor([ids]), output_hidden_states=True)
         outbf = rounded(torch.tensor([ids]), output_hidden_states=True)

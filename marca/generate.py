@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["RELEASED_SIZES", "add_parser", "generate", "random_config", "load_checkpoint", "ByteTokenizer"]
+__all__ = ["RELEASED_SIZES", "add_parser", "generate", "random_config", "load_checkpoint", "ByteTokenizer",
+           "storage_rounded_model"]
 
 #: The released Mamba shapes: d_model, layers (vocabulary 50,280, d_state 16, d_conv 4, expand 2), plus
 #: two toy sizes for simulations.
@@ -119,6 +120,23 @@ def _float_model(state, mamba_config):
     return model.to(torch.float64).eval()
 
 
+def storage_rounded_model(state, mamba_config, storage_format):
+    """The float64 reference with every weight, and each RMSNorm's and mixer's output, rounded to the
+    accelerator's storage format (what its memory holds; the compute format is not emulated). Its distance
+    from the plain float64 model is the model's own sensitivity to that rounding: a random-initialised
+    released size amplifies it from layer to layer (docs/model.md, bench/model_sensitivity.py)."""
+    import torch
+    from marca.golden import fp
+
+    def rounded(values):
+        return fp.decode(fp.encode(values.to(torch.float64), storage_format), storage_format)
+    model = _float_model({name: rounded(value) for name, value in state.items()}, mamba_config)
+    for module in [*(layer.norm for layer in model.backbone.layers), *(layer.mixer for layer in model.backbone.layers),
+                   model.backbone.norm_f]:
+        module.register_forward_hook(lambda module, inputs, output: rounded(output))
+    return model
+
+
 def _choose(logits, temperature: float, top_k: int | None, generator) -> int:
     import torch
     if temperature <= 0:
@@ -182,7 +200,8 @@ def generate(args) -> int:
                          f"(ids {unknown[:5]})")
     report = {"model": args.checkpoint or f"random {args.random}", "config": config.name,
               "backend": args.backend, "d_model": shape.d_model, "layers": shape.layers, "vocab": shape.vocab,
-              "parameters": shape.parameter_count(), "prompt_tokens": len(ids), "clock_mhz": config.fpga_clock_mhz}
+              "parameters": shape.parameter_count(), "prompt_tokens": len(ids), "clock_mhz": config.fpga_clock_mhz,
+              "storage_format": config.storage_format.name}
     # Weights for this size at FP32 plus the memory image: more than half this machine's memory -> shapes only.
     available = _available_memory()
     need = shape.parameter_count() * (8 + config.storage_bytes)
@@ -213,9 +232,12 @@ def generate(args) -> int:
         _progress("compiled from shapes alone (no weights on this machine)\n")
         return _finish(report, args, started)
     reference_model = _float_model(state, mamba_config)
+    rounded_model = None if args.backend == "reference" else \
+        storage_rounded_model(state, mamba_config, config.storage_format)
     generator = torch.Generator().manual_seed(args.seed)
     decode = tokenizer.decoder()
-    tokens, accelerator_steps, agreement, max_delta = list(ids), [], [], 0.0
+    tokens, agreement, max_delta = list(ids), [], 0.0
+    rounded_agreement, rounded_delta, rounding_delta, max_logit = [], 0.0, 0.0, 0.0
     session = None
     if args.backend == "iss":
         session = compiled.session()
@@ -232,8 +254,14 @@ def generate(args) -> int:
             logits = expected
         else:
             logits = (session.prefill(ids) if step == 0 else session.decode(tokens[-1]))[-1]
+            with torch.no_grad():
+                rounded = rounded_model(torch.tensor([tokens])).logits[0, -1]
             agreement.append(int(torch.argmax(logits)) == int(torch.argmax(expected)))
             max_delta = max(max_delta, float((logits - expected).abs().max()))
+            rounded_agreement.append(int(torch.argmax(logits)) == int(torch.argmax(rounded)))
+            rounded_delta = max(rounded_delta, float((logits - rounded).abs().max()))
+            rounding_delta = max(rounding_delta, float((rounded - expected).abs().max()))
+            max_logit = max(max_logit, float(expected.abs().max()))
         token = _choose(logits, args.temperature, args.top_k, generator)
         tokens.append(token)
         piece = decode(token)
@@ -246,6 +274,11 @@ def generate(args) -> int:
     if session is not None:
         report["top1_agreement"] = sum(agreement) / len(agreement)
         report["max_abs_logit_difference"] = max_delta
+        report["max_abs_logit"] = max_logit
+        report["storage_rounded_reference"] = {
+            "top1_agreement": sum(rounded_agreement) / len(rounded_agreement),
+            "max_abs_logit_difference": rounded_delta,
+            "float64_max_abs_logit_difference": rounding_delta}
         report["measured_counters"] = session.steps
     return _finish(report, args, started)
 
@@ -280,7 +313,12 @@ def _finish(report, args, started) -> int:
         lines.append(line)
     if "top1_agreement" in report:
         lines.append(f"agreement with the float64 reference: greedy top-1 {report['top1_agreement']:.1%}, "
-                     f"max |dlogit| {report['max_abs_logit_difference']:.3g}")
+                     f"max |dlogit| {report['max_abs_logit_difference']:.3g} (|logits| up to {report['max_abs_logit']:.3g})")
+        rounded = report["storage_rounded_reference"]
+        lines.append(f"against float64 with weights and stored activations rounded to {report['storage_format']}: "
+                     f"top-1 {rounded['top1_agreement']:.1%}, max |dlogit| {rounded['max_abs_logit_difference']:.3g} "
+                     f"(that rounding alone moves float64's logits by up to "
+                     f"{rounded['float64_max_abs_logit_difference']:.3g})")
     lines.append(f"took {report['seconds']:.1f} s; report written to {args.out}")
     print("\n".join(lines))
     return 0
