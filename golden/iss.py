@@ -504,7 +504,7 @@ def _bit_reversal(width: int) -> tuple[int, ...]:
 class _Access:
     """One affine operand: ``shape``/``strides`` in elements from element ``offset`` of a buffer."""
 
-    __slots__ = ("buffer", "shape", "strides", "offset", "source", "dense", "numel")
+    __slots__ = ("buffer", "shape", "strides", "offset", "source", "dense", "numel", "last")
 
     def __init__(self, buffer: Buffer, shape, strides, offset: int, source: isa.BufferAccess):
         self.buffer, self.shape, self.strides = Buffer(buffer), tuple(shape), tuple(strides)
@@ -514,6 +514,7 @@ class _Access:
         for size in self.shape:
             self.numel *= size
         self.dense = _is_dense(self.shape, self.strides)
+        self.last = offset + sum((size - 1) * stride for size, stride in zip(self.shape, self.strides))
 
     @classmethod
     def of(cls, access: isa.BufferAccess) -> "_Access":
@@ -626,7 +627,10 @@ class Machine:
         fill_value = float(fp.to_values(torch.tensor([fill]), fmt)[0])
         self.values = {b: torch.full((isa.buffer_elements(config, b),), fill_value, dtype=torch.float32,
                                      device=self.device) for b in Buffer}
-        self.written = {b: np.zeros(isa.buffer_elements(config, b), dtype=bool) for b in Buffer}
+        # Written flags, one byte per element: numpy views for strided accesses, bytearray.find for dense
+        # ones.
+        self._written_bytes = {b: bytearray(isa.buffer_elements(config, b)) for b in Buffer}
+        self.written = {b: np.frombuffer(self._written_bytes[b], dtype=bool) for b in Buffer}
         self.check_hazards = check_hazards
         self.check_undefined = check_undefined
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
@@ -634,6 +638,10 @@ class Machine:
         # touched element e that way; a barrier starts a new epoch. Arrays are made on first touch.
         self._epoch = 0
         self._stamps = {(stream, kind): {} for stream in ("dma", "compute") for kind in ("read", "write")}
+        # Per (stream, kind, buffer): [epoch, first, last] of the elements touched in that epoch, so that
+        # most checks are settled without looking at the stamps (disjoint spans cannot conflict).
+        self._spans: dict = {}
+        self._memory_host = self.memory.numpy() if self.device.type == "cpu" else None
         key = (config, str(self.device))
         self._plans = _PLAN_CACHE.setdefault(key, {})
         self._fetched: dict[int, object] = {}
@@ -663,16 +671,26 @@ class Machine:
 
     def _check_streams(self, stream: str, reads, writes, pc) -> None:
         """As ReferenceMachine._check_streams, on accesses: conflicts with the other stream since the last
-        barrier raise ProgramError; then the accesses are recorded."""
+        barrier raise ProgramError; then the accesses are recorded.
+
+        Per (stream, kind, buffer) the machine keeps ``[epoch, first, last, pending]``: the span of the
+        elements touched in that epoch and the accesses not yet stamped. An access outside the other
+        stream's span cannot conflict (the usual case: no numpy at all); one inside it stamps the pending
+        accesses and compares stamps element by element."""
         other = "compute" if stream == "dma" else "dma"
         epoch = self._epoch
+        spans = self._spans
         if self.check_hazards:
             for kind, accesses in (("read", reads), ("write", writes)):
                 against = ("write",) if kind == "read" else ("read", "write")
                 for access in accesses:
+                    first, last = access.offset, access.last
                     for other_kind in against:
-                        stamps = self._stamps[(other, other_kind)].get(access.buffer)
-                        if stamps is not None and bool((access.array(stamps) == epoch).any()):
+                        span = spans.get((other, other_kind, access.buffer))
+                        if span is None or span[0] != epoch or span[1] > last or span[2] < first:
+                            continue
+                        stamps = self._stamped(other, other_kind, access.buffer)
+                        if bool((access.array(stamps) == epoch).any()):
                             index = access.indices()
                             first = int(index[stamps[index] == epoch].min())
                             raise ProgramError(
@@ -681,17 +699,37 @@ class Machine:
                                 f"{other} instruction {other_kind}s (first {first}) with no BARRIER between "
                                 "them", pc)
         for kind, accesses in (("read", reads), ("write", writes)):
-            table = self._stamps[(stream, kind)]
             for access in accesses:
-                stamps = table.get(access.buffer)
-                if stamps is None:
-                    stamps = table[access.buffer] = np.full(len(self.written[access.buffer]), -1, np.int32)
-                access.array(stamps)[...] = epoch
+                key = (stream, kind, access.buffer)
+                span = spans.get(key)
+                if span is None or span[0] != epoch:
+                    spans[key] = [epoch, access.offset, access.last, [access]]
+                else:
+                    span[1], span[2] = min(span[1], access.offset), max(span[2], access.last)
+                    span[3].append(access)
+
+    def _stamped(self, stream: str, kind: str, buffer: Buffer) -> np.ndarray:
+        """The stamps of (stream, kind) on ``buffer``, with the pending accesses of the epoch stamped."""
+        table = self._stamps[(stream, kind)]
+        stamps = table.get(buffer)
+        if stamps is None:
+            stamps = table[buffer] = np.full(len(self.written[buffer]), -1, np.int32)
+        span = self._spans.get((stream, kind, buffer))
+        if span is not None:
+            for access in span[3]:
+                access.array(stamps)[...] = span[0]
+            span[3].clear()
+        return stamps
 
     def _check_defined(self, access: _Access, name: str, pc) -> None:
         if self.check_undefined:
             written = self.written[access.buffer]
-            if not bool(access.array(written).all()):
+            if access.dense:
+                end = access.offset + access.numel
+                defined = self._written_bytes[access.buffer].find(0, access.offset, end) < 0
+            else:
+                defined = bool(access.array(written).all())
+            if not defined:
                 index = access.indices()
                 first = int(index[~written[index]][0])
                 raise ProgramError("undefined", f"{name} reads {access.buffer.name} element {first}, which "
@@ -712,7 +750,7 @@ class Machine:
         write wins (``survivors``: precomputed targets and positions)."""
         target = self.values[access.buffer]
         if survivors is None:
-            self._view(access).copy_(values.reshape(access.shape))
+            self._view(access).copy_(values if values.shape == access.shape else values.reshape(access.shape))
         else:
             elements, positions = survivors
             target[elements.to(target.device)] = values.reshape(-1)[positions.to(target.device)]
@@ -732,7 +770,9 @@ class Machine:
                 return RunResult(ErrorCode.BUS_ERROR, pc, pc, dict(self.counters), "fetch beyond memory")
             plan = self._fetched.get(pc)
             if plan is None:
-                word = int.from_bytes(self.memory[pc:pc + isa.INSTRUCTION_BYTES].cpu().numpy().tobytes(),
+                host = self._memory_host
+                word = int.from_bytes((host[pc:pc + isa.INSTRUCTION_BYTES] if host is not None else
+                                       self.memory[pc:pc + isa.INSTRUCTION_BYTES].cpu().numpy()).tobytes(),
                                       "little")
                 decoded = _decode_word(word)
                 plan = self._fetched[pc] = decoded if isinstance(decoded, IllegalInstruction) \
@@ -787,6 +827,8 @@ class Machine:
         reference.buffers = {b: self.buffer_bits(b) for b in Buffer}
         reference.written = {b: torch.from_numpy(self.written[b].copy()) for b in Buffer}
         reference.counters = dict(self.counters)
+        for stream, kind, buffer in list(self._spans):
+            self._stamped(stream, kind, buffer)
         for key, table in self._stamps.items():
             reference._pending[key] = {b: torch.from_numpy(stamps == self._epoch)
                                        for b, stamps in table.items()}
@@ -797,13 +839,16 @@ class Machine:
             fmt = self.config.compute_format
             for b in Buffer:
                 self.values[b] = fp.to_values(reference.buffers[b], fmt).to(self.device)
-                self.written[b] = reference.written[b].numpy().copy()
+                self.written[b][...] = reference.written[b].numpy()
             self._views.clear()
             self.counters = reference.counters
             for key, table in reference._pending.items():
                 for b, mask in table.items():
-                    stamps = self._stamps[key].setdefault(b, np.full(len(self.written[b]), -1, np.int32))
-                    stamps[mask.numpy()] = self._epoch
+                    stamps = self._stamped(*key, b)
+                    touched = np.flatnonzero(mask.numpy())
+                    stamps[touched] = self._epoch
+                    if len(touched):
+                        self._spans[key + (b,)] = [self._epoch, int(touched[0]), int(touched[-1]), []]
         return code
 
     # Handlers: one per instruction class, each given the instruction's plan ---------------------------
@@ -822,6 +867,32 @@ class Machine:
         values = fp.value_convert(fp.to_values(bits, extra["format"]), self.config.compute_format)
         self._write(access, values, extra["survivors"])
         self.counters["dma_bytes_read"] += i.row_count * i.row_elements * extra["size"]
+        return ErrorCode.NONE
+
+    def _gather(self, plan: _Plan, pc) -> ErrorCode:
+        # As ReferenceMachine._gather: rows in order, the first failing row decides the error (id beyond
+        # memory: BUS_ERROR; id >= table_rows: INDEX_RANGE; table row beyond memory: BUS_ERROR), and on
+        # error the buffer is left as it was. The ids are a few bytes: read and checked on the host.
+        i, extra = plan.instruction, plan.extra
+        size = extra["size"]
+        rows = i.row_count
+        readable = min(rows, max(0, (self.memory_size - i.index_address) // isa.INDEX_BYTES))
+        ids = np.zeros(rows, dtype=np.int64)
+        if readable:
+            start = i.index_address
+            ids[:readable] = self.memory[start:start + isa.INDEX_BYTES * readable].cpu().numpy().view("<u4")
+        code = _gather_failure(i, ids, readable, size, self.memory_size)
+        if code != ErrorCode.NONE:
+            return code
+        access = plan.access["buffer"]
+        self._check_streams("dma", [], [access], pc)
+        elements = self._memory_elements(size)
+        index = torch.from_numpy((i.memory_address + ids * i.memory_row_stride) // size)[:, None] \
+            + extra["row"]
+        bits = elements[index.to(self.device)]
+        values = fp.value_convert(fp.to_values(bits, extra["format"]), self.config.compute_format)
+        self._write(access, values, extra["survivors"])
+        self.counters["dma_bytes_read"] += rows * (isa.INDEX_BYTES + i.row_elements * size)
         return ErrorCode.NONE
 
     def _store(self, plan: _Plan, pc) -> ErrorCode:
@@ -879,7 +950,7 @@ class Machine:
         lanes = plan.extra["lanes"]
         operands = {name: self._view(lanes[name]) for name in names}
         result = plan.extra["compute"](operands, self.config.compute_format)
-        self._write(access["dst"], result, plan.extra["survivors"])
+        self._write(plan.extra["dst"], result, plan.extra["survivors"])
         self.counters["elementwise_beats"] += i.outer_count * i.inner_count
         return ErrorCode.NONE
 
@@ -912,6 +983,22 @@ def _make_plan(instruction: isa.Instruction, config: MarcaConfig) -> _Plan:
     return plan
 
 
+def _gather_failure(i: isa.Gather, ids: np.ndarray, readable: int, size: int, memory_size: int) -> ErrorCode:
+    """The error of the first failing GATHER row, in row order (NONE when every row is good): row r fails
+    with BUS_ERROR when its id lies beyond memory (r >= ``readable``), INDEX_RANGE when the id is not
+    below ``table_rows``, BUS_ERROR when the table row it names ends beyond memory."""
+    rows = len(ids)
+    in_table = ids < i.table_rows
+    row_end = i.memory_address + np.where(in_table, ids, 0) * i.memory_row_stride + i.row_elements * size
+    failing = np.flatnonzero(~in_table | (row_end > memory_size))
+    first = min(readable, int(failing[0]) if len(failing) else rows)
+    if first == rows:
+        return ErrorCode.NONE
+    if first == readable or in_table[first]:
+        return ErrorCode.BUS_ERROR
+    return ErrorCode.INDEX_RANGE
+
+
 def _plan_nothing(plan: _Plan, config: MarcaConfig) -> None:
     pass
 
@@ -927,8 +1014,10 @@ def _plan_dma(plan: _Plan, config: MarcaConfig) -> None:
                      i.memory_address // size, None)
     plan.extra.update(size=size, format=fmt, memory_first=first, memory_last=last, memory=memory)
     access = plan.access["buffer"]
-    if isinstance(i, isa.Load):      # rows may overlap in the buffer: later rows win
+    if isinstance(i, (isa.Load, isa.Gather)):      # rows may overlap in the buffer: later rows win
         plan.extra["survivors"] = None if access.dense else _tensor_survivors(_last_wins(access.indices()))
+        if isinstance(i, isa.Gather):
+            plan.extra["row"] = torch.arange(i.row_elements, dtype=torch.int64)[None, :]
     else:                            # rows may overlap in memory: later rows win
         index = (memory.offset + np.arange(i.row_count)[:, None] * memory.strides[0]
                  + np.arange(i.row_elements)[None, :]).reshape(-1)
@@ -1002,6 +1091,8 @@ def _plan_elementwise(plan: _Plan, config: MarcaConfig) -> None:
                           "of the same instruction wrote")
             break
     plan.extra["survivors"] = None if dst.dense else _tensor_survivors(_last_wins(dst_index))
+    # The destination shaped like the result ([O, I, R, C]): written without a reshape.
+    plan.extra["dst"] = _Access(dst.buffer, (O, I, R, C), dst.strides[:2] + (C, 1), dst.offset, dst.source)
 
 
 def _plan_nonlinear(plan: _Plan, config: MarcaConfig) -> None:
@@ -1014,7 +1105,8 @@ def _plan_nonlinear(plan: _Plan, config: MarcaConfig) -> None:
 
 
 _PLAN_MAKERS = {
-    isa.Load: (_plan_dma, "_load"), isa.Store: (_plan_dma, "_store"), isa.Linear: (_plan_linear, "_linear"),
+    isa.Load: (_plan_dma, "_load"), isa.Gather: (_plan_dma, "_gather"), isa.Store: (_plan_dma, "_store"),
+    isa.Linear: (_plan_linear, "_linear"),
     isa.Elementwise: (_plan_elementwise, "_elementwise"), isa.Nonlinear: (_plan_nonlinear, "_nonlinear"),
     isa.Barrier: (_plan_nothing, "_barrier"), isa.Halt: (_plan_nothing, "_barrier"),
 }
@@ -1025,6 +1117,7 @@ _PLAN_MAKERS = {
 
 _SAFE_MAGNITUDE = 2.0 ** -50
 _LINEAR_BLOCK = 1 << 20
+_LINEAR_SMALL = 1 << 22      # products up to which a plain FP32 LINEAR runs in numpy (_linear_plain_small)
 
 
 def _no_tiny(values: torch.Tensor) -> bool:
@@ -1043,11 +1136,13 @@ def linear_values(matrix: torch.Tensor, vector: torch.Tensor, bias, fmt: FloatFo
     operands with no tiny magnitudes (:func:`_no_tiny`) skip the flush checks, which then cannot fire."""
     J, K, R, C = matrix.shape
     T = vector.shape[0]
-    order = torch.tensor(_bit_reversal(C), device=matrix.device)
-    matrix, vector = matrix[..., order], vector[..., order]
     native = fmt.exp_bits == 8 and fmt.man_bits == 23
     plain = native and matrix.device.type == "cpu" and _no_tiny(matrix) and _no_tiny(vector) \
         and (bias is None or _no_tiny(bias))
+    if plain and T * J * K * R * C <= _LINEAR_SMALL:
+        return _linear_plain_small(matrix, vector, bias)
+    order = torch.tensor(_bit_reversal(C), device=matrix.device)
+    matrix, vector = matrix[..., order], vector[..., order]
     if plain:
         mul, add = torch.mul, torch.add
     else:
@@ -1074,6 +1169,21 @@ def linear_values(matrix: torch.Tensor, vector: torch.Tensor, bias, fmt: FloatFo
                 acc = add(acc, sums[:, :, k])
             out[t0:t0 + t_block, j0:j0 + j_block] = acc
     return out
+
+
+def _linear_plain_small(matrix: torch.Tensor, vector: torch.Tensor, bias) -> torch.Tensor:
+    """linear_values for a small FP32 instruction on the CPU whose operands passed :func:`_no_tiny`: plain
+    float32 numpy (whose per-call cost is a fraction of torch's), the row tree on the natural pairs
+    ``(2i, 2i+1)`` (strided views), and the chunk accumulation as one ``np.add.accumulate``, which adds
+    strictly in order, one float32 rounding per chunk (``acc = ((init + s_0) + s_1) + ...``)."""
+    x = matrix.numpy()[None] * vector.numpy()[:, None, :, None, :]            # [T, J, K, R, C]
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    T, J, K, R, _ = x.shape
+    steps = np.empty((T, J, K + 1, R), dtype=np.float32)
+    steps[:, :, 0] = 0.0 if bias is None else bias.numpy()
+    steps[:, :, 1:] = x[..., 0]
+    return torch.from_numpy(np.add.accumulate(steps, axis=2)[:, :, -1])
 
 
 def elementwise_values(op: ElementwiseOp, operands: dict, fmt: FloatFormat) -> torch.Tensor:
@@ -1105,6 +1215,12 @@ def _constant_value(bits: int, fmt: FloatFormat) -> float:
     return float(fp.to_values(torch.tensor([bits]), fmt)[0])
 
 
+@functools.lru_cache(maxsize=1024)
+def _constant_tensor(bits: int, fmt: FloatFormat, device: str) -> torch.Tensor:
+    """A constant operand as a 0-dim float32 tensor (broadcast by every value operation)."""
+    return torch.tensor(_constant_value(bits, fmt), dtype=torch.float32, device=device)
+
+
 @functools.lru_cache(maxsize=32)
 def _nonlinear_setup(function: NonlinearFunction, config: MarcaConfig):
     program = _NONLINEAR_PROGRAM[function](config)
@@ -1128,8 +1244,9 @@ def nonlinear_values(function: NonlinearFunction, x: torch.Tensor, config: Marca
     Compute formats of at most 16 bits look the result up in a table of the golden function itself
     (:data:`_NONLINEAR_GOLDEN` at all 2^width patterns, made once per configuration). Wider formats run
     the function's pass program (marca.golden.nonlinear) pass by pass with the fast arithmetic; its
-    FUNCTION passes (bit logic of the lane extension) run on bit patterns through
-    :func:`marca.golden.nonlinear.lane_function` itself."""
+    FUNCTION passes (the lane extension) run on values through
+    :func:`marca.golden.nonlinear.lane_function_values`, which the nonlinear unit's golden defines beside
+    the bit-pattern :func:`~marca.golden.nonlinear.lane_function`."""
     fmt = config.compute_format
     if fmt.width <= _TABLE_WIDTH:
         table = _nonlinear_table(function, config, str(x.device))
@@ -1138,29 +1255,23 @@ def nonlinear_values(function: NonlinearFunction, x: torch.Tensor, config: Marca
     results = []
 
     def fetch(operand):
-        """(values, bits or None): bit patterns only where a FUNCTION pass needs them."""
         if operand is None:
             return torch.zeros_like(x)
         if operand.kind == "input":
             return x
         if operand.kind == "result":
             return results[operand.index]
-        return torch.full_like(x, _constant_value(operand.bits, fmt))
+        return _constant_tensor(operand.bits, fmt, device)
 
+    device = str(x.device)
     for step in program.passes:
         a, b, c = fetch(step.a), fetch(step.b), fetch(step.c)
         if step.op == ElementwiseOp.FUNCTION:
-            def bits(operand, values):
-                if operand is not None and operand.kind == "constant":
-                    return torch.full(values.shape, operand.bits, dtype=torch.int64)
-                return fp.from_values(values.cpu(), fmt)
-            out = nonlinear.lane_function(step.function, bits(step.a, a), bits(step.b, b), bits(step.c, c),
-                                          constants)
-            out = fp.to_values(out, fmt).to(x.device)
+            out = nonlinear.lane_function_values(step.function, a, b, c, constants)
         else:
             out = elementwise_values(step.op, {"a": a, "b": b, "c": c}, fmt)
         results.append(out)
-    return results[-1]
+    return results[-1].expand(x.shape)
 
 
 def elementwise_op(op: ElementwiseOp, operands: dict, fmt: FloatFormat) -> torch.Tensor:

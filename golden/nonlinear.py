@@ -50,8 +50,11 @@ __all__ = [
     "exp_int_bits",
     "exp_program",
     "exp_scale",
+    "exp_scale_values",
     "lane_function",
+    "lane_function_values",
     "negative_magnitude",
+    "negative_magnitude_values",
     "programs",
     "reference",
     "result_of",
@@ -59,6 +62,7 @@ __all__ = [
     "rsqrt_program",
     "rsqrt_seed",
     "rsqrt_select",
+    "rsqrt_select_values",
     "run_program",
     "silu",
     "silu_program",
@@ -661,3 +665,65 @@ def softplus(x, config) -> torch.Tensor:
 def rsqrt(x, config) -> torch.Tensor:
     """Golden 1/sqrt(x) of bit patterns ``x`` (RMSNorm's reciprocal square root)."""
     return run_program(rsqrt_program(config), x, config)
+
+
+# The lane extension on values (the golden ISS's fast path) -------------------------------------------------
+#
+# The same four sub-operations on float32 *values* (marca.golden.fp's value representation: numbers as the
+# contract reads them, NaN for the canonical NaN, no subnormals), derived from the definitions above rather
+# than from any implementation: EXP_SCALE's shift is an exact power-of-two scaling, so the contract's
+# rounding reduces to its range check (fp.round_values); NEGATIVE_MAGNITUDE and RSQRT_SELECT only choose
+# among their operands and constants; RSQRT_SEED is integer logic on the pattern itself.
+# tests/test_iss_fast.py holds lane_function_values equal to lane_function bit for bit.
+
+@functools.lru_cache(maxsize=64)
+def _round_constant_value(bits: int, fmt: FloatFormat) -> float:
+    return _decode_value(bits, fmt)
+
+
+def exp_scale_values(a: torch.Tensor, b: torch.Tensor, constants: FunctionConstants) -> torch.Tensor:
+    """:func:`exp_scale` on values."""
+    fmt = constants.fmt
+    low = 2.0 ** (fmt.precision - 1)
+    high = low * 4
+    limit = 2 ** (exp_int_bits(fmt) - 1)
+    b = b.to(torch.float64)
+    n = b - _round_constant_value(constants.round_constant, fmt)  # exact: b and C are integers below 2^25
+    inside = (b >= low) & (b < high)
+    shift = torch.where(inside, n, 0.0).clamp(-limit, limit - 1)
+    # a has at most 24 significant bits and |shift| <= 2^(exp_bits+1): a·2^shift is exact in float64, so the
+    # contract's rounding is only its overflow and flush.
+    out = fp.round_values(torch.ldexp(a.to(torch.float64), shift), fmt)
+    over = (b >= high) | (inside & (n >= limit))
+    under = (b < low) | (inside & (n < -limit))
+    out = torch.where(over, torch.inf, torch.where(under, 0.0, out))
+    return torch.where(torch.isnan(b), torch.nan, out).to(torch.float32)
+
+
+def negative_magnitude_values(a: torch.Tensor) -> torch.Tensor:
+    """:func:`negative_magnitude` on values (2^7 is exact in every format; NaN stays NaN)."""
+    out = -a.abs().clamp(max=2.0 ** MAGNITUDE_BOUND_EXPONENT)
+    return torch.where(torch.isnan(a), torch.nan, out)
+
+
+def rsqrt_select_values(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`rsqrt_select` on values: NaN or negative ``x`` -> NaN; ±0 -> ±Inf; +Inf -> +0; else ``b``."""
+    x, b = torch.broadcast_tensors(x, b)
+    out = torch.where(x == torch.inf, 0.0, b)
+    out = torch.where(x == 0, torch.copysign(torch.full_like(x, torch.inf), x), out)
+    return torch.where(torch.isnan(x) | (x < 0), torch.nan, out)
+
+
+def lane_function_values(function: LaneFunction, a, b, c, constants) -> torch.Tensor:
+    """:func:`lane_function` on float32 values (``marca.golden.fp.to_values``): the same results, without a
+    round trip through bit patterns (RSQRT_SEED, integer logic on the pattern, takes one)."""
+    constants = _constants(constants)
+    fmt = constants.fmt
+    function = LaneFunction(function)
+    if function == LaneFunction.EXP_SCALE:
+        return exp_scale_values(a, b, constants)
+    if function == LaneFunction.NEGATIVE_MAGNITUDE:
+        return negative_magnitude_values(a)
+    if function == LaneFunction.RSQRT_SEED:
+        return fp.to_values(rsqrt_seed(fp.from_values(a, fmt), constants.rsqrt_magic, fmt), fmt).to(a.device)
+    return rsqrt_select_values(a, b)

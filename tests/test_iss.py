@@ -110,11 +110,31 @@ def test_linear_matches_golden_composition_and_float(config):
     assert torch.allclose(fp.decode(out, fmt), reference, rtol=tolerance, atol=tolerance * in_dim ** 0.5)
 
 
-@pytest.mark.parametrize("machine", ["reference", "fast"])
+def _small_linear(pairs: str, chunk_order: str):
+    """iss._linear_plain_small with the row tree's pairs (``"natural"``: (2i, 2i+1), ``"halves"``: (i, i +
+    C/2)) and the chunk order (``"forward"``, ``"reverse"``) chosen: the right one and two wrong ones."""
+    import numpy as np
+
+    def linear(matrix, vector, bias):
+        x = matrix.numpy()[None] * vector.numpy()[:, None, :, None, :]
+        while x.shape[-1] > 1:
+            half = x.shape[-1] // 2
+            x = x[..., 0::2] + x[..., 1::2] if pairs == "natural" else x[..., :half] + x[..., half:]
+        sums = x[..., 0] if chunk_order == "forward" else x[..., ::-1, :, 0]
+        acc = np.zeros(sums.shape[:2] + sums.shape[3:], np.float32) if bias is None else bias.numpy().copy()
+        for k in range(sums.shape[2]):
+            acc = acc + sums[:, :, k]
+        return torch.from_numpy(acc)
+    return linear
+
+
+@pytest.mark.parametrize("machine", ["reference", "fast, large path: natural column order",
+                                     "fast, small path: tree on halves", "fast, small path: chunks reversed"])
 def test_broken_linear_order_is_caught(monkeypatch, machine):
-    """A simulator that sums a row left to right instead of the balanced tree (the reference machine), or
-    pairs the wrong columns (the fast machine's bit-reversed column order replaced by the natural order),
-    fails the bit-exact check."""
+    """A simulator that sums a row left to right instead of the balanced tree (the reference machine), pairs
+    the wrong columns (the fast machine's large path with its bit-reversed column order replaced by the
+    natural order; its small numpy path adding halves instead of neighbours), or adds the chunks in the
+    wrong order fails the bit-exact check."""
     config = FP32_STORAGE
     C = config.array_cols
     generator = torch.Generator().manual_seed(4)
@@ -135,8 +155,18 @@ def test_broken_linear_order_is_caught(monkeypatch, machine):
     assert torch.equal(out[0], expected)
     if reference:
         monkeypatch.setattr(iss.fp, "tree_sum", sequential_sum)
-    else:
+    elif "large path" in machine:
+        monkeypatch.setattr(iss, "_LINEAR_SMALL", 0)
+        out, _ = gemv_program(config, w_bits, x_bits)
+        assert torch.equal(out[0], expected)          # the large path itself is right
         monkeypatch.setattr(iss, "_bit_reversal", lambda width: tuple(range(width)))
+    else:
+        monkeypatch.setattr(iss, "_linear_plain_small", _small_linear("natural", "forward"))
+        out, _ = gemv_program(config, w_bits, x_bits)
+        assert torch.equal(out[0], expected)          # the test's own copy of the small path is right
+        pairs = "halves" if "halves" in machine else "natural"
+        monkeypatch.setattr(iss, "_linear_plain_small",
+                            _small_linear(pairs, "reverse" if "reversed" in machine else "forward"))
     broken, _ = gemv_program(config, w_bits, x_bits, reference=reference)
     assert not torch.equal(broken[0], expected)
 

@@ -13,6 +13,7 @@
 """
 
 import dataclasses
+import functools
 import os
 
 import pytest
@@ -203,17 +204,23 @@ def linear_oracle(matrix, vector, bias, fmt):
 
 
 def linear_fast(matrix, vector, bias, fmt):
-    values = [fp.to_values(x, fmt) for x in (matrix, vector, bias)]
+    values = [None if x is None else fp.to_values(x, fmt) for x in (matrix, vector, bias)]
     return fp.from_values(iss.linear_values(*values, fmt), fmt)
 
 
 @pytest.mark.parametrize("fmt", [FP32, BF16, FP16], ids=lambda f: f.name)
 @pytest.mark.parametrize("kind", ["plain", "random", "underflow"])
-def test_linear_values_equal_oracle(fmt, kind):
+def test_linear_values_equal_oracle(monkeypatch, fmt, kind):
+    """Both FP32 paths (numpy for small instructions, blocked torch for large ones) on every case."""
     generator = torch.Generator().manual_seed(11)
     for J, K, R, C, T in [(3, 4, 2, 8, 2), (2, 3, 4, 4, 3), (1, 2, 1, 1, 1), (2, 5, 3, 16, 1)]:
         matrix, vector, bias = linear_case(fmt, J, K, R, C, T, generator, kind)
-        assert torch.equal(linear_fast(matrix, vector, bias, fmt), linear_oracle(matrix, vector, bias, fmt))
+        expected = linear_oracle(matrix, vector, bias, fmt)
+        for small in (iss._LINEAR_SMALL, 0):
+            monkeypatch.setattr(iss, "_LINEAR_SMALL", small)
+            assert torch.equal(linear_fast(matrix, vector, bias, fmt), expected)
+            assert torch.equal(linear_fast(matrix, vector, None, fmt), linear_oracle(
+                matrix, vector, torch.zeros_like(bias), fmt))
     # Cross-check the oracle composition with the PE array's golden GEMV on one token.
     matrix, vector, bias = linear_case(fmt, 2, 3, 2, 4, 1, generator, kind)
     weight = matrix.permute(0, 2, 1, 3).reshape(4, 12)
@@ -248,6 +255,56 @@ def test_nonlinear_values_equal_golden(config):
         assert torch.equal(got, golden), function.name
 
 
+@pytest.mark.parametrize("fmt", [FP32, BF16, FP16], ids=lambda f: f.name)
+def test_lane_function_values_equal_golden(fmt):
+    """The lane extension on values (nonlinear.lane_function_values, what the ISS runs) against the
+    bit-pattern golden lane_function, on the patterns a value can hold (read: DAZ, canonical NaN): random
+    pairs, all pairs of special values, and EXP_SCALE's b across its whole window and beyond it."""
+    constants = nonlinear.build_constants(fmt=fmt)
+    generator = torch.Generator().manual_seed(17)
+    specials = special_pairs(fmt)
+    window = fp.decode(torch.tensor([constants.round_constant]), fmt) \
+        + torch.randint(-3 << fmt.exp_bits, 3 << fmt.exp_bits, (50_000,), generator=generator).double()
+    a = torch.cat([fp.random_bits(100_000, fmt, generator), specials[0],
+                   fp.random_bits(50_000, fmt, generator)])
+    b = torch.cat([fp.random_bits(100_000, fmt, generator), specials[1], fp.encode(window, fmt)])
+    a, b = read(a, fmt), read(b, fmt)
+    for function in nonlinear.LaneFunction:
+        golden = read(nonlinear.lane_function(function, a, b, b, constants), fmt)
+        got = fp.from_values(nonlinear.lane_function_values(function, fp.to_values(a, fmt),
+                                                            fp.to_values(b, fmt), None, constants), fmt)
+        assert torch.equal(got, golden), function.name
+
+
+@pytest.mark.parametrize("fault", ["exp_scale without its range check",
+                                   "negative_magnitude without its clamp", "rsqrt_select with unsigned zeros"])
+def test_broken_lane_function_values_are_caught(monkeypatch, fault):
+    """A wrong value-domain lane function makes the ISS's NONLINEAR differ from the golden functions."""
+    config = DEFAULT
+    fmt = config.compute_format
+    generator = torch.Generator().manual_seed(19)
+    bits = torch.cat([fp.random_bits(5_000, fmt, generator), fp.special_values(fmt),
+                      fp.encode(torch.tensor([-200.0, -100.0, 90.0, 200.0], dtype=torch.float64), fmt)])
+    functions = list(isa.NonlinearFunction)
+
+    def mismatches():
+        return sum(int((fp.from_values(iss.nonlinear_values(f, fp.to_values(bits, fmt), config), fmt)
+                        != iss._NONLINEAR_GOLDEN[f](bits, config)).sum()) for f in functions)
+    assert mismatches() == 0
+    if fault == "exp_scale without its range check":
+        def broken(a, b, constants):
+            n = b.double() - fp.decode(torch.tensor([constants.round_constant]), constants.fmt)[0]
+            return torch.ldexp(a.double(), n.clamp(-600, 600)).float()
+        monkeypatch.setattr(nonlinear, "exp_scale_values", broken)
+    elif fault == "negative_magnitude without its clamp":       # -Inf then makes exp's reduction NaN
+        monkeypatch.setattr(nonlinear, "negative_magnitude_values", lambda a: -a.abs())
+    else:
+        original = nonlinear.rsqrt_select_values
+        monkeypatch.setattr(nonlinear, "rsqrt_select_values",
+                            lambda x, b: torch.where(x == 0, torch.inf, original(x, b)))
+    assert mismatches() > 0
+
+
 # Whole programs -----------------------------------------------------------------------------------------
 
 def run_both(config, memory, program_address=0, device="cpu", **options):
@@ -275,6 +332,60 @@ def random_cases(config, count):
 def test_random_programs_equal_reference(config):
     for seed, generated in random_cases(config, PROGRAMS):
         assert_same(*run_both(config, generated.memory), f"{config.name} seed {seed}")
+
+
+def without_barriers(generated, keep):
+    """The generated program without the BARRIERs whose number ``keep(number)`` rejects (its memory image
+    otherwise unchanged)."""
+    barriers = [n for n, i in enumerate(generated.instructions) if isinstance(i, isa.Barrier)]
+    dropped = {n for k, n in enumerate(barriers) if not keep(k)}
+    program = [i for n, i in enumerate(generated.instructions) if n not in dropped]
+    code = isa.encode_program(program)
+    memory = bytearray(generated.memory)
+    memory[generated.program_address:generated.program_address + len(code)] = code
+    return bytes(memory)
+
+
+@pytest.mark.parametrize("config", [TINY, DEFAULT], ids=lambda c: c.name)
+def test_missing_barriers_equal_reference(config):
+    """Random programs with every BARRIER, or every third, removed: both machines raise the same
+    ProgramError (kind and message: which stream, which buffer, the first element) or, where no hazard
+    remains, agree on the run. This holds the fast machine's span-and-stamp bookkeeping to the reference's
+    per-element masks."""
+    raised = 0
+    for seed, generated in random_cases(config, 8):
+        memory = without_barriers(generated, (lambda k: False) if seed % 2 else (lambda k: k % 3 != seed % 3))
+        outcomes = []
+        for reference in (True, False):
+            try:
+                result, machine = iss.run_program(config, memory, generated.program_address,
+                                                  reference=reference)
+                outcomes.append((result.error, result.error_pc, result.counters, machine.memory_bytes()))
+            except iss.ProgramError as error:
+                outcomes.append(str(error))
+        assert outcomes[0] == outcomes[1], f"{config.name} seed {seed}"
+        raised += isinstance(outcomes[0], str) and outcomes[0].startswith("barrier")
+    assert raised >= 3
+
+
+def test_reference_fallback_equals_reference(monkeypatch):
+    """An instruction class without a fast handler runs on a ReferenceMachine handed the fast machine's
+    state (every class has a handler today; GATHER, NONLINEAR and STORE are taken away here)."""
+    makers = {cls: maker for cls, maker in iss._PLAN_MAKERS.items()
+              if cls not in (isa.Gather, isa.Nonlinear, isa.Store)}
+    monkeypatch.setattr(iss, "_PLAN_MAKERS", makers)
+    monkeypatch.setattr(iss, "_PLAN_CACHE", {})
+    for config in (DEFAULT, TINY):
+        for seed, generated in random_cases(config, 4):
+            assert_same(*run_both(config, generated.memory), f"{config.name} seed {seed}")
+        generated = next(random_cases(config, 1))[1]
+        memory = without_barriers(generated, lambda k: False)
+        messages = []
+        for reference in (True, False):
+            with pytest.raises(iss.ProgramError) as error:
+                iss.run_program(config, memory, generated.program_address, reference=reference)
+            messages.append(str(error.value))
+        assert messages[0] == messages[1]
 
 
 def test_program_errors_equal_reference():
@@ -319,6 +430,86 @@ def test_program_errors_equal_reference():
         results.append((first.error, second.error, second.error_pc, second.counters, machine.memory_bytes()))
     assert results[0] == results[1]
     assert results[1][:3] == (ErrorCode.NONE, ErrorCode.ILLEGAL_OPCODE, 0)
+
+
+def gather_case(config, ids, table_rows, *, row_elements=None, buffer_row_stride=None, memory_bytes=0x3000,
+                index_address=0x2000):
+    """A GATHER of ``ids`` from a random table at 0x1000 into STATE, then a STORE of what it wrote."""
+    lanes = config.lanes
+    elements = row_elements or lanes
+    size = config.storage_bytes
+    stride = elements if buffer_row_stride is None else buffer_row_stride
+    generator = torch.Generator().manual_seed(len(ids) + table_rows)
+    memory = bytearray(0x3000)
+    table = iss.pack_elements(fp.random_bits(8 * elements, config.storage_format, generator), size)
+    memory[0x1000:0x1000 + len(table)] = table
+    for r, row_id in enumerate(ids):
+        memory[index_address + 4 * r:index_address + 4 * r + 4] = row_id.to_bytes(4, "little")
+    program = [isa.Gather(memory_address=0x1000, row_count=len(ids), row_elements=elements,
+                          memory_row_stride=elements * size, buffer=isa.Buffer.STATE,
+                          buffer_row_stride=stride, index_address=index_address, table_rows=table_rows),
+               isa.Barrier(),
+               isa.Store(memory_address=0x2800, row_count=len(ids), row_elements=elements,
+                         memory_row_stride=elements * size, buffer=isa.Buffer.STATE,
+                         buffer_row_stride=stride),
+               isa.Halt()]
+    code = isa.encode_program(program)
+    memory[:len(code)] = code
+    return memory[:memory_bytes]
+
+
+GATHER_CASES = {   # (ids, table_rows, options)
+    "in order": ([0, 1, 2, 3], 4, {}),
+    "repeats and the last row": ([3, 3, 0, 7, 7], 8, {}),
+    "rows overlapping in the buffer (later rows win)": ([1, 2, 5, 0], 8, {"buffer_row_stride": 3}),
+    "one element per row": ([4, 0, 6], 7, {"row_elements": 1}),
+    "id one past the table": ([0, 1, 4, 2], 4, {}),
+    "id far beyond the table": ([0, 0xFFFFFFFF], 4, {}),
+    "ids beyond memory": ([1, 2, 3], 8, {"index_address": 0x2ff8}),
+    "an earlier bad id before an unreadable one": ([1, 9, 3], 8, {"index_address": 0x2ff8}),
+    "table row beyond memory": ([0, 1], 8, {"memory_bytes": 0x1000 + 48 * 4, "index_address": 0x1000 - 64}),
+}
+
+
+@pytest.mark.parametrize("config", [DEFAULT, FP32_STORAGE], ids=lambda c: c.name)
+def test_gather_equals_reference(config):
+    """GATHER (the fast handler) against the reference: data, repeated ids, rows overlapping in the buffer,
+    and which row's error wins (INDEX_RANGE, ids beyond memory, table rows beyond memory)."""
+    codes = set()
+    for name, (ids, table_rows, options) in GATHER_CASES.items():
+        memory = gather_case(config, ids, table_rows, **options)
+        expected, got = run_both(config, memory)
+        assert_same(expected, got, name)
+        codes.add(got[0].error)
+    assert codes == {ErrorCode.NONE, ErrorCode.INDEX_RANGE, ErrorCode.BUS_ERROR}
+
+
+@pytest.mark.parametrize("fault", ["index check off by one", "last failing row decides",
+                                   "ids beyond memory read as zero"])
+def test_broken_gather_is_caught(monkeypatch, fault):
+    config = DEFAULT
+    original = iss._gather_failure
+    if fault == "index check off by one":
+        broken = functools.partial(original_with_table_rows, original, 1)
+    elif fault == "last failing row decides":
+        def broken(i, ids, readable, size, memory_size):
+            codes = [original(dataclasses.replace(i, row_count=1), ids[r:r + 1], int(r < readable), size,
+                              memory_size) for r in range(len(ids))]
+            return next((code for code in reversed(codes) if code != ErrorCode.NONE), ErrorCode.NONE)
+    else:
+        def broken(i, ids, readable, size, memory_size):
+            return original(i, ids, len(ids), size, memory_size)
+    monkeypatch.setattr(iss, "_gather_failure", broken)
+    differ = 0
+    for name, (ids, table_rows, options) in GATHER_CASES.items():
+        (expected, _), (got, _) = run_both(config, gather_case(config, ids, table_rows, **options))
+        differ += (expected.error, expected.error_pc) != (got.error, got.error_pc)
+    assert differ > 0
+
+
+def original_with_table_rows(original, extra, i, *args):
+    """_gather_failure with ``table_rows`` grown by ``extra`` (an off-by-one range check)."""
+    return original(dataclasses.replace(i, table_rows=i.table_rows + extra), *args)
 
 
 def mamba_case(config, d_model, mode, length, seed=1):
