@@ -305,18 +305,19 @@ def round_values(values, fmt: FloatFormat) -> torch.Tensor:
     formats' results lie far inside float64's exponent range), so adding half an ulp minus one plus the
     lowest kept bit and truncating is round-to-nearest-even, a carry moving into the exponent field."""
     _fits_float32(fmt)
-    x = torch.as_tensor(values).to(torch.float64)
-    word = x.view(torch.int64)
-    nan = torch.isnan(x)
-    magnitude = torch.where(nan, 0, word & 0x7FFFFFFFFFFFFFFF)
+    xp = _xp(values)
+    x = values.astype(np.float64) if xp is np else torch.as_tensor(values).to(torch.float64)
+    word = x.view(xp.int64)
+    nan = xp.isnan(x)
+    magnitude = xp.where(nan, 0, word & 0x7FFFFFFFFFFFFFFF)
     drop = 52 - fmt.man_bits
     magnitude = magnitude + ((1 << (drop - 1)) - 1) + ((magnitude >> drop) & 1)
     magnitude = (magnitude >> drop) << drop
     exponent = (magnitude >> 52) - 1023
-    magnitude = torch.where(exponent > fmt.emax, 0x7FF0000000000000, magnitude)
-    magnitude = torch.where(exponent < fmt.emin, 0, magnitude)
-    rounded = (magnitude | (word & -0x8000000000000000)).view(torch.float64)
-    return torch.where(nan, torch.nan, rounded).to(torch.float32)
+    magnitude = xp.where(exponent > fmt.emax, 0x7FF0000000000000, magnitude)
+    magnitude = xp.where(exponent < fmt.emin, 0, magnitude)
+    rounded = xp.where(nan, xp.nan, (magnitude | (word & -0x8000000000000000)).view(xp.float64))
+    return rounded.astype(np.float32) if xp is np else rounded.to(torch.float32)
 
 
 _MINIMUM = np.minimum.reduce
@@ -325,7 +326,7 @@ _MINIMUM = np.minimum.reduce
 def _any_small(values: torch.Tensor, limit: float, *, inclusive: bool) -> bool:
     """Whether a CPU tensor has a nonzero magnitude below (or at) ``limit``. numpy, because torch's
     ``any().item()`` alone costs ~20 us, which dominates small instructions."""
-    array = values.numpy()
+    array = values if isinstance(values, np.ndarray) else values.numpy()
     if array.size == 0:
         return False
     magnitude = np.abs(array)
@@ -335,46 +336,61 @@ def _any_small(values: torch.Tensor, limit: float, *, inclusive: bool) -> bool:
     return bool(np.logical_and(small, array != 0).any())
 
 
-def _fp32_product(a, b, product: torch.Tensor) -> torch.Tensor:
+def _xp(*operands):
+    """numpy when an operand is a numpy array (the ISS's small CPU instructions: numpy's per-call cost is
+    a fraction of torch's), else torch. The value functions below are written once for both."""
+    return np if any(isinstance(x, np.ndarray) for x in operands) else torch
+
+
+def _on_host(x) -> bool:
+    return isinstance(x, np.ndarray) or x.device.type == "cpu"
+
+
+def _fp32_product(a, b, product):
     """Fix the lanes where float32 gradual underflow left ``product = a * b`` subnormal (module note)."""
-    if product.device.type == "cpu" and not _any_small(product, _FLOAT32_MIN_NORMAL, inclusive=True):
+    if _on_host(product) and not _any_small(product, _FLOAT32_MIN_NORMAL, inclusive=True):
         return product                         # the usual case; on CUDA a sync costs more than the fix
+    xp = _xp(product)
     # <= : gradual underflow rounds (2^-126 - 2^-150) up to 2^-126 (a tie on its 2^-149 grid), where the
     # contract's 24-bit rounding keeps it below 2^-126 and flushes it.
-    tiny = (product != 0) & (product.abs() <= _FLOAT32_MIN_NORMAL)
+    tiny = (product != 0) & (abs(product) <= _FLOAT32_MIN_NORMAL)
     scaled = (a * _SCALE) * b
-    reaches = scaled.abs() >= _FLOAT32_MIN_NORMAL * _SCALE
-    fixed = torch.where(reaches, torch.copysign(torch.full_like(product, _FLOAT32_MIN_NORMAL), product),
-                        product * 0.0)
-    return torch.where(tiny, fixed, product)
+    reaches = abs(scaled) >= _FLOAT32_MIN_NORMAL * _SCALE
+    fixed = xp.where(reaches, xp.copysign(xp.full_like(product, _FLOAT32_MIN_NORMAL), product),
+                     product * 0.0)
+    return xp.where(tiny, fixed, product)
 
 
-def _fp32_flush(total: torch.Tensor) -> torch.Tensor:
+def _fp32_flush(total):
     """Subnormal sums (exact) to the zero of their sign."""
-    if total.device.type == "cpu" and not _any_small(total, _FLOAT32_MIN_NORMAL, inclusive=False):
+    if _on_host(total) and not _any_small(total, _FLOAT32_MIN_NORMAL, inclusive=False):
         return total
-    return torch.where(total.abs() < _FLOAT32_MIN_NORMAL, total * 0.0, total)
+    return _xp(total).where(abs(total) < _FLOAT32_MIN_NORMAL, total * 0.0, total)
+
+
+def _float64(x):
+    return x.astype(np.float64) if isinstance(x, np.ndarray) else torch.as_tensor(x).to(torch.float64)
 
 
 def value_mul(a, b, fmt: FloatFormat) -> torch.Tensor:
     """:func:`mul` on values."""
     if _is_fp32(fmt):
         return _fp32_product(a, b, a * b)
-    return round_values(a.to(torch.float64) * b.to(torch.float64), fmt)
+    return round_values(_float64(a) * _float64(b), fmt)
 
 
 def value_add(a, b, fmt: FloatFormat) -> torch.Tensor:
     """:func:`add` on values."""
     if _is_fp32(fmt):
         return _fp32_flush(a + b)
-    return round_values(a.to(torch.float64) + b.to(torch.float64), fmt)
+    return round_values(_float64(a) + _float64(b), fmt)
 
 
 def value_sub(a, b, fmt: FloatFormat) -> torch.Tensor:
     """:func:`sub` on values (IEEE defines a - b as a + (-b), signed zeros included)."""
     if _is_fp32(fmt):
         return _fp32_flush(a - b)
-    return round_values(a.to(torch.float64) - b.to(torch.float64), fmt)
+    return round_values(_float64(a) - _float64(b), fmt)
 
 
 def value_mul_add(a, b, c, fmt: FloatFormat) -> torch.Tensor:
@@ -384,18 +400,26 @@ def value_mul_add(a, b, c, fmt: FloatFormat) -> torch.Tensor:
 
 def value_minimum(a, b, fmt: FloatFormat) -> torch.Tensor:
     """:func:`minimum` on values (-0 < +0, NaN wins)."""
-    a, b = torch.broadcast_tensors(torch.as_tensor(a), torch.as_tensor(b))
+    xp = _xp(a, b)
+    a, b = _broadcast(xp, a, b)
     both_zero = (a == 0) & (b == 0)
-    chosen = torch.where(both_zero, torch.where(torch.signbit(a), a, b), torch.minimum(a, b))
-    return torch.where(torch.isnan(a) | torch.isnan(b), torch.nan, chosen)
+    chosen = xp.where(both_zero, xp.where(xp.signbit(a), a, b), xp.minimum(a, b))
+    return xp.where(xp.isnan(a) | xp.isnan(b), xp.float32(xp.nan) if xp is np else xp.nan, chosen)
 
 
 def value_maximum(a, b, fmt: FloatFormat) -> torch.Tensor:
     """:func:`maximum` on values (-0 < +0, NaN wins)."""
-    a, b = torch.broadcast_tensors(torch.as_tensor(a), torch.as_tensor(b))
+    xp = _xp(a, b)
+    a, b = _broadcast(xp, a, b)
     both_zero = (a == 0) & (b == 0)
-    chosen = torch.where(both_zero, torch.where(torch.signbit(a), b, a), torch.maximum(a, b))
-    return torch.where(torch.isnan(a) | torch.isnan(b), torch.nan, chosen)
+    chosen = xp.where(both_zero, xp.where(xp.signbit(a), b, a), xp.maximum(a, b))
+    return xp.where(xp.isnan(a) | xp.isnan(b), xp.float32(xp.nan) if xp is np else xp.nan, chosen)
+
+
+def _broadcast(xp, *operands):
+    if xp is np:
+        return np.broadcast_arrays(*(np.asarray(x, dtype=np.float32) for x in operands))
+    return torch.broadcast_tensors(*(torch.as_tensor(x) for x in operands))
 
 
 def value_convert(values, target: FloatFormat) -> torch.Tensor:

@@ -642,6 +642,8 @@ class Machine:
         # most checks are settled without looking at the stamps (disjoint spans cannot conflict).
         self._spans: dict = {}
         self._memory_host = self.memory.numpy() if self.device.type == "cpu" else None
+        # Element-wise arithmetic on numpy views of the buffers (FP32 on the CPU; fp._xp).
+        self._host_arithmetic = self.device.type == "cpu" and fp._is_fp32(fmt)
         key = (config, str(self.device))
         self._plans = _PLAN_CACHE.setdefault(key, {})
         self._fetched: dict[int, object] = {}
@@ -864,7 +866,7 @@ class Machine:
         access = plan.access["buffer"]
         self._check_streams("dma", [], [access], pc)
         bits = extra["memory"].tensor(self._memory_elements(extra["size"]))
-        values = fp.value_convert(fp.to_values(bits, extra["format"]), self.config.compute_format)
+        values = self._memory_values(bits, extra)
         self._write(access, values, extra["survivors"])
         self.counters["dma_bytes_read"] += i.row_count * i.row_elements * extra["size"]
         return ErrorCode.NONE
@@ -890,10 +892,22 @@ class Machine:
         index = torch.from_numpy((i.memory_address + ids * i.memory_row_stride) // size)[:, None] \
             + extra["row"]
         bits = elements[index.to(self.device)]
-        values = fp.value_convert(fp.to_values(bits, extra["format"]), self.config.compute_format)
+        values = self._memory_values(bits, extra)
         self._write(access, values, extra["survivors"])
         self.counters["dma_bytes_read"] += rows * (isa.INDEX_BYTES + i.row_elements * size)
         return ErrorCode.NONE
+
+    def _memory_values(self, bits: torch.Tensor, extra: dict) -> torch.Tensor:
+        """Memory elements (the signed int8/16/32 view) read in their format and converted to the compute
+        format, as values. Elements of at most 16 bits are looked up in a table of that very conversion at
+        every pattern (numpy on the CPU: one gather instead of a dozen torch operations)."""
+        size = extra["size"]
+        if size > 2:
+            return fp.value_convert(fp.to_values(bits, extra["format"]), self.config.compute_format)
+        table = _conversion_table(extra["format"], self.config.compute_format, size, str(self.device))
+        if self.device.type == "cpu":
+            return torch.from_numpy(table[bits.numpy().view(np.uint8 if size == 1 else np.uint16)])
+        return table[bits.to(torch.int64) & ((1 << (8 * size)) - 1)]
 
     def _store(self, plan: _Plan, pc) -> ErrorCode:
         i, extra = plan.instruction, plan.extra
@@ -949,7 +963,12 @@ class Machine:
         self._check_streams("compute", [access[name] for name in names], [access["dst"]], pc)
         lanes = plan.extra["lanes"]
         operands = {name: self._view(lanes[name]) for name in names}
-        result = plan.extra["compute"](operands, self.config.compute_format)
+        if self._host_arithmetic:
+            operands = {name: view.numpy() for name, view in operands.items()}
+            with _quiet():
+                result = torch.from_numpy(plan.extra["compute"](operands, self.config.compute_format))
+        else:
+            result = plan.extra["compute"](operands, self.config.compute_format)
         self._write(plan.extra["dst"], result, plan.extra["survivors"])
         self.counters["elementwise_beats"] += i.outer_count * i.inner_count
         return ErrorCode.NONE
@@ -1120,6 +1139,11 @@ _LINEAR_BLOCK = 1 << 20
 _LINEAR_SMALL = 1 << 22      # products up to which a plain FP32 LINEAR runs in numpy (_linear_plain_small)
 
 
+def _quiet():
+    """numpy paths: overflow to Inf and NaN are results here, not faults (one errstate per use)."""
+    return np.errstate(all="ignore")
+
+
 def _no_tiny(values: torch.Tensor) -> bool:
     """No nonzero magnitude below 2^-50. Then every product of two such FP32 values is 0 or at least
     2^-100, so every product, tree sum and accumulator value is a multiple of 2^-123 (sums of multiples
@@ -1176,22 +1200,23 @@ def _linear_plain_small(matrix: torch.Tensor, vector: torch.Tensor, bias) -> tor
     float32 numpy (whose per-call cost is a fraction of torch's), the row tree on the natural pairs
     ``(2i, 2i+1)`` (strided views), and the chunk accumulation as one ``np.add.accumulate``, which adds
     strictly in order, one float32 rounding per chunk (``acc = ((init + s_0) + s_1) + ...``)."""
-    x = matrix.numpy()[None] * vector.numpy()[:, None, :, None, :]            # [T, J, K, R, C]
-    while x.shape[-1] > 1:
-        x = x[..., 0::2] + x[..., 1::2]
-    T, J, K, R, _ = x.shape
-    steps = np.empty((T, J, K + 1, R), dtype=np.float32)
-    steps[:, :, 0] = 0.0 if bias is None else bias.numpy()
-    steps[:, :, 1:] = x[..., 0]
-    return torch.from_numpy(np.add.accumulate(steps, axis=2)[:, :, -1])
+    with _quiet():
+        x = matrix.numpy()[None] * vector.numpy()[:, None, :, None, :]        # [T, J, K, R, C]
+        while x.shape[-1] > 1:
+            x = x[..., 0::2] + x[..., 1::2]
+        T, J, K, R, _ = x.shape
+        steps = np.empty((T, J, K + 1, R), dtype=np.float32)
+        steps[:, :, 0] = 0.0 if bias is None else bias.numpy()
+        steps[:, :, 1:] = x[..., 0]
+        return torch.from_numpy(np.add.accumulate(steps, axis=2)[:, :, -1])
 
 
 def elementwise_values(op: ElementwiseOp, operands: dict, fmt: FloatFormat) -> torch.Tensor:
-    """:func:`elementwise_op` on values."""
+    """:func:`elementwise_op` on values (torch tensors, or numpy arrays: see ``marca.golden.fp._xp``)."""
     a, b, c = operands.get("a"), operands.get("b"), operands.get("c")
     op = int(op)           # plain int comparisons: comparing amaranth enum members is slow
     if op == ElementwiseOp.PASS:
-        return a.clone()
+        return a.copy() if isinstance(a, np.ndarray) else a.clone()
     if op == ElementwiseOp.MUL:
         return fp.value_mul(a, b, fmt)
     if op == ElementwiseOp.ADD:
@@ -1205,8 +1230,9 @@ def elementwise_values(op: ElementwiseOp, operands: dict, fmt: FloatFormat) -> t
     if op == ElementwiseOp.MAX:
         return fp.value_maximum(a, b, fmt)
     if op == ElementwiseOp.CMP_SELECT:
-        a, b, c = torch.broadcast_tensors(a, b, c)
-        return torch.where(a < b, c, a)
+        xp = fp._xp(a, b, c)
+        a, b, c = fp._broadcast(xp, a, b, c)
+        return xp.where(a < b, c, a)
     raise ValueError(f"op {op!r} is not an element-wise instruction op")
 
 
@@ -1216,8 +1242,11 @@ def _constant_value(bits: int, fmt: FloatFormat) -> float:
 
 
 @functools.lru_cache(maxsize=1024)
-def _constant_tensor(bits: int, fmt: FloatFormat, device: str) -> torch.Tensor:
-    """A constant operand as a 0-dim float32 tensor (broadcast by every value operation)."""
+def _constant_tensor(bits: int, fmt: FloatFormat, device: str):
+    """A constant operand as a 0-dim float32 tensor, or a numpy float32 scalar for ``device="host"`` (both
+    broadcast by every value operation)."""
+    if device == "host":
+        return np.float32(_constant_value(bits, fmt))
     return torch.tensor(_constant_value(bits, fmt), dtype=torch.float32, device=device)
 
 
@@ -1228,6 +1257,15 @@ def _nonlinear_setup(function: NonlinearFunction, config: MarcaConfig):
 
 
 _TABLE_WIDTH = 16
+
+
+@functools.lru_cache(maxsize=32)
+def _conversion_table(source: FloatFormat, target: FloatFormat, size: int, device: str):
+    """``value_convert(to_values(bits, source), target)`` at every ``8·size``-bit element pattern (a numpy
+    array on the CPU, a tensor elsewhere); to_values reads only the format's own low bits."""
+    every = torch.arange(1 << (8 * size), dtype=torch.int64)
+    table = fp.value_convert(fp.to_values(every, source), target).contiguous()
+    return table.numpy() if device == "cpu" else table.to(device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -1253,25 +1291,31 @@ def nonlinear_values(function: NonlinearFunction, x: torch.Tensor, config: Marca
         return table[fp.from_values(x, fmt)]
     program, constants = _nonlinear_setup(function, config)
     results = []
+    host = x.device.type == "cpu" and fp._is_fp32(fmt)      # numpy: a fraction of torch's per-call cost
+    source = x.numpy() if host else x
 
     def fetch(operand):
         if operand is None:
-            return torch.zeros_like(x)
+            return None
         if operand.kind == "input":
-            return x
+            return source
         if operand.kind == "result":
             return results[operand.index]
         return _constant_tensor(operand.bits, fmt, device)
 
-    device = str(x.device)
-    for step in program.passes:
-        a, b, c = fetch(step.a), fetch(step.b), fetch(step.c)
-        if step.op == ElementwiseOp.FUNCTION:
-            out = nonlinear.lane_function_values(step.function, a, b, c, constants)
-        else:
-            out = elementwise_values(step.op, {"a": a, "b": b, "c": c}, fmt)
-        results.append(out)
-    return results[-1].expand(x.shape)
+    device = "host" if host else str(x.device)
+    with _quiet():
+        for step in program.passes:
+            a, b, c = fetch(step.a), fetch(step.b), fetch(step.c)
+            if step.op == ElementwiseOp.FUNCTION:
+                out = nonlinear.lane_function_values(step.function, a, b, c, constants)
+            else:
+                out = elementwise_values(step.op, {"a": a, "b": b, "c": c}, fmt)
+            results.append(out)
+    out = results[-1]
+    if host:
+        return torch.from_numpy(out if out.shape == x.shape else np.broadcast_to(out, x.shape).copy())
+    return out.expand(x.shape)
 
 
 def elementwise_op(op: ElementwiseOp, operands: dict, fmt: FloatFormat) -> torch.Tensor:

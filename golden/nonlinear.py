@@ -681,42 +681,51 @@ def _round_constant_value(bits: int, fmt: FloatFormat) -> float:
     return _decode_value(bits, fmt)
 
 
-def exp_scale_values(a: torch.Tensor, b: torch.Tensor, constants: FunctionConstants) -> torch.Tensor:
-    """:func:`exp_scale` on values."""
+def exp_scale_values(a, b, constants: FunctionConstants):
+    """:func:`exp_scale` on values (torch tensors or numpy arrays, see ``marca.golden.fp._xp``)."""
     fmt = constants.fmt
+    xp = fp._xp(a, b)
     low = 2.0 ** (fmt.precision - 1)
     high = low * 4
     limit = 2 ** (exp_int_bits(fmt) - 1)
-    b = b.to(torch.float64)
+    b = fp._float64(b)
     n = b - _round_constant_value(constants.round_constant, fmt)  # exact: b and C are integers below 2^25
     inside = (b >= low) & (b < high)
-    shift = torch.where(inside, n, 0.0).clamp(-limit, limit - 1)
+    shift = xp.where(inside, n, 0.0).clip(-limit, limit - 1)
     # a has at most 24 significant bits and |shift| <= 2^(exp_bits+1): a·2^shift is exact in float64, so the
     # contract's rounding is only its overflow and flush.
-    out = fp.round_values(torch.ldexp(a.to(torch.float64), shift), fmt)
+    if xp is np:
+        scaled = np.ldexp(fp._float64(a), shift.astype(np.int32))
+    else:
+        scaled = torch.ldexp(fp._float64(a), shift)
+    out = fp.round_values(scaled, fmt)
     over = (b >= high) | (inside & (n >= limit))
     under = (b < low) | (inside & (n < -limit))
-    out = torch.where(over, torch.inf, torch.where(under, 0.0, out))
-    return torch.where(torch.isnan(b), torch.nan, out).to(torch.float32)
+    out = xp.where(over, xp.inf, xp.where(under, 0.0, out))
+    out = xp.where(xp.isnan(b), xp.nan, out)
+    return out.astype(np.float32) if xp is np else out.to(torch.float32)
 
 
-def negative_magnitude_values(a: torch.Tensor) -> torch.Tensor:
+def negative_magnitude_values(a):
     """:func:`negative_magnitude` on values (2^7 is exact in every format; NaN stays NaN)."""
-    out = -a.abs().clamp(max=2.0 ** MAGNITUDE_BOUND_EXPONENT)
-    return torch.where(torch.isnan(a), torch.nan, out)
+    xp = fp._xp(a)
+    out = -xp.minimum(abs(a), xp.full_like(a, 2.0 ** MAGNITUDE_BOUND_EXPONENT))
+    return xp.where(xp.isnan(a), a, out)
 
 
-def rsqrt_select_values(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def rsqrt_select_values(x, b):
     """:func:`rsqrt_select` on values: NaN or negative ``x`` -> NaN; ±0 -> ±Inf; +Inf -> +0; else ``b``."""
-    x, b = torch.broadcast_tensors(x, b)
-    out = torch.where(x == torch.inf, 0.0, b)
-    out = torch.where(x == 0, torch.copysign(torch.full_like(x, torch.inf), x), out)
-    return torch.where(torch.isnan(x) | (x < 0), torch.nan, out)
+    xp = fp._xp(x, b)
+    x, b = fp._broadcast(xp, x, b)
+    out = xp.where(x == xp.inf, xp.zeros_like(b), b)
+    out = xp.where(x == 0, xp.copysign(xp.full_like(x, xp.inf), x), out)
+    return xp.where(xp.isnan(x) | (x < 0), xp.full_like(x, xp.nan), out)
 
 
 def lane_function_values(function: LaneFunction, a, b, c, constants) -> torch.Tensor:
-    """:func:`lane_function` on float32 values (``marca.golden.fp.to_values``): the same results, without a
-    round trip through bit patterns (RSQRT_SEED, integer logic on the pattern, takes one)."""
+    """:func:`lane_function` on float32 values (``marca.golden.fp.to_values``; torch tensors or numpy
+    arrays): the same results, without a round trip through bit patterns (RSQRT_SEED, integer logic on the
+    pattern, takes one)."""
     constants = _constants(constants)
     fmt = constants.fmt
     function = LaneFunction(function)
@@ -725,5 +734,8 @@ def lane_function_values(function: LaneFunction, a, b, c, constants) -> torch.Te
     if function == LaneFunction.NEGATIVE_MAGNITUDE:
         return negative_magnitude_values(a)
     if function == LaneFunction.RSQRT_SEED:
-        return fp.to_values(rsqrt_seed(fp.from_values(a, fmt), constants.rsqrt_magic, fmt), fmt).to(a.device)
+        host = isinstance(a, np.ndarray)
+        bits = fp.from_values(torch.from_numpy(a) if host else a, fmt)
+        out = fp.to_values(rsqrt_seed(bits, constants.rsqrt_magic, fmt), fmt)
+        return out.numpy() if host else out
     return rsqrt_select_values(a, b)

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,9 +41,13 @@ def read(bits, fmt):
     return fp.encode(fp.decode(bits, fmt), fmt)
 
 
-def fast(function, fmt, *bits):
-    """A value_* function on patterns: to values, compute, back to patterns."""
-    return fp.from_values(function(*(fp.to_values(b, fmt) for b in bits), fmt), fmt)
+def fast(function, fmt, *bits, host=False):
+    """A value_* function on patterns: to values (numpy arrays with ``host``), compute, back to patterns."""
+    values = [fp.to_values(b, fmt) for b in bits]
+    if host:
+        with np.errstate(all="ignore"):
+            return fp.from_values(torch.from_numpy(function(*(v.numpy() for v in values), fmt)), fmt)
+    return fp.from_values(function(*values, fmt), fmt)
 
 
 def boundary_pairs(fmt, count, generator):
@@ -116,9 +121,9 @@ BINARY = {"mul": (fp.value_mul, fp.mul), "add": (fp.value_add, fp.add), "sub": (
           "minimum": (fp.value_minimum, fp.minimum), "maximum": (fp.value_maximum, fp.maximum)}
 
 
-def binary_mismatches(name, fmt, a, b):
+def binary_mismatches(name, fmt, a, b, host=False):
     value_function, oracle = BINARY[name]
-    return int((fast(value_function, fmt, a, b) != oracle(a, b, fmt)).sum())
+    return int((fast(value_function, fmt, a, b, host=host) != oracle(a, b, fmt)).sum())
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
@@ -130,6 +135,18 @@ def test_binary_equals_oracle(fmt, name):
              special_pairs(fmt), boundary_pairs(fmt, 50_000, generator)]
     for a, b in pairs:
         assert binary_mismatches(name, fmt, a, b) == 0
+
+
+@pytest.mark.parametrize("fmt", [FP32, BF16], ids=lambda f: f.name)
+@pytest.mark.parametrize("name", list(BINARY))
+def test_binary_on_numpy_equals_oracle(fmt, name):
+    """The same value functions on numpy arrays (what the ISS runs for small FP32 instructions on the
+    CPU): random pairs, all pairs of special values, the flush boundary."""
+    generator = torch.Generator().manual_seed(hash((fmt.exp_bits, fmt.man_bits, name, "numpy")) % 1000)
+    pairs = [(fp.random_bits(100_000, fmt, generator), fp.random_bits(100_000, fmt, generator)),
+             special_pairs(fmt), boundary_pairs(fmt, 50_000, generator)]
+    for a, b in pairs:
+        assert binary_mismatches(name, fmt, a, b, host=True) == 0
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
@@ -155,23 +172,24 @@ def test_boundary_pairs_straddle_the_flush():
     assert int(((ieee == FP32.smallest_normal) & (oracle == 0)).sum()) > 0
 
 
+@pytest.mark.parametrize("host", [False, True], ids=["torch", "numpy"])
 @pytest.mark.parametrize("fault", ["no product fix", "strict product test", "no sum flush"])
-def test_broken_fast_paths_are_caught(monkeypatch, fault):
+def test_broken_fast_paths_are_caught(monkeypatch, fault, host):
     generator = torch.Generator().manual_seed(5)
     a, b = boundary_pairs(FP32, 50_000, generator)
     name = "add" if fault == "no sum flush" else "mul"
-    assert binary_mismatches(name, FP32, a, b) == 0
+    assert binary_mismatches(name, FP32, a, b, host=host) == 0
     if fault == "no product fix":
         monkeypatch.setattr(fp, "_fp32_product", lambda a, b, product: product)
     elif fault == "strict product test":     # the fix applied only below 2^-126, not at it
         original = fp._fp32_product
 
         def strict(a, b, product):
-            return torch.where(product.abs() == 2.0 ** -126, product, original(a, b, product))
+            return fp._xp(product).where(abs(product) == 2.0 ** -126, product, original(a, b, product))
         monkeypatch.setattr(fp, "_fp32_product", strict)
     else:
         monkeypatch.setattr(fp, "_fp32_flush", lambda total: total)
-    assert binary_mismatches(name, FP32, a, b) > 0
+    assert binary_mismatches(name, FP32, a, b, host=host) > 0
 
 
 # Row trees and accumulators ------------------------------------------------------------------------------
@@ -291,17 +309,21 @@ def test_broken_lane_function_values_are_caught(monkeypatch, fault):
         return sum(int((fp.from_values(iss.nonlinear_values(f, fp.to_values(bits, fmt), config), fmt)
                         != iss._NONLINEAR_GOLDEN[f](bits, config)).sum()) for f in functions)
     assert mismatches() == 0
+    # The ISS hands the lane functions numpy arrays on the CPU (FP32), torch tensors elsewhere.
     if fault == "exp_scale without its range check":
         def broken(a, b, constants):
+            host = isinstance(a, np.ndarray)
+            a, b = (torch.from_numpy(np.asarray(x)) if host else x for x in (a, b))
             n = b.double() - fp.decode(torch.tensor([constants.round_constant]), constants.fmt)[0]
-            return torch.ldexp(a.double(), n.clamp(-600, 600)).float()
+            out = torch.ldexp(a.double(), n.clamp(-600, 600)).float()
+            return out.numpy() if host else out
         monkeypatch.setattr(nonlinear, "exp_scale_values", broken)
     elif fault == "negative_magnitude without its clamp":       # -Inf then makes exp's reduction NaN
-        monkeypatch.setattr(nonlinear, "negative_magnitude_values", lambda a: -a.abs())
+        monkeypatch.setattr(nonlinear, "negative_magnitude_values", lambda a: -abs(a))
     else:
         original = nonlinear.rsqrt_select_values
         monkeypatch.setattr(nonlinear, "rsqrt_select_values",
-                            lambda x, b: torch.where(x == 0, torch.inf, original(x, b)))
+                            lambda x, b: fp._xp(x).where(x == 0, np.float32(np.inf), original(x, b)))
     assert mismatches() > 0
 
 
