@@ -398,22 +398,26 @@ def value_mul_add(a, b, c, fmt: FloatFormat) -> torch.Tensor:
     return value_add(value_mul(a, b, fmt), c, fmt)
 
 
-def value_minimum(a, b, fmt: FloatFormat) -> torch.Tensor:
-    """:func:`minimum` on values (-0 < +0, NaN wins)."""
+def _value_min_max(a, b, want_max: bool):
     xp = _xp(a, b)
     a, b = _broadcast(xp, a, b)
     both_zero = (a == 0) & (b == 0)
-    chosen = xp.where(both_zero, xp.where(xp.signbit(a), a, b), xp.minimum(a, b))
+    negative_first = xp.signbit(a)                  # of two zeros, -0 is the smaller
+    if want_max:
+        chosen = xp.where(both_zero, xp.where(negative_first, b, a), xp.maximum(a, b))
+    else:
+        chosen = xp.where(both_zero, xp.where(negative_first, a, b), xp.minimum(a, b))
     return xp.where(xp.isnan(a) | xp.isnan(b), xp.float32(xp.nan) if xp is np else xp.nan, chosen)
+
+
+def value_minimum(a, b, fmt: FloatFormat) -> torch.Tensor:
+    """:func:`minimum` on values (-0 < +0, NaN wins)."""
+    return _value_min_max(a, b, want_max=False)
 
 
 def value_maximum(a, b, fmt: FloatFormat) -> torch.Tensor:
     """:func:`maximum` on values (-0 < +0, NaN wins)."""
-    xp = _xp(a, b)
-    a, b = _broadcast(xp, a, b)
-    both_zero = (a == 0) & (b == 0)
-    chosen = xp.where(both_zero, xp.where(xp.signbit(a), b, a), xp.maximum(a, b))
-    return xp.where(xp.isnan(a) | xp.isnan(b), xp.float32(xp.nan) if xp is np else xp.nan, chosen)
+    return _value_min_max(a, b, want_max=True)
 
 
 def _broadcast(xp, *operands):

@@ -130,7 +130,74 @@ def access_indices(access: isa.BufferAccess) -> torch.Tensor:
     return index[..., None] + torch.arange(access.extent, dtype=torch.int64)
 
 
-class ReferenceMachine:
+class _Machine:
+    """What both simulators share: the configuration and memory checks, the fetch-execute loop (each
+    subclass fetches and executes in its own way: :meth:`_fetch`, :meth:`_step`) and the messages of the
+    undefined-behaviour errors, which the two must raise identically."""
+
+    def _checked_image(self, config: MarcaConfig, memory) -> torch.Tensor:
+        if not isinstance(config, MarcaConfig):
+            raise ValueError(f"config must be a MarcaConfig, not {config!r}")
+        isa.check_config(config)
+        image = memory_to_tensor(memory)
+        if len(image) > 1 << config.axi_addr_width:
+            raise ValueError(f"memory of {len(image)} bytes exceeds the {config.axi_addr_width}-bit "
+                             f"address space")
+        self.config = config
+        self.counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self.pc = None
+        return image
+
+    def run(self, program_address: int = 0, *, max_instructions: int = 1_000_000) -> RunResult:
+        """Fetch, check and execute from ``program_address`` until HALT or an error."""
+        self.pc = program_address
+        if program_address % isa.INSTRUCTION_BYTES:
+            return RunResult(ErrorCode.MISALIGNED, program_address, program_address, dict(self.counters),
+                             "program address is not a multiple of the instruction size")
+        for _ in range(max_instructions):
+            pc = self.pc
+            if pc + isa.INSTRUCTION_BYTES > self.memory_size:
+                return RunResult(ErrorCode.BUS_ERROR, pc, pc, dict(self.counters), "fetch beyond memory")
+            instruction, fetched = self._fetch(pc)
+            self.counters["fetch_bytes"] += isa.INSTRUCTION_BYTES
+            if instruction is None:
+                return RunResult(fetched.code, pc, pc, dict(self.counters), str(fetched))
+            code = self._step(fetched, pc)
+            if code != ErrorCode.NONE:
+                return RunResult(code, pc, pc, dict(self.counters), f"{instruction.OPCODE.name}: {code.name}")
+            self.pc = pc + isa.INSTRUCTION_BYTES
+            if isinstance(instruction, isa.Halt):
+                return RunResult(ErrorCode.NONE, None, self.pc, dict(self.counters))
+        raise ProgramError("runaway", f"no HALT within {max_instructions} instructions", self.pc)
+
+    def _fetch(self, pc: int) -> tuple:
+        """``(instruction, what _step executes)``, or ``(None, IllegalInstruction)``."""
+        raise NotImplementedError
+
+    def _step(self, fetched, pc: int) -> ErrorCode:
+        raise NotImplementedError
+
+    def _word(self, pc: int) -> int:
+        return int.from_bytes(self.memory[pc:pc + isa.INSTRUCTION_BYTES].cpu().numpy().tobytes(), "little")
+
+    def read_elements(self, address: int, count: int, *, storage: bool = True) -> torch.Tensor:
+        """``count`` contiguous elements at byte ``address`` (storage format by default) as bit patterns."""
+        size = self.config.storage_bytes if storage else self.config.compute_bytes
+        width = (self.config.storage_format if storage else self.config.compute_format).width
+        return unpack_elements(self.memory_bytes()[address:address + count * size], size, width)
+
+    @staticmethod
+    def _barrier_error(stream, kind, buffer, other, other_kind, first, pc) -> ProgramError:
+        return ProgramError("barrier", f"{stream} {kind} of {buffer.name} elements that an earlier {other} "
+                            f"instruction {other_kind}s (first {first}) with no BARRIER between them", pc)
+
+    @staticmethod
+    def _undefined_error(name, buffer, first, pc) -> ProgramError:
+        return ProgramError("undefined", f"{name} reads {buffer.name} element {first}, which nothing has "
+                            "written", pc)
+
+
+class ReferenceMachine(_Machine):
     """The architectural state (memory image, four buffers, counters) and the instruction semantics, on
     bit patterns through the golden unit models: the slow, obviously correct oracle that :class:`Machine`
     (the fast simulator everything else uses) is tested against bit for bit.
@@ -149,34 +216,23 @@ class ReferenceMachine:
 
     def __init__(self, config: MarcaConfig, memory, *, buffer_fill: int | None = None,
                  check_hazards: bool = True, check_undefined: bool = True):
-        if not isinstance(config, MarcaConfig):
-            raise ValueError(f"config must be a MarcaConfig, not {config!r}")
-        isa.check_config(config)
-        self.config = config
-        self.memory = memory_to_tensor(memory)
-        if len(self.memory) > 1 << config.axi_addr_width:
-            raise ValueError(f"memory of {len(self.memory)} bytes exceeds the {config.axi_addr_width}-bit "
-                             f"address space")
+        self.memory = self._checked_image(config, memory)
         fill = config.compute_format.canonical_nan if buffer_fill is None else buffer_fill
         self.buffers = {b: torch.full((isa.buffer_elements(config, b),), fill, dtype=torch.int64)
                         for b in Buffer}
         self.written = {b: torch.zeros(len(self.buffers[b]), dtype=torch.bool) for b in Buffer}
         self.check_hazards = check_hazards
         self.check_undefined = check_undefined
-        self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         self._clear_pending()
-        self.pc = None
+
+    @property
+    def memory_size(self) -> int:
+        return len(self.memory)
 
     # Memory helpers ------------------------------------------------------------------------------------
 
     def memory_bytes(self) -> bytes:
         return bytes(self.memory.numpy().tobytes())
-
-    def read_elements(self, address: int, count: int, *, storage: bool = True) -> torch.Tensor:
-        """``count`` contiguous elements at byte ``address`` (storage format by default) as bit patterns."""
-        size = self.config.storage_bytes if storage else self.config.compute_bytes
-        width = (self.config.storage_format if storage else self.config.compute_format).width
-        return self._gather_memory(address + size * torch.arange(count, dtype=torch.int64), size, width)
 
     def _gather_memory(self, byte_addresses: torch.Tensor, size: int, width: int) -> torch.Tensor:
         index = byte_addresses[..., None] + torch.arange(size, dtype=torch.int64)
@@ -211,11 +267,8 @@ class ReferenceMachine:
                     for other_kind in against:
                         pending = self._pending[(other, other_kind)].get(buffer)
                         if pending is not None and bool((pending & mask).any()):
-                            raise ProgramError(
-                                "barrier", f"{stream} {kind} of {buffer.name} elements that an earlier "
-                                f"{other} "
-                                f"instruction {other_kind}s (first {int(torch.nonzero(pending & mask)[0])}) "
-                                "with no BARRIER between them", pc)
+                            first = int(torch.nonzero(pending & mask)[0])
+                            raise self._barrier_error(stream, kind, buffer, other, other_kind, first, pc)
         for kind, accesses in (("read", reads), ("write", writes)):
             for buffer, mask in accesses:
                 table = self._pending[(stream, kind)]
@@ -226,8 +279,7 @@ class ReferenceMachine:
             defined = self.written[buffer][indices.flatten()]
             if not bool(defined.all()):
                 first = int(indices.flatten()[~defined][0])
-                raise ProgramError("undefined", f"{name} reads {buffer.name} element {first}, which nothing "
-                                   "has written", pc)
+                raise self._undefined_error(name, buffer, first, pc)
 
     @staticmethod
     def _check_raw(reads, writes_flat: torch.Tensor, write_beats: torch.Tensor, buffer_of_write: Buffer,
@@ -244,29 +296,15 @@ class ReferenceMachine:
 
     # Execution ---------------------------------------------------------------------------------------------
 
-    def run(self, program_address: int = 0, *, max_instructions: int = 1_000_000) -> RunResult:
-        """Fetch, check and execute from ``program_address`` until HALT or an error."""
-        self.pc = program_address
-        if program_address % isa.INSTRUCTION_BYTES:
-            return RunResult(ErrorCode.MISALIGNED, program_address, program_address, dict(self.counters),
-                             "program address is not a multiple of the instruction size")
-        for _ in range(max_instructions):
-            pc = self.pc
-            if pc + isa.INSTRUCTION_BYTES > len(self.memory):
-                return RunResult(ErrorCode.BUS_ERROR, pc, pc, dict(self.counters), "fetch beyond memory")
-            word = int.from_bytes(self.memory[pc:pc + isa.INSTRUCTION_BYTES].numpy().tobytes(), "little")
-            self.counters["fetch_bytes"] += isa.INSTRUCTION_BYTES
-            try:
-                instruction = isa.decode(word)
-            except IllegalInstruction as error:
-                return RunResult(error.code, pc, pc, dict(self.counters), str(error))
-            code = self.execute(instruction, pc=pc)
-            if code != ErrorCode.NONE:
-                return RunResult(code, pc, pc, dict(self.counters), f"{instruction.OPCODE.name}: {code.name}")
-            self.pc = pc + isa.INSTRUCTION_BYTES
-            if isinstance(instruction, isa.Halt):
-                return RunResult(ErrorCode.NONE, None, self.pc, dict(self.counters))
-        raise ProgramError("runaway", f"no HALT within {max_instructions} instructions", self.pc)
+    def _fetch(self, pc: int) -> tuple:
+        try:
+            instruction = isa.decode(self._word(pc))
+        except IllegalInstruction as error:
+            return None, error
+        return instruction, instruction
+
+    def _step(self, instruction, pc: int) -> ErrorCode:
+        return self.execute(instruction, pc=pc)
 
     def execute(self, instruction: isa.Instruction, *, pc: int | None = None) -> ErrorCode:
         """Check and execute one decoded instruction. Returns its error code (the state is unchanged
@@ -583,7 +621,7 @@ class _Plan:
         self.extra: dict = {}
 
 
-class Machine:
+class Machine(_Machine):
     """The golden ISS, fast: the semantics of :class:`ReferenceMachine`, vectorized on float32 values,
     on CPU or a CUDA device.
 
@@ -602,9 +640,7 @@ class Machine:
 
     def __init__(self, config: MarcaConfig, memory, *, buffer_fill: int | None = None,
                  check_hazards: bool = True, check_undefined: bool = True, device="cpu"):
-        if not isinstance(config, MarcaConfig):
-            raise ValueError(f"config must be a MarcaConfig, not {config!r}")
-        isa.check_config(config)
+        image = self._checked_image(config, memory)
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError):
@@ -614,11 +650,6 @@ class Machine:
             raise RuntimeError("float32 arithmetic flushes subnormals in this process (FTZ/DAZ set, e.g. by "
                                "torch.set_flush_denormal(True)); the FP32 fast path needs IEEE gradual "
                                "underflow")
-        self.config = config
-        image = memory_to_tensor(memory)
-        if len(image) > 1 << config.axi_addr_width:
-            raise ValueError(f"memory of {len(image)} bytes exceeds the {config.axi_addr_width}-bit "
-                             f"address space")
         self.memory_size = len(image)
         padded = torch.zeros(-(-max(len(image), 1) // 8) * 8, dtype=torch.uint8)
         padded[:len(image)] = image
@@ -633,7 +664,6 @@ class Machine:
         self.written = {b: np.frombuffer(self._written_bytes[b], dtype=bool) for b in Buffer}
         self.check_hazards = check_hazards
         self.check_undefined = check_undefined
-        self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         # Barrier bookkeeping: stamps[(stream, kind)][buffer][e] is the epoch in which the stream last
         # touched element e that way; a barrier starts a new epoch. Arrays are made on first touch.
         self._epoch = 0
@@ -649,7 +679,6 @@ class Machine:
         self._fetched: dict[int, object] = {}
         self._views: dict = {}              # _Access -> its view of self.values (updated in place)
         self._fetched_span = [None, None]
-        self.pc = None
 
     # State in the reference representation ---------------------------------------------------------------
 
@@ -659,12 +688,6 @@ class Machine:
     def buffer_bits(self, buffer: Buffer) -> torch.Tensor:
         """A buffer's contents as compute-format bit patterns (int64, on the CPU)."""
         return fp.from_values(self.values[Buffer(buffer)].cpu(), self.config.compute_format)
-
-    def read_elements(self, address: int, count: int, *, storage: bool = True) -> torch.Tensor:
-        """``count`` contiguous elements at byte ``address`` (storage format by default) as bit patterns."""
-        size = self.config.storage_bytes if storage else self.config.compute_bytes
-        width = (self.config.storage_format if storage else self.config.compute_format).width
-        return unpack_elements(self.memory_bytes()[address:address + count * size], size, width)
 
     def _memory_elements(self, size: int) -> torch.Tensor:
         return self.memory.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[size])
@@ -695,11 +718,8 @@ class Machine:
                         if bool((access.array(stamps) == epoch).any()):
                             index = access.indices()
                             first = int(index[stamps[index] == epoch].min())
-                            raise ProgramError(
-                                "barrier", f"{stream} {kind} of {access.buffer.name} elements that an "
-                                f"earlier "
-                                f"{other} instruction {other_kind}s (first {first}) with no BARRIER between "
-                                "them", pc)
+                            raise self._barrier_error(stream, kind, access.buffer, other, other_kind, first,
+                                                      pc)
         for kind, accesses in (("read", reads), ("write", writes)):
             for access in accesses:
                 key = (stream, kind, access.buffer)
@@ -734,8 +754,7 @@ class Machine:
             if not defined:
                 index = access.indices()
                 first = int(index[~written[index]][0])
-                raise ProgramError("undefined", f"{name} reads {access.buffer.name} element {first}, which "
-                                   "nothing has written", pc)
+                raise self._undefined_error(name, access.buffer, first, pc)
 
     def _view(self, access: _Access) -> torch.Tensor:
         """``access``'s view of its buffer, made once per machine (as_strided costs more than the small
@@ -760,40 +779,26 @@ class Machine:
 
     # Execution ------------------------------------------------------------------------------------------
 
-    def run(self, program_address: int = 0, *, max_instructions: int = 1_000_000) -> RunResult:
-        """Fetch, check and execute from ``program_address`` until HALT or an error."""
-        self.pc = program_address
-        if program_address % isa.INSTRUCTION_BYTES:
-            return RunResult(ErrorCode.MISALIGNED, program_address, program_address, dict(self.counters),
-                             "program address is not a multiple of the instruction size")
-        for _ in range(max_instructions):
-            pc = self.pc
-            if pc + isa.INSTRUCTION_BYTES > self.memory_size:
-                return RunResult(ErrorCode.BUS_ERROR, pc, pc, dict(self.counters), "fetch beyond memory")
-            plan = self._fetched.get(pc)
-            if plan is None:
-                host = self._memory_host
-                word = int.from_bytes((host[pc:pc + isa.INSTRUCTION_BYTES] if host is not None else
-                                       self.memory[pc:pc + isa.INSTRUCTION_BYTES].cpu().numpy()).tobytes(),
-                                      "little")
-                decoded = _decode_word(word)
-                plan = self._fetched[pc] = decoded if isinstance(decoded, IllegalInstruction) \
-                    else self._plan(decoded)
-                low, high = self._fetched_span
-                self._fetched_span = [pc if low is None else min(low, pc),
-                                      pc + isa.INSTRUCTION_BYTES if high is None
-                                      else max(high, pc + isa.INSTRUCTION_BYTES)]
-            self.counters["fetch_bytes"] += isa.INSTRUCTION_BYTES
-            if isinstance(plan, IllegalInstruction):
-                return RunResult(plan.code, pc, pc, dict(self.counters), str(plan))
-            code = self._execute(plan, pc)
-            if code != ErrorCode.NONE:
-                return RunResult(code, pc, pc, dict(self.counters),
-                                 f"{plan.instruction.OPCODE.name}: {code.name}")
-            self.pc = pc + isa.INSTRUCTION_BYTES
-            if plan.halts:
-                return RunResult(ErrorCode.NONE, None, self.pc, dict(self.counters))
-        raise ProgramError("runaway", f"no HALT within {max_instructions} instructions", self.pc)
+    def _fetch(self, pc: int) -> tuple:
+        """The plan of the instruction at ``pc``, cached per pc (a STORE over fetched code drops entries)."""
+        plan = self._fetched.get(pc)
+        if plan is None:
+            host = self._memory_host
+            word = int.from_bytes(host[pc:pc + isa.INSTRUCTION_BYTES].tobytes(), "little") \
+                if host is not None else self._word(pc)
+            decoded = _decode_word(word)
+            plan = self._fetched[pc] = decoded if isinstance(decoded, IllegalInstruction) \
+                else self._plan(decoded)
+            low, high = self._fetched_span
+            self._fetched_span = [pc if low is None else min(low, pc),
+                                  pc + isa.INSTRUCTION_BYTES if high is None
+                                  else max(high, pc + isa.INSTRUCTION_BYTES)]
+        if isinstance(plan, IllegalInstruction):
+            return None, plan
+        return plan.instruction, plan
+
+    def _step(self, plan: "_Plan", pc: int) -> ErrorCode:
+        return self._execute(plan, pc)
 
     def execute(self, instruction: isa.Instruction, *, pc: int | None = None) -> ErrorCode:
         """Check and execute one decoded instruction. Returns its error code (the state is unchanged
@@ -1217,23 +1222,11 @@ def elementwise_values(op: ElementwiseOp, operands: dict, fmt: FloatFormat) -> t
     op = int(op)           # plain int comparisons: comparing amaranth enum members is slow
     if op == ElementwiseOp.PASS:
         return a.copy() if isinstance(a, np.ndarray) else a.clone()
-    if op == ElementwiseOp.MUL:
-        return fp.value_mul(a, b, fmt)
-    if op == ElementwiseOp.ADD:
-        return fp.value_add(a, b, fmt)
-    if op == ElementwiseOp.SUB:
-        return fp.value_sub(a, b, fmt)
-    if op == ElementwiseOp.MULADD:
-        return fp.value_mul_add(a, b, c, fmt)
-    if op == ElementwiseOp.MIN:
-        return fp.value_minimum(a, b, fmt)
-    if op == ElementwiseOp.MAX:
-        return fp.value_maximum(a, b, fmt)
     if op == ElementwiseOp.CMP_SELECT:
         xp = fp._xp(a, b, c)
         a, b, c = fp._broadcast(xp, a, b, c)
         return xp.where(a < b, c, a)
-    raise ValueError(f"op {op!r} is not an element-wise instruction op")
+    return _arithmetic(op, a, b, c, fmt, "value_")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1325,24 +1318,27 @@ def elementwise_op(op: ElementwiseOp, operands: dict, fmt: FloatFormat) -> torch
     tests/test_iss.py checks the two agree on every op); this form is just faster for the simulator.
     """
     a, b, c = operands.get("a"), operands.get("b"), operands.get("c")
+    op = int(op)
     if op == ElementwiseOp.PASS:
         return pe_array.read(a, fmt)
-    if op == ElementwiseOp.MUL:
-        return fp.mul(a, b, fmt)
-    if op == ElementwiseOp.ADD:
-        return fp.add(a, b, fmt)
-    if op == ElementwiseOp.SUB:
-        return fp.sub(a, b, fmt)
-    if op == ElementwiseOp.MULADD:
-        return fp.add(fp.mul(a, b, fmt), c, fmt)
-    if op == ElementwiseOp.MIN:
-        return fp.minimum(a, b, fmt)
-    if op == ElementwiseOp.MAX:
-        return fp.maximum(a, b, fmt)
     if op == ElementwiseOp.CMP_SELECT:
         less, _, _ = fp.compare(a, b, fmt)
         return torch.where(less, pe_array.read(c, fmt), pe_array.read(a, fmt))
-    raise ValueError(f"op {op!r} is not an element-wise instruction op")
+    return _arithmetic(op, a, b, c, fmt, "")
+
+
+_ARITHMETIC = {ElementwiseOp.MUL: "mul", ElementwiseOp.ADD: "add", ElementwiseOp.SUB: "sub",
+               ElementwiseOp.MULADD: "mul_add", ElementwiseOp.MIN: "minimum", ElementwiseOp.MAX: "maximum"}
+
+
+def _arithmetic(op: int, a, b, c, fmt: FloatFormat, prefix: str):
+    """The arithmetic element-wise ops: ``fp.<name>`` on bit patterns (``prefix=""``), ``fp.value_<name>``
+    on values (``"value_"``)."""
+    name = _ARITHMETIC.get(op)
+    if name is None:
+        raise ValueError(f"op {op!r} is not an element-wise instruction op")
+    function = getattr(fp, prefix + name)
+    return function(a, b, c, fmt) if name == "mul_add" else function(a, b, fmt)
 
 
 def _write_last_wins(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
