@@ -1,7 +1,8 @@
 """Benchmark (explicit only): where a released-size random model's ISS logits part from float64 (docs/model.md).
 
-    marca bench model_sensitivity                      # 130m shapes, "Hello", default, every layer
+    python -m marca.bench.model_sensitivity             # 130m shapes, "Hello", default, every layer
     python -m marca.bench.model_sensitivity --layers 4 --config default --out build/bench
+    python -m marca.bench.model_sensitivity --float-only      # the float64 references only, every layer
 
 The random-initialised Mamba of a released size (``marca generate --random``: transformers' initialisation,
 seed 0) is run three ways on the same prompt:
@@ -50,7 +51,8 @@ def _rel(a, b, scale):
 
 
 def measure(size: str = "130m", layers: int | None = None, config_name: str = "default", prompt: str = "Hello",
-            seed: int = 0, log=print) -> dict:
+            seed: int = 0, iss: bool = True, log=print) -> dict:
+    """The per-layer and logit comparisons (``iss=False``: the two float64 references only, in minutes)."""
     from transformers import MambaForCausalLM
 
     from marca import isa
@@ -77,6 +79,27 @@ def measure(size: str = "130m", layers: int | None = None, config_name: str = "d
     log(f"float references built ({time.perf_counter() - started:.0f} s); logits |max| "
         f"{float(out64.logits.abs().max()):.2f}, std {float(out64.logits.std()):.2f}")
 
+    if not iss:
+        rows = []
+        for n in range(layers):
+            h64, hbf = out64.hidden_states[n][0], outbf.hidden_states[n][0]
+            scale = float(h64.pow(2).mean().sqrt())
+            rows.append({"layer": n, "residual_rms": scale, "storage_rounded_vs_float64": _rel(hbf, h64, scale)})
+            log(f"layer {n:2d}: residual rms {scale:8.2f}; storage-rounded vs float64 "
+                f"{rows[-1]['storage_rounded_vs_float64']['rms_rel']:.2e}")
+        l64, lbf = out64.logits[0], outbf.logits[0]
+        scale = float(l64.pow(2).mean().sqrt())
+        top = l64.topk(2, -1).values
+        logit_row = {"logits_rms": scale, "logits_max_abs": float(l64.abs().max()),
+                     "storage_rounded_vs_float64": _rel(lbf, l64, scale),
+                     "top1_storage_rounded_vs_float64": float((lbf.argmax(-1) == l64.argmax(-1)).double().mean()),
+                     "float64_top1_top2_gap": [float(g) for g in top[:, 0] - top[:, 1]]}
+        log(f"logits (rms {scale:.2f}, |max| {logit_row['logits_max_abs']:.2f}): storage-rounded vs float64 max |d| "
+            f"{logit_row['storage_rounded_vs_float64']['max_abs']:.3g}, top-1 "
+            f"{logit_row['top1_storage_rounded_vs_float64']:.0%}; float64's top-1 - top-2 gaps "
+            + ", ".join(f"{g:.3g}" for g in logit_row["float64_top1_top2_gap"]))
+        return {"size": size, "layers": layers, "config": config.name, "prompt": prompt, "seed": seed,
+                "per_layer": rows, "logits": logit_row, "seconds": time.perf_counter() - started}
     compiled = compile_model(state, mamba_config, config, prompt_length=len(ids), logits="all")
     program = compiled.programs["prefill"]
     stops = {}      # instruction index where layer n's residual add ends -> n (-1: the embedding)
@@ -145,19 +168,23 @@ def measure(size: str = "130m", layers: int | None = None, config_name: str = "d
             "seconds": time.perf_counter() - started}
 
 
-def run(out_dir: pathlib.Path, layers: int | None = None, config_name: str = "default") -> dict:
+def run(out_dir: pathlib.Path, layers: int | None = None, config_name: str = "default", iss: bool = True,
+        size: str = "130m") -> dict:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = measure(layers=layers, config_name=config_name)
-    suffix = "" if layers is None else f"_{layers}layers"
+    result = measure(size, layers=layers, config_name=config_name, iss=iss)
+    suffix = ("" if size == "130m" else f"_{size}") + ("" if layers is None else f"_{layers}layers") \
+        + ("" if iss else "_float")
     (out_dir / f"model_sensitivity_{config_name}{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="130m", help="a marca generate --random size (default 130m)")
     parser.add_argument("--layers", type=int, default=None, help="the first N layers only (default all)")
     parser.add_argument("--config", default="default")
+    parser.add_argument("--float-only", action="store_true", help="the two float64 references only (no ISS)")
     parser.add_argument("--out", default="build/bench")
     args = parser.parse_args()
-    run(args.out, args.layers, args.config)
+    run(args.out, args.layers, args.config, iss=not args.float_only, size=args.size)

@@ -222,6 +222,9 @@ def generate(args) -> int:
         _progress(f"note: the image needs {bits} address bits; {config.name!r} has axi_addr_width "
                   f"{config.axi_addr_width}\n")
     report["compile_seconds"] = time.perf_counter() - compile_started
+    _progress(f"compiled in {report['compile_seconds']:.0f} s: prefill {len(compiled.programs['prefill'].instructions)} "
+              f"instructions, decode step {len(compiled.programs['decode'].instructions)}; memory image "
+              f"{compiled.memory_size / 2**20:.1f} MiB\n")
     report["memory_bytes"] = compiled.memory_size
     report["weight_bytes"] = compiled.weight_bytes
     report["prefill"] = _program_figures(config, compiled.programs["prefill"], len(ids))

@@ -302,12 +302,12 @@ def test_mixer_larger_than_the_buffers_runs_in_channel_groups():
     weight buffer's 128, a token's conv window 160 of the activation buffer's 128. The compiler cuts
     d_inner into channel groups that stream through memory; the result equals, bit for bit, the same
     array with buffers big enough for one group, and follows the float reference."""
-    weights, hidden = mixer(64, 16, seed=20), tokens(3, 64, seed=21)
-    grouped = compile_mixer(weights, TINY, length=3)
+    weights, hidden = mixer(64, 16, seed=20), tokens(2, 64, seed=21)
+    grouped = compile_mixer(weights, TINY, length=2)
     assert grouped.plan.groups > 1 and not grouped.plan.parameters_resident
     roomy = dataclasses.replace(TINY, name="tiny-roomy", weight_buffer_kib=64, activation_buffer_kib=16,
                                 state_buffer_kib=16, scratch_buffer_kib=16)
-    whole = compile_mixer(weights, roomy, length=3)
+    whole = compile_mixer(weights, roomy, length=2)
     assert whole.plan.groups == 1
     run, expected = grouped.run(hidden), whole.run(hidden)
     assert torch.equal(run.out, expected.out) and torch.equal(run.ssm_state, expected.ssm_state)
