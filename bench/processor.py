@@ -41,7 +41,8 @@ from marca.reference.mamba import (
     zero_states,
 )
 
-__all__ = ["run", "SIZES", "vectorised_scan", "MODEL_SIZES", "CPU_MODEL_SIZES", "measure_model", "model_rows"]
+__all__ = ["run", "SIZES", "vectorised_scan", "MODEL_SIZES", "CPU_BF16_SIZES", "cpu_model_sizes", "measure_model",
+           "model_rows", "model_parameters"]
 
 #: (d_model, sequence lengths) measured; batch 1, float32.
 SIZES = ((64, (128, 512, 2048)), (256, (128, 512, 2048)), (768, (128, 512, 2048)))
@@ -184,9 +185,10 @@ def _measure(d_model: int, length: int, device: torch.device, clock=time.perf_co
 
 #: Released Mamba-1 sizes for the whole-model rows (d_model, layers); vocab 50,280, d_state 16.
 MODEL_SIZES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48), "2.8b": (2560, 64)}
-#: Sizes measured on this machine's CPU (one thread): these fit its 24 GB and run in minutes; the larger
-#: ones fit in FP32 too (2.8b: ~11 GB) but one 512-token prefill takes minutes per run on one thread.
-CPU_MODEL_SIZES = ("130m", "370m")
+#: CPU whole-model rows: every size whose weights fit this machine's memory (:func:`cpu_model_sizes`), in
+#: float32; bfloat16 for these sizes only (this CPU has no bf16 instructions, AVX2 only: PyTorch emulates
+#: them, several times slower than float32, so the bigger sizes would take most of an hour on one thread).
+CPU_BF16_SIZES = ("130m", "370m")
 MODEL_PREFILL_TOKENS = 512
 MODEL_DECODE_TOKENS = 16
 
@@ -203,14 +205,17 @@ def measure_model(size: str, device: torch.device, dtype: torch.dtype, clock=tim
     model = MambaForCausalLM(config).to(device=device, dtype=dtype).eval()
     prompt = torch.randint(0, 50280, (1, MODEL_PREFILL_TOKENS), device=device)
     short = prompt[:, :16]
+    # The best of two timed runs after a warm-up; one for the sizes above 370m on the CPU (minutes each).
+    repeats = 1 if device.type == "cpu" and d_model > 1024 else 2
     with torch.inference_mode():
-        prefill_s = _best_seconds(lambda: model(prompt), device, clock, min_repeats=2, min_seconds=0.1,
+        prefill_s = _best_seconds(lambda: model(prompt), device, clock, min_repeats=repeats, min_seconds=0.1,
                                   max_repeats=3)
-        short_s = _best_seconds(lambda: model(short), device, clock, min_repeats=2, min_seconds=0.1, max_repeats=3)
+        short_s = _best_seconds(lambda: model(short), device, clock, min_repeats=repeats, min_seconds=0.1,
+                                max_repeats=3)
         generate_s = _best_seconds(
             lambda: model.generate(short, max_new_tokens=MODEL_DECODE_TOKENS, min_new_tokens=MODEL_DECODE_TOKENS,
-                                   do_sample=False, pad_token_id=0), device, clock, min_repeats=2, min_seconds=0.1,
-            max_repeats=3)
+                                   do_sample=False, pad_token_id=0), device, clock, min_repeats=repeats,
+            min_seconds=0.1, max_repeats=3)
     decode_s = max(generate_s - short_s, 1e-9) / MODEL_DECODE_TOKENS
     return {"size": size, "d_model": d_model, "layers": layers, "dtype": str(dtype).replace("torch.", ""),
             "device": device.type, "prefill_tokens": MODEL_PREFILL_TOKENS,
@@ -218,18 +223,57 @@ def measure_model(size: str, device: torch.device, dtype: torch.dtype, clock=tim
             "decode_tokens_per_s": 1.0 / decode_s, "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def _available_memory_bytes() -> int:
+    try:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def model_parameters(size: str) -> int:
+    """Parameters of the released size (transformers' MambaForCausalLM, tied embedding), from shapes."""
+    d_model, layers = MODEL_SIZES[size]
+    d_inner, d_state, rank = 2 * d_model, 16, -(-d_model // 16)
+    layer = (d_model * 2 * d_inner + d_inner * 4 + d_inner + d_inner * (rank + 2 * d_state) + rank * d_inner
+             + d_inner + d_inner * d_state + d_inner + d_inner * d_model + d_model)
+    return 50280 * d_model + layers * layer + d_model
+
+
+def cpu_model_sizes(bytes_per_parameter: int = 4, headroom: float = 1.5) -> tuple[list[str], dict]:
+    """(sizes that fit, {size: why not} for the others): a size fits when ``headroom`` x its weights fit the
+    memory available now (the model, its activations and the allocator's slack)."""
+    available = _available_memory_bytes()
+    fits, skipped = [], {}
+    for size in MODEL_SIZES:
+        need = model_parameters(size) * bytes_per_parameter * headroom
+        if need <= available:
+            fits.append(size)
+        else:
+            skipped[size] = f"needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
+    return fits, skipped
+
+
 def model_rows(sizes=None) -> list[dict]:
-    """Whole-model rows: CPU one thread (fp32, :data:`CPU_MODEL_SIZES`), CUDA when present (every size,
-    bf16 and fp32)."""
+    """Whole-model rows: CPU one thread (float32 for every size that fits memory, bfloat16 for
+    :data:`CPU_BF16_SIZES`), CUDA when present (every size, bf16 and fp32)."""
     rows = []
     default_threads = torch.get_num_threads()
+    fits, skipped = cpu_model_sizes()
+    for size, why in skipped.items():
+        rows.append({"target": "cpu-1thread", "size": size, "dtype": "float32", "skipped": why})
+        print(f"model {size} cpu-1thread fp32: not measured ({why})", flush=True)
     try:
         torch.set_num_threads(1)
-        for size in sizes or CPU_MODEL_SIZES:
-            row = {"target": "cpu-1thread", **measure_model(size, torch.device("cpu"), torch.float32, time.thread_time)}
+        plan = [(size, torch.float32) for size in (sizes or fits)]
+        plan += [(size, torch.bfloat16) for size in (sizes or fits) if size in CPU_BF16_SIZES]
+        for size, dtype in plan:
+            row = {"target": "cpu-1thread", **measure_model(size, torch.device("cpu"), dtype, time.thread_time)}
             rows.append(row)
-            print(f"model {size} cpu-1thread fp32: prefill {row['prefill_tokens_per_s']:,.0f} tok/s, decode "
-                  f"{row['decode_tokens_per_s']:,.1f} tok/s", flush=True)
+            print(f"model {size} cpu-1thread {row['dtype']}: prefill {row['prefill_tokens_per_s']:,.1f} tok/s, "
+                  f"decode {row['decode_tokens_per_s']:,.2f} tok/s", flush=True)
     finally:
         torch.set_num_threads(default_threads)
     if torch.cuda.is_available():
@@ -240,6 +284,8 @@ def model_rows(sizes=None) -> list[dict]:
                 rows.append(row)
                 print(f"model {size} cuda {row['dtype']}: prefill {row['prefill_tokens_per_s']:,.0f} tok/s, "
                       f"decode {row['decode_tokens_per_s']:,.1f} tok/s", flush=True)
+    else:
+        rows.append({"target": "cuda", "skipped": "no CUDA device (torch.cuda.is_available() is false)"})
     return rows
 
 
@@ -269,8 +315,9 @@ def _targets():
     return targets, default_threads
 
 
-def run(out_dir: pathlib.Path) -> dict:
-    """Measure, print a table, write ``out_dir/processor.json`` and return what it holds."""
+def run(out_dir: pathlib.Path, *, models_only: bool = False) -> dict:
+    """Measure, print a table, write ``out_dir/processor.json`` and return what it holds (``models_only``:
+    the whole-model rows only, ``python -m marca.bench.processor OUT --models``)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets, default_threads = _targets()
@@ -285,7 +332,7 @@ def run(out_dir: pathlib.Path) -> dict:
     print(header)
     print("-" * len(header))
     try:
-        for label, device, threads, clock_name in targets:
+        for label, device, threads, clock_name in ([] if models_only else targets):
             torch.set_num_threads(threads)
             for d_model, lengths in SIZES:
                 for length in lengths:
@@ -326,4 +373,5 @@ def run(out_dir: pathlib.Path) -> dict:
 
 
 if __name__ == "__main__":
-    run(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "build/bench"))
+    arguments = [a for a in sys.argv[1:] if not a.startswith("--")]
+    run(pathlib.Path(arguments[0] if arguments else "build/bench"), models_only="--models" in sys.argv)

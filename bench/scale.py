@@ -264,7 +264,12 @@ def _sweep(out_dir: pathlib.Path, size: str, memory_name: str, arrays, bus_width
 
 SECONDARY_SIZES = ("130m", "370m")
 """Sizes of the secondary rows (buffer management off; the ``default`` preset) in a normal run; ``--full``
-runs them for every size (compiling the big layers for the small preset takes most of an hour)."""
+runs them for every size (the big layers on the small preset's buffers compile for many minutes)."""
+
+PUBLISHED = {
+    "cpu": "463x vs a Xeon 8358P (the whole CPU; MARCA paper)",
+    "gpu": "up to 11.66x vs an A100 (MARCA paper); 1.38x on Mamba-2.8B (an independent accelerator paper)",
+}
 
 
 def _plan(quick: bool, full: bool = False):
@@ -281,6 +286,41 @@ def _plan(quick: bool, full: bool = False):
         plan.append((DEFAULT, size, "hbm", True, tuple(SCENARIOS)))
         plan.append((DEFAULT, size, "ddr", True, tuple(SCENARIOS)))
     return plan
+
+
+def comparison_table(results: dict, processor: dict | None) -> str:
+    """The accelerator (modelled, ``paper``, HBM-class memory) beside the processors' measured whole-model
+    rows of ``marca bench processor`` (``processor.json``'s ``models``), with the ratios and MARCA's
+    published ones."""
+    measured = {}
+    for row in (processor or {}).get("models", []):
+        if "skipped" not in row:
+            measured[(row["target"], row["size"], row["dtype"])] = row
+    gpu = next((row for row in (processor or {}).get("models", []) if row.get("target") == "cuda"), None)
+    gpu_note = gpu.get("skipped", "") if gpu and "skipped" in gpu else ("no processor.json" if not processor else "")
+    lines = ["| size | scenario | accelerator, paper, HBM-class (modelled) tok/s | CPU 1 thread fp32 (measured) tok/s "
+             "| ratio | CPU 1 thread bf16 tok/s | ratio | GPU | MARCA published |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for size in SIZES:
+        entry = results.get(f"paper|{size}|hbm|True")
+        if not entry or "error" in entry:
+            continue
+        for scenario, key, label in (("prefill-512", "prefill_tokens_per_s", "prefill 512"),
+                                     ("decode-b1", "decode_tokens_per_s", "decode batch 1")):
+            accelerator = entry[scenario]["tokens_per_second"]
+            cells = []
+            for dtype in ("float32", "bfloat16"):
+                row = measured.get(("cpu-1thread", size, dtype))
+                if row:
+                    cells += [f"{row[key]:,.2f}", f"{accelerator / row[key]:,.0f}x"]
+                else:
+                    cells += ["not measured", "-"]
+            gpu_cell = "; ".join(f"{row['dtype']} {row[key]:,.1f} ({accelerator / row[key]:.2f}x)"
+                                 for (target, s, _), row in measured.items() if target == "cuda" and s == size) \
+                or f"not measured ({gpu_note or 'no CUDA device'})"
+            lines.append(f"| {size} | {label} | {accelerator:,.1f} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
+                         f"{gpu_cell} | {PUBLISHED['cpu']}; {PUBLISHED['gpu']} |")
+    return "\n".join(lines)
 
 
 def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False) -> dict:
@@ -304,9 +344,14 @@ def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False) -> di
         (out_dir / "scale.json").write_text(json.dumps(summary, indent=1) + "\n")
     tables = "\n\n".join([_table(results, "hbm"), _table(results, "ddr"), _table(results, "hbm", False)])
     print(tables)
+    processor_file = out_dir / "processor.json"
+    processor = json.loads(processor_file.read_text()) if processor_file.exists() else None
+    summary["comparison"] = comparison_table(results, processor)
+    print("\nAccelerator vs processors (processors: " + (str(processor_file) if processor else "no processor.json: "
+          "run `marca bench processor` first") + ")\n" + summary["comparison"])
     _roofline(results, out_dir / "scale-roofline.png", PAPER, "hbm")
     summary["sweep"] = _sweep(out_dir, "130m", "hbm", (16, 32, 64), (128, 256, 512, 1024))
-    summary["tables"] = tables
+    summary["tables"] = tables + "\n\n" + summary["comparison"]
     summary["wall_seconds"] = round(time.time() - started, 1)
     (out_dir / "scale.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

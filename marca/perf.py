@@ -60,7 +60,7 @@ class MemorySystem:
 
     read_latency : cycles from a read request accepted on the bus to its first data beat.
     write_latency : cycles from the last write beat of a burst to its write response.
-    burst_gap : idle cycles between two read bursts on the data channel.
+    burst_gap : idle cycles between two read bursts on the data channel (a fixed gap: pauses do not stretch it).
     bytes_per_cycle : sustained DRAM bandwidth (None: the bus's beat per cycle is the limit).
     pause : probability that a channel pauses in a cycle (cocotbext-axi's random pauses).
     """
@@ -381,7 +381,7 @@ class _ReadChannel:
 
     def request(self, at: float, beats: int) -> tuple[float, float]:
         """A burst requested on the bus at ``at``: (first beat, last beat)."""
-        first = max(at + self.latency, self.free + self.gap * self.period + self.handshake)
+        first = max(at + self.latency, self.free + self.gap + self.handshake)
         last = first + (beats - 1) * self.period
         self.free = last + self.period
         return first, last
@@ -461,7 +461,9 @@ class _Model:
                     self.read.free = max(self.read.free, taken - 2)
                     outstanding.append((taken, beats))
                     in_flight += beats
-                row_setup = request + 1
+                # The address side's next row: its set-up register the cycle after this request (the
+                # row register, the burst length register, the request: a row every 3 cycles).
+                row_setup = request
                 id_request = request + 1
             end = taken + t.convert_latency + P["dma_load_tail"]
             self.counters["dma_read_busy_cycles"] += end - start
