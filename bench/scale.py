@@ -262,7 +262,7 @@ def _sweep(out_dir: pathlib.Path, size: str, memory_name: str, arrays, bus_width
     return grid
 
 
-SECONDARY_SIZES = ("130m", "370m")
+SECONDARY_SIZES = ("130m",)
 """Sizes of the secondary rows (buffer management off; the ``default`` preset) in a normal run; ``--full``
 runs them for every size (the big layers on the small preset's buffers compile for many minutes)."""
 
@@ -272,9 +272,16 @@ PUBLISHED = {
 }
 
 
-def _plan(quick: bool, full: bool = False):
-    """(config, size, memory, buffer management, scenarios) in the order they run."""
-    sizes = ["130m"] if quick else list(SIZES)
+def _plan(quick: bool, full: bool = False, sizes=None, skip=()):
+    """(config, size, memory, buffer management, scenarios) in the order they run; ``skip``: (size,
+    scenario) pairs left out (``--skip 1.4b:prefill-2048,...``: the long compiles)."""
+    plan = _full_plan(quick, full, sizes)
+    return [(config, size, memory, managed, tuple(s for s in scenarios if (size, s) not in set(skip)))
+            for config, size, memory, managed, scenarios in plan]
+
+
+def _full_plan(quick: bool, full: bool = False, sizes=None):
+    sizes = ["130m"] if quick else list(sizes or SIZES)
     secondary = sizes if full else [size for size in sizes if size in SECONDARY_SIZES]
     plan = []
     for size in sizes:
@@ -323,13 +330,14 @@ def comparison_table(results: dict, processor: dict | None) -> str:
     return "\n".join(lines)
 
 
-def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False) -> dict:
+def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False, sizes=None, skip=()) -> dict:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results = {}
     summary = {"clock_hz": CLOCK_HZ, "memories": MEMORIES, "vocab": VOCAB, "sizes": SIZES, "results": results}
-    for config, size, memory_name, managed, scenarios in _plan(quick, full):
+    summary["plan"] = {"quick": quick, "full": full, "sizes": list(sizes or SIZES), "skip": [list(p) for p in skip]}
+    for config, size, memory_name, managed, scenarios in _plan(quick, full, sizes, skip):
         memory = memory_system(memory_name)
         try:
             entry = {scenario: model_run(config, size, scenario, memory, managed) for scenario in scenarios}
@@ -358,6 +366,11 @@ def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False) -> di
 
 
 if __name__ == "__main__":
-    arguments = [a for a in sys.argv[1:] if not a.startswith("--")]
-    run(pathlib.Path(arguments[0] if arguments else "build/bench"), quick="--quick" in sys.argv,
-        full="--full" in sys.argv)
+    # python -m marca.bench.scale [out_dir] [--quick] [--full] [--sizes 130m,370m] [--skip SIZE:SCENARIO,...]
+    argv = sys.argv[1:]
+    def option(name):
+        return argv[argv.index(name) + 1].split(",") if name in argv else None
+    values = {a for name in ("--sizes", "--skip") if name in argv for a in [argv[argv.index(name) + 1]]}
+    arguments = [a for a in argv if not a.startswith("--") and a not in values]
+    run(pathlib.Path(arguments[0] if arguments else "build/bench"), quick="--quick" in argv, full="--full" in argv,
+        sizes=option("--sizes"), skip=[tuple(item.split(":")) for item in option("--skip") or []])
