@@ -67,6 +67,8 @@ def _class_machine(config, device, reference):
     most = 1 << 21
     values = torch.randn(most, generator=generator, dtype=torch.float64)
     data = iss.pack_elements(fp.encode(values, config.storage_format), config.storage_bytes)
+    ids = torch.randint(0, _GATHER_TABLE_ROWS, (_GATHER_ROWS,), generator=generator)
+    data += iss.pack_elements(ids, isa.INDEX_BYTES)          # GATHER's ids, after the data
     machine = iss.ReferenceMachine(config, data) if reference else iss.Machine(config, data, device=device)
     for buffer in isa.Buffer:
         elements = min(isa.buffer_elements(config, buffer), most)
@@ -76,6 +78,9 @@ def _class_machine(config, device, reference):
                                      buffer_address=start))
     machine.execute(isa.Barrier())
     return machine
+
+
+_GATHER_ROWS, _GATHER_TABLE_ROWS, _GATHER_WIDTH = 32, 2048, 768
 
 
 def _class_cases(config):
@@ -100,6 +105,11 @@ def _class_cases(config):
             op=ElementwiseOp.MUL, dst_buffer=Buffer.SCRATCH, **scan,
             a_buffer=Buffer.STATE, a_outer_stride=16, a_inner_stride=1,
             b_buffer=Buffer.WEIGHT, b_outer_stride=16, b_inner_stride=1),
+        "gather (32 rows of 768 from 2048)": isa.Gather(
+            memory_address=0, row_count=_GATHER_ROWS, row_elements=_GATHER_WIDTH,
+            memory_row_stride=_GATHER_WIDTH * config.storage_bytes, buffer=Buffer.ACTIVATION,
+            buffer_row_stride=_GATHER_WIDTH, index_address=(1 << 21) * config.storage_bytes,
+            table_rows=_GATHER_TABLE_ROWS),
         "load (storage -> compute, 2^20 elements)": isa.Load(memory_address=0, row_count=32,
                                                               row_elements=1 << 15,
                                                               memory_row_stride=config.storage_bytes << 15,
@@ -228,6 +238,29 @@ def _run_mixer(config, compiled, memory, **options) -> dict:
             "counters": result.counters}
 
 
+def _class_breakdown(config, compiled, memory) -> dict:
+    """CPU seconds per instruction class of one fast run (each instruction timed; the timing adds a few
+    microseconds per instruction)."""
+    from marca.golden import iss
+    seconds, counts = {}, {}
+    machine = iss.Machine(config, memory)
+    execute = machine._execute
+
+    def timed(plan, pc):
+        started = time.process_time()
+        code = execute(plan, pc)
+        name = plan.instruction.OPCODE.name
+        seconds[name] = seconds.get(name, 0.0) + time.process_time() - started
+        counts[name] = counts.get(name, 0) + 1
+        return code
+    machine._execute = timed
+    machine.run(compiled.program_address)
+    total = sum(seconds.values())
+    return {name: {"instructions": counts[name], "cpu_seconds": seconds[name], "share": seconds[name] / total,
+                   "microseconds_each": 1e6 * seconds[name] / counts[name]}
+            for name in sorted(seconds, key=seconds.get, reverse=True)}
+
+
 def _predict(counters: dict, config, rates: dict, fixed_us: float) -> float:
     """Seconds predicted from the per-class rates: LINEAR at the GEMV rate, ELEMENTWISE at the MULADD
     rate, NONLINEAR at the mean of the three functions' rates, DMA bytes at the LOAD and STORE rates, plus
@@ -327,6 +360,8 @@ def run(out_dir: pathlib.Path) -> dict:
             entry["cuda"] = _run_mixer(config, compiled, memory, device="cuda")     # warm
             if entry["cuda"]["image"] != fast["image"]:
                 raise AssertionError(f"{name}: CUDA and CPU machines differ")
+        if preset == "default" and mode == "prefill":
+            entry["classes"] = _class_breakdown(config, compiled, memory)
         ref = entry.get("reference")
         print(f"{name:34s} {fast['instructions']:6d} {fast['lane_operations']:12,d} {fast['seconds']:8.2f} "
               f"{fast['lane_operations_per_second'] / 1e6:6.1f} {unchecked['seconds']:11.2f} "
@@ -334,6 +369,12 @@ def run(out_dir: pathlib.Path) -> dict:
                  else f"{'-':>8s} {'-':>8s}")
               + f" {fast['wall_seconds']:7.2f} {fast['load']:5.1f}")
         results["mixers"][name] = entry
+
+    for name, entry in results["mixers"].items():
+        if "classes" in entry:
+            print(f"\n{name}, CPU time per instruction class (fast machine): " + ", ".join(
+                f"{k} {v['share']:.0%} ({v['instructions']} x {v['microseconds_each']:.0f} us)"
+                for k, v in entry["classes"].items()))
 
     # mamba-130m-shaped decode step, one layer, predicted and measured.
     config, compiled, memory = _mixer("paper", 768, "decode", None)

@@ -28,7 +28,8 @@ __all__ = [
     "convert", "to_int", "from_int", "ldexp", "tree_sum", "special_values", "random_bits",
     "ROUNDING_MODES",
     "to_values", "from_values", "round_values", "value_mul", "value_add", "value_sub", "value_mul_add",
-    "value_minimum", "value_maximum", "value_tree_sum", "value_convert", "subnormals_are_kept",
+    "value_minimum", "value_maximum", "value_tree_sum", "value_convert", "value_bits",
+    "subnormals_are_kept",
 ]
 
 ROUNDING_MODES = ("nearest_even", "toward_zero", "floor")
@@ -431,6 +432,25 @@ def value_convert(values, target: FloatFormat) -> torch.Tensor:
     if _is_fp32(target):
         return torch.as_tensor(values, dtype=torch.float32)     # every source value is an FP32 value
     return round_values(values, target)
+
+
+def value_bits(values, target: FloatFormat):
+    """``from_values(value_convert(values, target), target)``: values rounded into ``target`` as its bit
+    patterns (what a STORE writes), for torch tensors or numpy arrays. A target with float32's exponent
+    field (FP32, BF16, any ``(8, m)``) takes a shortcut on the float32 words themselves: values hold no
+    subnormals, so rounding to nearest even is ``(magnitude + half - 1 + lowest kept bit) >> dropped`` (a
+    carry moves into the exponent; the largest finite rounds up to the Inf pattern, as the contract's
+    overflow does), and nothing can fall below the target's smallest normal, which is float32's."""
+    if target.exp_bits != 8 or not isinstance(values, np.ndarray):
+        result = from_values(value_convert(torch.as_tensor(values), target), target)
+        return result.numpy() if isinstance(values, np.ndarray) else result
+    word = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.int64)
+    drop = 23 - target.man_bits
+    magnitude = word & 0x7FFFFFFF
+    if drop:
+        magnitude = (magnitude + ((1 << (drop - 1)) - 1) + ((magnitude >> drop) & 1)) >> drop
+    bits = ((word >> 31) << (target.width - 1)) | magnitude
+    return np.where(np.isnan(values), target.canonical_nan, bits)
 
 
 def value_tree_sum(values, fmt: FloatFormat) -> torch.Tensor:

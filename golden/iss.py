@@ -922,10 +922,14 @@ class Machine(_Machine):
         self._check_defined(access, "STORE", pc)
         self._check_streams("dma", [access], [], pc)
         size, fmt = extra["size"], extra["format"]
-        bits = fp.from_values(fp.value_convert(self._view(access), fmt), fmt)
-        bits = bits - ((bits >> (8 * size - 1)) << (8 * size))          # the signed element dtype's range
         elements = self._memory_elements(size)
-        bits = bits.to(elements.dtype)
+        if self._memory_host is not None:
+            bits = fp.value_bits(self._view(access).numpy(), fmt)
+            bits = torch.from_numpy(bits.astype({1: np.uint8, 2: np.uint16, 4: np.uint32}[size])
+                                    .view({1: np.uint8, 2: np.int16, 4: np.int32}[size]))
+        else:
+            bits = fp.value_bits(self._view(access), fmt)
+            bits = (bits - ((bits >> (8 * size - 1)) << (8 * size))).to(elements.dtype)  # signed range
         survivors = extra["survivors"]
         if survivors is None:
             extra["memory"].tensor(elements).copy_(bits)

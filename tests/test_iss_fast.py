@@ -119,6 +119,24 @@ def test_fp32_conversions_random_and_special():
         assert torch.equal(got, fp.convert(bits, FP32, target))
 
 
+@pytest.mark.parametrize("target", [FP32, BF16, FloatFormat(8, 3), FP16], ids=lambda f: f.name)
+def test_value_bits_equal_oracle(target):
+    """fp.value_bits (what a STORE writes; numpy's integer shortcut for targets with float32's exponent
+    field) against the oracle's conversion, from FP32 values: random, special, and values whose rounding
+    ties, carries into the exponent or overflows."""
+    generator = torch.Generator().manual_seed(23)
+    largest = FP32.largest_finite
+    bits = torch.cat([fp.random_bits(300_000, FP32, generator), fp.special_values(FP32),
+                      torch.tensor([largest, largest - 1, largest - (1 << 15), 0x3F808000, 0x3F818000,
+                                    0x3F807FFF, 0x3F80FFFF, 0xBF808000])])
+    expected = fp.convert(bits, FP32, target)
+    values = fp.to_values(bits, FP32)
+    assert torch.equal(fp.value_bits(values, target), expected)
+    assert torch.equal(torch.from_numpy(fp.value_bits(values.numpy(), target)), expected)
+    strided = values[::3]                                     # STORE hands it strided views of the buffer
+    assert torch.equal(torch.from_numpy(fp.value_bits(strided.numpy(), target)), expected[::3])
+
+
 # Two-input operations ---------------------------------------------------------------------------------------
 
 BINARY = {"mul": (fp.value_mul, fp.mul), "add": (fp.value_add, fp.add), "sub": (fp.value_sub, fp.sub),
