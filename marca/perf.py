@@ -93,7 +93,7 @@ class MemorySystem:
 
 
 # cocotbext-axi's AxiRam as the testbenches use it (fitted on the recorded pairs of ``marca bench perf_validate``).
-TESTBENCH_MEMORY = MemorySystem(read_latency=5.0, write_latency=2.0, burst_gap=1.0)
+TESTBENCH_MEMORY = MemorySystem(read_latency=4.0, write_latency=2.0, burst_gap=1.0)
 
 PIPELINE = {
     # Controller and top.
