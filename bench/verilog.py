@@ -1,6 +1,7 @@
 """Benchmark: deduplicated Verilog against one module per instance, and Verilator options.
 
     python -m marca.bench.verilog [out_dir] [preset ...] [--no-build]   (``marca bench verilog``: all presets)
+    python -m marca.bench.verilog [out_dir] --flags [preset ...]        (the Verilator options alone)
 
 For each preset (``tiny``, ``fpga-medium``, ``default``) the accelerator is elaborated once and its RTLIL
 written to Verilog twice: as Amaranth names it (``per-instance``: one module per instance) and through
@@ -10,8 +11,13 @@ C++ bytes that Verilator wrote) and the simulation speed on a small Mamba prefil
 cycles per wall-clock second, with the memory image checked bit for bit against the golden ISS
 (``marca.tb.mamba.evaluate``) and between the two builds.
 
-``FLAG_VARIANTS`` then builds the deduplicated ``FLAG_PRESET`` with Verilator options beyond the project's
-(``marca.sim``: ``-O3``, ``OPT_FAST=-O2``) and measures them the same way; each must stay bit-exact.
+``FLAG_VARIANTS`` then builds the deduplicated ``FLAG_PRESET`` with Verilator options other than the
+project's (``marca.sim.VERILATOR_ARGS`` and ``OPT_FAST=-O2``) and measures them the same way; each must stay
+bit-exact. ``python -m marca.bench.verilog out_dir --flags preset ...`` runs only that study, on the given
+presets, and writes ``out_dir/verilog-flags.json``.
+
+Every build here compiles Verilator's run-time library itself (the shared object cache of
+:mod:`marca.objcache` is off), so that the builds are timed alike.
 
 Builds are timed on whatever else the machine is running: ratios within one run are the honest figures.
 Writes ``out_dir/verilog.json`` and prints a table (docs/verification.md).
@@ -29,18 +35,18 @@ import time
 # Builds `default` twice in Verilator (tens of minutes): run by name.
 EXPLICIT_ONLY = True
 
-__all__ = ["PRESETS", "CASE", "FLAG_PRESET", "FLAG_VARIANTS", "run"]
+__all__ = ["PRESETS", "CASE", "FLAG_PRESET", "FLAG_VARIANTS", "run", "flags_study", "table", "flags_table"]
 
 PRESETS = ("tiny", "fpga-medium", "default")
 #: The Mamba prefill whose simulation speed is measured (small: the default preset simulates slowly).
 CASE = {"d_model": 16, "d_state": 4, "length": 2, "seed": 7}
 FLAG_PRESET = "fpga-medium"
-#: Verilator options tried on top of marca.sim's, on the deduplicated FLAG_PRESET.
+#: Verilator options tried instead of marca.sim's, on the deduplicated FLAG_PRESET: (removed, added).
 #: (Verilator already splits its output into files of ~20,000 statements by default.)
 FLAG_VARIANTS = {
-    "x-assign/x-initial fast": ("--x-assign", "fast", "--x-initial", "fast"),
-    "no module inlining": ("-fno-inline",),
-    "threads 2": ("--threads", "2"),
+    "module inlining (Verilator's default)": (("-fno-inline",), ()),
+    "x-assign/x-initial fast": ((), ("--x-assign", "fast", "--x-initial", "fast")),
+    "threads 2": ((), ("--threads", "2")),
 }
 TOP = "accelerator"
 
@@ -82,18 +88,26 @@ def _verilate(verilog_text: str, label: str, root: pathlib.Path) -> dict:
     (folder / f"{TOP}.v").write_text(verilog_text)
     started = time.monotonic()
     subprocess.run(["verilator", "-cc", "-Mdir", str(folder), "--top-module", TOP, "--vpi", "--public-flat-rw",
-                    "--prefix", "Vtop", *sim._VERILATOR_ARGS, str(folder / f"{TOP}.v")],
+                    "--prefix", "Vtop", *sim.VERILATOR_ARGS, str(folder / f"{TOP}.v")],
                    check=True, capture_output=True)
     figures = {"verilate_seconds": round(time.monotonic() - started, 1), "cpp_bytes": _cpp_bytes(folder)}
     shutil.rmtree(folder)
     return figures
 
 
-def _measure(config, verilog_text: str, label: str, root: pathlib.Path, prepared, extra_args=()) -> dict:
+def _variant_args(variant: str) -> tuple[str, ...]:
+    """The Verilator options of a FLAG_VARIANTS entry: the project's, less the removed, plus the added."""
+    from marca import sim
+    removed, added = FLAG_VARIANTS[variant]
+    return tuple(a for a in sim.VERILATOR_ARGS if a not in removed) + tuple(added)
+
+
+def _measure(config, verilog_text: str, label: str, root: pathlib.Path, prepared, args=None) -> dict:
     from marca import sim
     from marca.tb import mamba
+    os.environ["MARCA_OBJCACHE_DIR"] = ""       # every build compiles its own run-time library
     started = time.monotonic()
-    build_dir = sim.build(verilog_text, TOP, label=label, root=root, extra_args=tuple(extra_args))
+    build_dir = sim.build(verilog_text, TOP, label=label, root=root, base_args=args or sim.VERILATOR_ARGS)
     figures = {"build_seconds": round(time.monotonic() - started, 1), "cpp_bytes": _cpp_bytes(build_dir)}
     rtl = mamba.run_on_rtl(config, [prepared], name="bench-verilog", build_dir=build_dir)
     mamba.evaluate(prepared, rtl)      # raises on any bit that differs from the golden ISS
@@ -132,13 +146,45 @@ def _preset(name: str, root: pathlib.Path, build: bool = True) -> dict:
     if result["per-instance"]["image_sha"] != result["deduplicated"]["image_sha"]:
         raise AssertionError(f"{name}: the two builds left different memory images")
     if name == FLAG_PRESET:
-        verilog_text = rtlil_to_verilog(deduplicated)
-        result["flags"] = {}
-        for variant, flags in FLAG_VARIANTS.items():
-            print(f"[bench verilog] {name} deduplicated, {variant}: building, simulating ...", flush=True)
-            result["flags"][variant] = {"args": list(flags), **_measure(
-                config, verilog_text, f"{name}-flags", root, prepared, extra_args=flags)}
+        result["flags"] = _flags(config, rtlil_to_verilog(deduplicated), root, prepared)
     return result
+
+
+def _flags(config, verilog_text: str, root: pathlib.Path, prepared) -> dict:
+    flags = {}
+    for variant in FLAG_VARIANTS:
+        print(f"[bench verilog] {config.name} deduplicated, {variant}: building, simulating ...", flush=True)
+        args = _variant_args(variant)
+        flags[variant] = {"args": list(args), **_measure(config, verilog_text, f"{config.name}-flags", root,
+                                                         prepared, args=args)}
+    return flags
+
+
+def flags_study(out_dir: pathlib.Path, presets=(FLAG_PRESET,)) -> dict:
+    """The options study alone: each preset's deduplicated Verilog built with the project's options and
+    with each of FLAG_VARIANTS; writes ``out_dir/verilog-flags.json`` and prints the tables."""
+    from marca import sim
+    from marca.config import preset
+    from marca.hw.accelerator import Accelerator
+    from marca.tb import mamba
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = (out_dir / "verilog-builds").resolve()
+    results = {"case": CASE, "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(), "presets": {}}
+    for name in presets:
+        config = preset(name)
+        prepared = mamba.prepare(mamba.MixerCase(name="bench", config=config, decode=False, **CASE))
+        verilog_text = sim.emit_verilog(Accelerator(config), TOP)
+        print(f"[bench verilog] {name} deduplicated, project options: building, simulating ...", flush=True)
+        entry = {"deduplicated": {**_verilog_figures(verilog_text), "args": list(sim.VERILATOR_ARGS),
+                                  **_measure(config, verilog_text, f"{name}-flags", root, prepared)}}
+        entry["flags"] = _flags(config, verilog_text, root, prepared)
+        results["presets"][name] = entry
+        (out_dir / "verilog-flags.json").write_text(json.dumps(results, indent=1) + "\n")
+    results["load_average_at_end"] = os.getloadavg()
+    (out_dir / "verilog-flags.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(flags_table(results))
+    return results
 
 
 def table(results: dict) -> str:
@@ -162,19 +208,26 @@ def table(results: dict) -> str:
         lines.append(f"| {name}, before / after | {ratio('bytes')} | {ratio('lines')} | "
                      f"{before['modules']} -> {after['modules']} | {ratio('cpp_bytes')} | "
                      f"{ratio('verilate_seconds')} | {ratio('build_seconds')} | {speed} (after / before) |")
+    return "\n".join(lines) + "\n" + flags_table(results)
+
+
+def flags_table(results: dict) -> str:
+    """The Markdown table of each preset's options study (``flags`` entries), if any."""
+    lines = []
     for name, entry in results["presets"].items():
         if "flags" not in entry:
             continue
         base = entry["deduplicated"]
-        lines += ["", f"Verilator options on `{name}` (deduplicated; base: `-O3`, `OPT_FAST=-O2`):", "",
+        lines += ["", f"Verilator options on `{name}` (deduplicated Verilog; `OPT_FAST=-O2` throughout):", "",
                   "| options | C++ (MB) | build (s) | simulation (cycles/s) | bit-exact |", "|---|---|---|---|---|"]
-        lines.append(f"| base | {base['cpp_bytes'] / 1e6:.1f} | {base['build_seconds']:.0f} | "
+        lines.append(f"| project's: `{' '.join(base.get('args', ['-Wno-fatal', '-O3']))}` | "
+                     f"{base['cpp_bytes'] / 1e6:.1f} | {base['build_seconds']:.0f} | "
                      f"{base['cycles_per_second']:,.0f} | yes |")
         for variant, figures in entry["flags"].items():
-            lines.append(f"| `{' '.join(figures['args'])}` | {figures['cpp_bytes'] / 1e6:.1f} | "
+            lines.append(f"| {variant}: `{' '.join(figures['args'])}` | {figures['cpp_bytes'] / 1e6:.1f} | "
                          f"{figures['build_seconds']:.0f} | {figures['cycles_per_second']:,.0f} | "
                          f"{'yes' if figures['image_sha'] == base['image_sha'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def run(out_dir: pathlib.Path, presets=PRESETS, *, build: bool = True) -> dict:
@@ -199,6 +252,9 @@ def run(out_dir: pathlib.Path, presets=PRESETS, *, build: bool = True) -> dict:
 
 
 if __name__ == "__main__":
-    arguments = [argument for argument in sys.argv[1:] if argument != "--no-build"]
-    run(pathlib.Path(arguments[0] if arguments else "build/bench"), tuple(arguments[1:]) or PRESETS,
-        build="--no-build" not in sys.argv[1:])
+    arguments = [argument for argument in sys.argv[1:] if argument not in ("--no-build", "--flags")]
+    out = pathlib.Path(arguments[0] if arguments else "build/bench")
+    if "--flags" in sys.argv[1:]:
+        flags_study(out, tuple(arguments[1:]) or (FLAG_PRESET,))
+    else:
+        run(out, tuple(arguments[1:]) or PRESETS, build="--no-build" not in sys.argv[1:])

@@ -1,14 +1,15 @@
 """exp, SiLU, softplus and rsqrt on the PE array in Verilator, bit for bit against the golden programs (issue #4).
 
 One array per compute format, built once, with the FunctionLane extension of a preset configuration:
-FP32 (DEFAULT: exp degree 3, softplus degree 4) on 1,050,000 random inputs
-(700,000 random patterns, 350,000 uniform values in [-40, 100]) plus corner cases, segment edges and range
-bounds; BF16 (FPGA_SMALL) and FP16 (TINY) on every one of the
-65,536 inputs. Each program's every pass is compared (tb/nonlinear.py). A lane whose EXP_SCALE forgets its
+FP32 (DEFAULT: exp degree 3, softplus degree 4) on ``MARCA_NONLINEAR_RANDOM`` random patterns (60,000 by
+default; 700,000 gives the 1,050,000-input run of docs/nonlinear.md, ~10 minutes of simulation) plus half
+as many uniform values in [-40, 100], corner cases, segment edges, range bounds and every binade's ends;
+BF16 (FPGA_SMALL) and FP16 (TINY) on every one of the 65,536 inputs. Each program's every pass is compared (tb/nonlinear.py). A lane whose EXP_SCALE forgets its
 window check must fail.
 """
 
 import dataclasses
+import os
 
 import pytest
 from marca.golden import nonlinear as nl
@@ -21,9 +22,11 @@ from marca.config import DEFAULT, FPGA_SMALL, TINY
 
 pytestmark = pytest.mark.verilator
 
+RANDOM = int(os.environ.get("MARCA_NONLINEAR_RANDOM", "60000"))
+
 # name: (configuration, rows, cols, random inputs for formats wider than 16 bits)
 MATRIX = {
-    "fp32-default": (DEFAULT, 4, 4, 700_000),
+    "fp32-default": (DEFAULT, 4, 4, RANDOM),
     "bf16-fpga-small": (FPGA_SMALL, 4, 4, 0),
     "fp16-tiny": (TINY, 4, 4, 0),
 }
@@ -57,7 +60,7 @@ def test_programs_on_array(tmp_path, label):
     if config.compute_format.width <= 16:
         assert count == 1 << 16
     else:
-        assert count >= 1_050_000
+        assert count >= RANDOM * 3 // 2
 
 
 @pytest.mark.skip(reason="does not trip on the FP16 tiny array as written (found by the full suite; the "
