@@ -256,7 +256,7 @@ def cpu_model_sizes(bytes_per_parameter: int = 4, headroom: float = 1.5) -> tupl
     return fits, skipped
 
 
-def model_rows(sizes=None) -> list[dict]:
+def model_rows(sizes=None, on_row=None) -> list[dict]:
     """Whole-model rows: CPU one thread (float32 for every size that fits memory, bfloat16 for
     :data:`CPU_BF16_SIZES`), CUDA when present (every size, bf16 and fp32)."""
     rows = []
@@ -267,11 +267,17 @@ def model_rows(sizes=None) -> list[dict]:
         print(f"model {size} cpu-1thread fp32: not measured ({why})", flush=True)
     try:
         torch.set_num_threads(1)
-        plan = [(size, torch.float32) for size in (sizes or fits)]
-        plan += [(size, torch.bfloat16) for size in (sizes or fits) if size in CPU_BF16_SIZES]
+        # Smallest first, bf16 beside its fp32 row; ``on_row`` sees the rows so far after each one.
+        plan = []
+        for size in (sizes or fits):
+            plan.append((size, torch.float32))
+            if size in CPU_BF16_SIZES:
+                plan.append((size, torch.bfloat16))
         for size, dtype in plan:
             row = {"target": "cpu-1thread", **measure_model(size, torch.device("cpu"), dtype, time.thread_time)}
             rows.append(row)
+            if on_row:
+                on_row(rows)
             print(f"model {size} cpu-1thread {row['dtype']}: prefill {row['prefill_tokens_per_s']:,.1f} tok/s, "
                   f"decode {row['decode_tokens_per_s']:,.2f} tok/s", flush=True)
     finally:
@@ -349,7 +355,11 @@ def run(out_dir: pathlib.Path, *, models_only: bool = False) -> dict:
                     )
     finally:
         torch.set_num_threads(default_threads)
-    models = model_rows()
+    def partial(rows):
+        (out_dir / "processor.json").write_text(json.dumps({"benchmark": "processor", "partial": True,
+                                                            "models": rows, "processor": _processor_name(),
+                                                            "torch": torch.__version__}, indent=2) + "\n")
+    models = model_rows(on_row=partial)
     report = {
         "benchmark": "processor",
         "models": models,

@@ -216,7 +216,9 @@ def _roofline(results, out: pathlib.Path, config: MarcaConfig, memory_name: str)
         entry = results.get(f"{config.name}|{size}|{memory_name}|True")
         if not entry or "error" in entry:
             continue
-        for scenario, marker in (("prefill-2048", "o"), ("decode-b1", "s"), ("decode-b16", "^")):
+        for scenario, marker in (("prefill-2048", "o"), ("prefill-512", "D"), ("decode-b1", "s"), ("decode-b16", "^")):
+            if scenario not in entry:
+                continue
             s = entry[scenario]
             x = s["pe_operations"] / s["dram_bytes"]
             y = s["pe_operations"] / (s["cycles"] / CLOCK_HZ)
@@ -267,9 +269,11 @@ SECONDARY_SIZES = ("130m",)
 runs them for every size (the big layers on the small preset's buffers compile for many minutes)."""
 
 PUBLISHED = {
-    "cpu": "463x vs a Xeon 8358P (the whole CPU; MARCA paper)",
-    "gpu": "up to 11.66x vs an A100 (MARCA paper); 1.38x on Mamba-2.8B (an independent accelerator paper)",
+    "cpu": "463x vs a Xeon 8358P (whole CPU)",
+    "gpu": "up to 11.66x vs an A100",
+    "2.8b": "1.38x vs an A100 on Mamba-2.8B (an independent accelerator paper)",
 }
+"""MARCA's published speed-ups (its own baselines, not reproduced here), beside the table's ratios."""
 
 
 def _plan(quick: bool, full: bool = False, sizes=None, skip=()):
@@ -326,18 +330,25 @@ def comparison_table(results: dict, processor: dict | None) -> str:
                                  for (target, s, _), row in measured.items() if target == "cuda" and s == size) \
                 or f"not measured ({gpu_note or 'no CUDA device'})"
             lines.append(f"| {size} | {label} | {accelerator:,.1f} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
-                         f"{gpu_cell} | {PUBLISHED['cpu']}; {PUBLISHED['gpu']} |")
+                         f"{gpu_cell} | {PUBLISHED['2.8b'] if size == '2.8b' else PUBLISHED['cpu'] + '; ' + PUBLISHED['gpu']} |")
     return "\n".join(lines)
 
 
-def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False, sizes=None, skip=()) -> dict:
+def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False, sizes=None, skip=(),
+        sweep: bool = True, tables_only: bool = False) -> dict:
+    """Model the plan, print the tables, write ``scale.json`` and the pictures. ``tables_only``: rerun
+    nothing, make the tables, the comparison and the roofline from ``out_dir/scale.json`` (``--tables``:
+    for a run stopped before its end; its results are written after every row)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results = {}
     summary = {"clock_hz": CLOCK_HZ, "memories": MEMORIES, "vocab": VOCAB, "sizes": SIZES, "results": results}
     summary["plan"] = {"quick": quick, "full": full, "sizes": list(sizes or SIZES), "skip": [list(p) for p in skip]}
-    for config, size, memory_name, managed, scenarios in _plan(quick, full, sizes, skip):
+    if tables_only:
+        summary = json.loads((out_dir / "scale.json").read_text())
+        results = summary["results"]
+    for config, size, memory_name, managed, scenarios in ([] if tables_only else _plan(quick, full, sizes, skip)):
         memory = memory_system(memory_name)
         try:
             entry = {scenario: model_run(config, size, scenario, memory, managed) for scenario in scenarios}
@@ -358,19 +369,23 @@ def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False, sizes
     print("\nAccelerator vs processors (processors: " + (str(processor_file) if processor else "no processor.json: "
           "run `marca bench processor` first") + ")\n" + summary["comparison"])
     _roofline(results, out_dir / "scale-roofline.png", PAPER, "hbm")
-    summary["sweep"] = _sweep(out_dir, "130m", "hbm", (16, 32, 64), (128, 256, 512, 1024))
+    if sweep:
+        summary["sweep"] = _sweep(out_dir, "130m", "hbm", (16, 32, 64), (128, 256, 512, 1024))
     summary["tables"] = tables + "\n\n" + summary["comparison"]
-    summary["wall_seconds"] = round(time.time() - started, 1)
+    if not tables_only:
+        summary["wall_seconds"] = round(time.time() - started, 1)
     (out_dir / "scale.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
 if __name__ == "__main__":
     # python -m marca.bench.scale [out_dir] [--quick] [--full] [--sizes 130m,370m] [--skip SIZE:SCENARIO,...]
+    #                             [--no-sweep] [--tables]
     argv = sys.argv[1:]
     def option(name):
         return argv[argv.index(name) + 1].split(",") if name in argv else None
     values = {a for name in ("--sizes", "--skip") if name in argv for a in [argv[argv.index(name) + 1]]}
     arguments = [a for a in argv if not a.startswith("--") and a not in values]
     run(pathlib.Path(arguments[0] if arguments else "build/bench"), quick="--quick" in argv, full="--full" in argv,
-        sizes=option("--sizes"), skip=[tuple(item.split(":")) for item in option("--skip") or []])
+        sizes=option("--sizes"), skip=[tuple(item.split(":")) for item in option("--skip") or []],
+        sweep="--no-sweep" not in argv, tables_only="--tables" in argv)
