@@ -1,7 +1,7 @@
 """``make sim``: a small Mamba language model generating text on the generated accelerator, in Verilator.
 
     python -m marca.demo [--config demo|PRESET|config.json] [--checkpoint DIR] [--prompt TEXT]
-                         [--tokens 8] [--pause 0] [--out build/demo]
+                         [--tokens 4] [--pause 0] [--out build/demo]
     python -m marca.demo --mixer [--d-model 32] [--d-state 16] [--tokens 16] ...   one mixer (the older demo)
 
 The model demo (docs/model.md): the byte-level Shakespeare Mamba shipped in reference/checkpoints (d_model
@@ -49,7 +49,7 @@ DEMO_CONFIG = BENCH_CONFIG
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "reference" / "checkpoints" / "shakespeare-mamba"
 
 
-def run_model_demo(config, *, checkpoint=DEMO_CHECKPOINT, prompt: str = "ROMEO:", tokens: int = 8,
+def run_model_demo(config, *, checkpoint=DEMO_CHECKPOINT, prompt: str = "ROMEO:", tokens: int = 4,
                    pause: float = 0.0, seed: int = 1) -> dict:
     """Generate ``tokens`` tokens after ``prompt`` on the RTL, each step checked against the ISS and the
     float64 reference; returns the report."""
@@ -294,7 +294,8 @@ def main(argv=None) -> int:
                              "fpga-medium, tiny, paper) or a config JSON file")
     parser.add_argument("--d-model", type=int, default=32, help="model width (d_inner = 2 d_model)")
     parser.add_argument("--d-state", type=int, default=16, help="SSM state size per channel")
-    parser.add_argument("--tokens", type=int, default=8, help="model: tokens to generate; mixer: prefill length = decode steps")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="model: tokens to generate (default 4); mixer: prefill length = decode steps (default 8)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the weights and tokens")
     parser.add_argument("--out", default="build/demo", help="folder for demo.json")
     parser.add_argument("--no-decode", action="store_true", help="skip the chain of decode steps")
@@ -304,6 +305,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT), help="model demo: checkpoint folder")
     parser.add_argument("--prompt", default="ROMEO:", help="model demo: the prompt")
     args = parser.parse_args(argv)
+    if args.tokens is None:
+        args.tokens = 8 if args.mixer else 4
     try:
         config = resolve_config(args.config)
         for name in ("d_model", "d_state", "tokens"):
