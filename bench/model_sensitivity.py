@@ -1,4 +1,4 @@
-"""Benchmark (explicit only): where a released-size random model's ISS logits part from float64 (docs/model.md).
+"""Benchmark (explicit only): where a released size's ISS logits part from float64 (docs/model.md).
 
     python -m marca.bench.model_sensitivity             # 130m shapes, "Hello", default, every layer
     python -m marca.bench.model_sensitivity --layers 4 --config default --out build/bench
@@ -50,8 +50,8 @@ def _rel(a, b, scale):
     return {"max_abs": float((a - b).abs().max()), "rms_rel": float((a - b).pow(2).mean().sqrt() / scale)}
 
 
-def measure(size: str = "130m", layers: int | None = None, config_name: str = "default", prompt: str = "Hello",
-            seed: int = 0, iss: bool = True, log=print) -> dict:
+def measure(size: str = "130m", layers: int | None = None, config_name: str = "default",
+            prompt: str = "Hello", seed: int = 0, iss: bool = True, log=print) -> dict:
     """The per-layer and logit comparisons (``iss=False``: the two float64 references only, in minutes)."""
     from transformers import MambaForCausalLM
 
@@ -84,7 +84,8 @@ def measure(size: str = "130m", layers: int | None = None, config_name: str = "d
         for n in range(layers):
             h64, hbf = out64.hidden_states[n][0], outbf.hidden_states[n][0]
             scale = float(h64.pow(2).mean().sqrt())
-            rows.append({"layer": n, "residual_rms": scale, "storage_rounded_vs_float64": _rel(hbf, h64, scale)})
+            rows.append({"layer": n, "residual_rms": scale,
+                         "storage_rounded_vs_float64": _rel(hbf, h64, scale)})
             log(f"layer {n:2d}: residual rms {scale:8.2f}; storage-rounded vs float64 "
                 f"{rows[-1]['storage_rounded_vs_float64']['rms_rel']:.2e}")
         l64, lbf = out64.logits[0], outbf.logits[0]
@@ -92,9 +93,11 @@ def measure(size: str = "130m", layers: int | None = None, config_name: str = "d
         top = l64.topk(2, -1).values
         logit_row = {"logits_rms": scale, "logits_max_abs": float(l64.abs().max()),
                      "storage_rounded_vs_float64": _rel(lbf, l64, scale),
-                     "top1_storage_rounded_vs_float64": float((lbf.argmax(-1) == l64.argmax(-1)).double().mean()),
+                     "top1_storage_rounded_vs_float64":
+                         float((lbf.argmax(-1) == l64.argmax(-1)).double().mean()),
                      "float64_top1_top2_gap": [float(g) for g in top[:, 0] - top[:, 1]]}
-        log(f"logits (rms {scale:.2f}, |max| {logit_row['logits_max_abs']:.2f}): storage-rounded vs float64 max |d| "
+        log(f"logits (rms {scale:.2f}, |max| {logit_row['logits_max_abs']:.2f}): storage-rounded vs float64 "
+            f"max |d| "
             f"{logit_row['storage_rounded_vs_float64']['max_abs']:.3g}, top-1 "
             f"{logit_row['top1_storage_rounded_vs_float64']:.0%}; float64's top-1 - top-2 gaps "
             + ", ".join(f"{g:.3g}" for g in logit_row["float64_top1_top2_gap"]))
@@ -138,7 +141,8 @@ def measure(size: str = "130m", layers: int | None = None, config_name: str = "d
                "storage_rounded_vs_float64": _rel(hbf, h64, scale)}
         rows.append(row)
         log(f"layer {n:2d}: residual rms {scale:8.2f}; ISS vs float64 {row['vs_float64']['rms_rel']:.2e}, "
-            f"vs storage-rounded {row['vs_storage_rounded']['rms_rel']:.2e}, local {row['local']['rms_rel']:.2e}; "
+            f"vs storage-rounded {row['vs_storage_rounded']['rms_rel']:.2e}, "
+            f"local {row['local']['rms_rel']:.2e}; "
             f"storage-rounded vs float64 {row['storage_rounded_vs_float64']['rms_rel']:.2e} "
             f"({time.perf_counter() - started:.0f} s)")
         previous = residual
@@ -154,14 +158,17 @@ def measure(size: str = "130m", layers: int | None = None, config_name: str = "d
     top = l64.topk(2, -1).values
     logit_row = {"logits_rms": scale, "logits_max_abs": float(l64.abs().max()),
                  "vs_float64": _rel(logits, l64, scale), "vs_storage_rounded": _rel(logits, lbf, scale),
-                 "local": _rel(logits, head_local, scale), "storage_rounded_vs_float64": _rel(lbf, l64, scale),
+                 "local": _rel(logits, head_local, scale),
+                 "storage_rounded_vs_float64": _rel(lbf, l64, scale),
                  "top1_vs_float64": float((logits.argmax(-1) == l64.argmax(-1)).double().mean()),
                  "top1_storage_rounded_vs_float64": float((lbf.argmax(-1) == l64.argmax(-1)).double().mean()),
                  "float64_top1_top2_gap": [float(g) for g in top[:, 0] - top[:, 1]]}
     log(f"logits (rms {scale:.2f}, |max| {logit_row['logits_max_abs']:.2f}): ISS vs float64 max |d| "
-        f"{logit_row['vs_float64']['max_abs']:.3g}, vs storage-rounded {logit_row['vs_storage_rounded']['max_abs']:.3g}, "
+        f"{logit_row['vs_float64']['max_abs']:.3g}, "
+        f"vs storage-rounded {logit_row['vs_storage_rounded']['max_abs']:.3g}, "
         f"head local {logit_row['local']['max_abs']:.3g}; storage-rounded vs float64 "
-        f"{logit_row['storage_rounded_vs_float64']['max_abs']:.3g}; top-1 ISS {logit_row['top1_vs_float64']:.0%}, "
+        f"{logit_row['storage_rounded_vs_float64']['max_abs']:.3g}; "
+        f"top-1 ISS {logit_row['top1_vs_float64']:.0%}, "
         f"storage-rounded {logit_row['top1_storage_rounded_vs_float64']:.0%}")
     return {"size": size, "layers": layers, "config": config.name, "prompt": prompt, "seed": seed,
             "instructions": len(program.instructions), "per_layer": rows, "logits": logit_row,
@@ -175,7 +182,9 @@ def run(out_dir: pathlib.Path, layers: int | None = None, config_name: str = "de
     result = measure(size, layers=layers, config_name=config_name, iss=iss)
     suffix = ("" if size == "130m" else f"_{size}") + ("" if layers is None else f"_{layers}layers") \
         + ("" if iss else "_float")
-    (out_dir / f"model_sensitivity_{config_name}{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+    name = "model_sensitivity" if not suffix and config_name == "default" else \
+        f"model_sensitivity_{config_name}{suffix}"
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -72,7 +72,8 @@ class _HuggingFaceTokenizer:
         return step
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
+                    "spiece.model")
 
 
 def load_checkpoint(folder):
@@ -103,7 +104,8 @@ def load_checkpoint(folder):
     if any((folder / name).is_file() for name in _TOKENIZER_FILES):
         try:
             from transformers import AutoTokenizer
-            tokenizer = _HuggingFaceTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+            tokenizer = _HuggingFaceTokenizer(AutoTokenizer.from_pretrained(str(folder),
+                                                                            local_files_only=True))
         except Exception:         # tokenizer files transformers cannot load offline: bytes
             pass
     return state, config, tokenizer
@@ -131,7 +133,8 @@ def storage_rounded_model(state, mamba_config, storage_format):
     def rounded(values):
         return fp.decode(fp.encode(values.to(torch.float64), storage_format), storage_format)
     model = _float_model({name: rounded(value) for name, value in state.items()}, mamba_config)
-    for module in [*(layer.norm for layer in model.backbone.layers), *(layer.mixer for layer in model.backbone.layers),
+    layers = model.backbone.layers
+    for module in [*(layer.norm for layer in layers), *(layer.mixer for layer in layers),
                    model.backbone.norm_f]:
         module.register_forward_hook(lambda module, inputs, output: rounded(output))
     return model
@@ -200,8 +203,8 @@ def generate(args) -> int:
                          f"(ids {unknown[:5]})")
     report = {"model": args.checkpoint or f"random {args.random}", "config": config.name,
               "backend": args.backend, "d_model": shape.d_model, "layers": shape.layers, "vocab": shape.vocab,
-              "parameters": shape.parameter_count(), "prompt_tokens": len(ids), "clock_mhz": config.fpga_clock_mhz,
-              "storage_format": config.storage_format.name}
+              "parameters": shape.parameter_count(), "prompt_tokens": len(ids),
+              "clock_mhz": config.fpga_clock_mhz, "storage_format": config.storage_format.name}
     # Weights for this size at FP32 plus the memory image: more than half this machine's memory -> shapes only.
     available = _available_memory()
     need = shape.parameter_count() * (8 + config.storage_bytes)
@@ -222,9 +225,9 @@ def generate(args) -> int:
         _progress(f"note: the image needs {bits} address bits; {config.name!r} has axi_addr_width "
                   f"{config.axi_addr_width}\n")
     report["compile_seconds"] = time.perf_counter() - compile_started
-    _progress(f"compiled in {report['compile_seconds']:.0f} s: prefill {len(compiled.programs['prefill'].instructions)} "
-              f"instructions, decode step {len(compiled.programs['decode'].instructions)}; memory image "
-              f"{compiled.memory_size / 2**20:.1f} MiB\n")
+    sizes = {mode: len(program.instructions) for mode, program in compiled.programs.items()}
+    _progress(f"compiled in {report['compile_seconds']:.0f} s: prefill {sizes['prefill']} instructions, "
+              f"decode step {sizes['decode']}; memory image {compiled.memory_size / 2**20:.1f} MiB\n")
     report["memory_bytes"] = compiled.memory_size
     report["weight_bytes"] = compiled.weight_bytes
     report["prefill"] = _program_figures(config, compiled.programs["prefill"], len(ids))
@@ -316,10 +319,12 @@ def _finish(report, args, started) -> int:
         lines.append(line)
     if "top1_agreement" in report:
         lines.append(f"agreement with the float64 reference: greedy top-1 {report['top1_agreement']:.1%}, "
-                     f"max |dlogit| {report['max_abs_logit_difference']:.3g} (|logits| up to {report['max_abs_logit']:.3g})")
+                     f"max |dlogit| {report['max_abs_logit_difference']:.3g} "
+                     f"(|logits| up to {report['max_abs_logit']:.3g})")
         rounded = report["storage_rounded_reference"]
-        lines.append(f"against float64 with weights and stored activations rounded to {report['storage_format']}: "
-                     f"top-1 {rounded['top1_agreement']:.1%}, max |dlogit| {rounded['max_abs_logit_difference']:.3g} "
+        lines.append(f"against float64 with weights and stored activations rounded to "
+                     f"{report['storage_format']}: top-1 {rounded['top1_agreement']:.1%}, "
+                     f"max |dlogit| {rounded['max_abs_logit_difference']:.3g} "
                      f"(that rounding alone moves float64's logits by up to "
                      f"{rounded['float64_max_abs_logit_difference']:.3g})")
     lines.append(f"took {report['seconds']:.1f} s; report written to {args.out}")
