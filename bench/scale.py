@@ -184,7 +184,7 @@ def _table(results, memory_name, buffer_management=True) -> str:
     lines = [f"Memory: {MEMORIES[memory_name][2]}; clock {CLOCK_HZ / 1e9:g} GHz; buffer management "
              f"{'on' if buffer_management else 'off'}.", "",
              "| config | size | prefill 512 tok/s | prefill 2048 tok/s | decode b=1 tok/s | decode b=16 tok/s | "
-             "PE util (prefill 2048 / decode b=1) | DRAM B/token (prefill 2048 / decode b=1) |",
+             "PE util (prefill 512 / 2048 / decode b=1) | DRAM B/token (prefill 512 / 2048 / decode b=1) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for key, entry in results.items():
         config, size, memory, managed = key.split("|")
@@ -196,7 +196,9 @@ def _table(results, memory_name, buffer_management=True) -> str:
                      f"{value('prefill-2048', 'tokens_per_second', ',.0f')} | "
                      f"{value('decode-b1', 'tokens_per_second', ',.1f')} | "
                      f"{value('decode-b16', 'tokens_per_second', ',.1f')} | "
-                     f"{value('prefill-2048', 'pe_utilization', '.1%')} / {value('decode-b1', 'pe_utilization', '.1%')} | "
+                     f"{value('prefill-512', 'pe_utilization', '.1%')} / {value('prefill-2048', 'pe_utilization', '.1%')} / "
+                     f"{value('decode-b1', 'pe_utilization', '.1%')} | "
+                     f"{value('prefill-512', 'dram_bytes_per_token', ',.0f')} / "
                      f"{value('prefill-2048', 'dram_bytes_per_token', ',.0f')} / "
                      f"{value('decode-b1', 'dram_bytes_per_token', ',.0f')} |")
     return "\n".join(lines)
