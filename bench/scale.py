@@ -337,20 +337,23 @@ def comparison_table(results: dict, processor: dict | None) -> str:
 
 
 def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False, sizes=None, skip=(),
-        sweep: bool = True, tables_only: bool = False) -> dict:
+        sweep: bool = True, tables_only: bool = False, resume: bool = False) -> dict:
     """Model the plan, print the tables, write ``scale.json`` and the pictures. ``tables_only``: rerun
     nothing, make the tables, the comparison and the roofline from ``out_dir/scale.json`` (``--tables``:
-    for a run stopped before its end; its results are written after every row)."""
+    for a run stopped before its end; its results are written after every row). ``resume``: keep the rows
+    of ``out_dir/scale.json`` and run only the plan's rows it lacks (``--resume``)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results = {}
     summary = {"clock_hz": CLOCK_HZ, "memories": MEMORIES, "vocab": VOCAB, "sizes": SIZES, "results": results}
     summary["plan"] = {"quick": quick, "full": full, "sizes": list(sizes or SIZES), "skip": [list(p) for p in skip]}
-    if tables_only:
+    if tables_only or resume:
         summary = json.loads((out_dir / "scale.json").read_text())
         results = summary["results"]
     for config, size, memory_name, managed, scenarios in ([] if tables_only else _plan(quick, full, sizes, skip)):
+        if resume and f"{config.name}|{size}|{memory_name}|{managed}" in results:
+            continue
         memory = memory_system(memory_name)
         try:
             entry = {scenario: model_run(config, size, scenario, memory, managed) for scenario in scenarios}
@@ -382,7 +385,7 @@ def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False, sizes
 
 if __name__ == "__main__":
     # python -m marca.bench.scale [out_dir] [--quick] [--full] [--sizes 130m,370m] [--skip SIZE:SCENARIO,...]
-    #                             [--no-sweep] [--tables]
+    #                             [--no-sweep] [--tables] [--resume]
     argv = sys.argv[1:]
     def option(name):
         return argv[argv.index(name) + 1].split(",") if name in argv else None
@@ -390,4 +393,4 @@ if __name__ == "__main__":
     arguments = [a for a in argv if not a.startswith("--") and a not in values]
     run(pathlib.Path(arguments[0] if arguments else "build/bench"), quick="--quick" in argv, full="--full" in argv,
         sizes=option("--sizes"), skip=[tuple(item.split(":")) for item in option("--skip") or []],
-        sweep="--no-sweep" not in argv, tables_only="--tables" in argv)
+        sweep="--no-sweep" not in argv, tables_only="--tables" in argv, resume="--resume" in argv)
