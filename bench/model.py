@@ -60,6 +60,31 @@ def program_sizes(sizes=("130m",), presets=("default", "paper")) -> list[dict]:
     return rows
 
 
+def program_size_by_layers(size: str = "130m", preset_name: str = "fpga-small", prompt_length: int = 5) -> dict:
+    """Instructions of a released size's prefill and decode step on a preset, from shapes, extrapolated from
+    1- and 2-layer compiles (the layers are the same program at other addresses): for presets where the
+    whole model's compile takes tens of minutes on this machine."""
+    from marca.compiler import compile_model
+    from marca.config import preset
+    from marca.generate import random_config
+    counts, seconds = {}, {}
+    for layers in (1, 2):
+        mamba_config = random_config(size)
+        mamba_config.num_hidden_layers = layers
+        started = time.perf_counter()
+        compiled = compile_model(None, mamba_config, preset(preset_name), prompt_length=prompt_length)
+        seconds[layers] = time.perf_counter() - started
+        counts[layers] = {mode: len(program.instructions) for mode, program in compiled.programs.items()}
+    layers = random_config(size).num_hidden_layers
+    result = {"size": size, "config": preset_name, "prompt_tokens": prompt_length, "layers": layers,
+              "compile_seconds": seconds}
+    for mode in ("prefill", "decode"):
+        per_layer = counts[2][mode] - counts[1][mode]
+        result[mode] = {"per_layer": per_layer, "outside_layers": counts[1][mode] - per_layer,
+                        "whole_model": counts[1][mode] + (layers - 1) * per_layer}
+    return result
+
+
 def run(out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,3 +98,13 @@ def run(out_dir: pathlib.Path) -> dict:
               f"{row['dram_bytes_per_decoded_token'] / 1e6:.1f} MB DRAM per token ({row['mixer_plan']})")
     (out_dir / "model.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="program size of a released size from 1- and 2-layer compiles")
+    parser.add_argument("--size", default="130m")
+    parser.add_argument("--config", default="fpga-small")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(json.dumps(program_size_by_layers(args.size, args.config), indent=1))
