@@ -46,7 +46,7 @@ test-sim: $(STAMP)  ## only the cocotb + Verilator tests
 	$(PY) -m pytest -m verilator -n $(JOBS)
 
 test: $(STAMP)  ## run the whole test suite (what CI runs)
-	$(PY) -m pytest -n $(JOBS)
+	$(PY) -m pytest -n $(JOBS) --durations=25
 
 test-fast: $(STAMP)  ## only the quick tests (no Verilator)
 	$(PY) -m pytest -m "not verilator" -n $(JOBS)
