@@ -42,9 +42,11 @@ def main(argv: list[str]) -> int:
     target = _cacheable(argv) if folder else None
     if target is None:
         return subprocess.call(argv)
-    _, output = target
-    # The command names the output only by its (relative) file name, so the key is the whole command line.
-    key = hashlib.sha256("\0".join(argv).encode()).hexdigest()[:20]
+    source, output = target
+    # The command names the output only by its (relative) file name, so the key is the whole command line,
+    # with the source's size and time (a reinstalled Verilator is a new key).
+    stat = os.stat(source)
+    key = hashlib.sha256("\0".join([*argv, str(stat.st_size), str(stat.st_mtime_ns)]).encode()).hexdigest()[:20]
     cached = os.path.join(folder, f"{os.path.basename(output)}-{key}")
     if os.path.exists(cached):
         shutil.copyfile(cached, output)
