@@ -4,8 +4,10 @@ storage-format input and output, for the block-level tests, the RTL testbench an
 Input: the mixer's weights with transformers' ``MambaMixer`` names (``in_proj.weight``, ``conv1d.weight``,
 ``conv1d.bias``, ``x_proj.weight``, ``dt_proj.weight``, ``dt_proj.bias``, ``A_log``, ``D``,
 ``out_proj.weight``, optional ``in_proj.bias``/``out_proj.bias``), a :class:`~marca.config.MarcaConfig`
-and a mode: a prefill of ``L`` tokens or a decode step (``L = 1``). Both carry the convolution and scan
-states in and out through memory, so a prefill can continue a sequence and decode steps chain.
+and a mode: a prefill of ``L`` tokens or a decode step (``L = 1``), or a batched decode step of ``B``
+independent sequences (``batch=B``: one token each, every sequence with its own states, every weight read
+shared by the ``B`` tokens). All carry the convolution and scan states in and out through memory, so a
+prefill can continue a sequence and decode steps chain.
 
 Output: a :class:`CompiledMixer`: the program, the memory image (weights in place, program at the end),
 and where the inputs, outputs and states live, with helpers to write inputs and read results.
@@ -37,8 +39,8 @@ class MixerRun:
     """Results of running a compiled mixer on the golden ISS."""
 
     out: torch.Tensor          # [L, d_model] float64 (storage-format values)
-    conv_state: torch.Tensor   # [d_inner, d_conv]
-    ssm_state: torch.Tensor    # [d_inner, d_state]
+    conv_state: torch.Tensor   # [d_inner, d_conv] ([B, d_inner, d_conv] for a batched step)
+    ssm_state: torch.Tensor    # [d_inner, d_state] ([B, d_inner, d_state])
     result: RunResult
 
 
@@ -85,6 +87,8 @@ class CompiledMixer:
     the transpose of the reference's ``[d_inner, d_conv]``), ``ssm_state`` (compute format, the
     ``d_inner x d_state`` state cut into ``R x C`` tiles, line ``(j, k)`` = channels ``j·R..``, states
     ``k·C..``). The program reads the states at its start and writes them back in place at its end.
+    ``batch`` > 1 (batched decode, ``L = batch``): ``conv_state`` / ``ssm_state`` are sequence 0's places
+    and sequence ``b``'s follow at :meth:`state_places`; hidden and output row ``b`` is sequence ``b``'s.
     """
 
     config: MarcaConfig
@@ -101,6 +105,16 @@ class CompiledMixer:
     plan: MixerPlan
     sections: list
     regions: dict
+    batch: int = 1
+
+    def state_places(self, b: int) -> tuple[TensorPlace, TensorPlace]:
+        """(conv_state, ssm_state) places of sequence ``b``."""
+        if not 0 <= b < self.batch:
+            raise ValueError(f"sequence {b} is outside the batch of {self.batch}")
+        shift = lambda place, size: TensorPlace(place.address + b * size, place.rows, place.row_elements,
+                                                place.row_stride, place.format, place.layout)
+        return (shift(self.conv_state, self.conv_state.rows * self.conv_state.row_stride),
+                shift(self.ssm_state, self.ssm_state.rows * self.ssm_state.row_stride))
 
     @property
     def block_tokens(self) -> int:
@@ -112,31 +126,40 @@ class CompiledMixer:
 
     def write_inputs(self, memory, hidden, conv_state=None, ssm_state=None) -> bytearray:
         """A copy of ``memory`` (default: this mixer's image) with ``hidden [L, d_model]`` and the states
-        (``[d_inner, d_conv]``, ``[d_inner, d_state]``; zeros when omitted) written in, rounded to the
-        formats of their places."""
+        (``[d_inner, d_conv]``, ``[d_inner, d_state]``, with a leading ``[B]`` for a batched step; zeros
+        when omitted) written in, rounded to the formats of their places."""
         memory = bytearray(self.memory if memory is None else memory)
         d, config = self.dims, self.config
         hidden = torch.as_tensor(hidden, dtype=torch.float64).reshape(self.length, d.d_model)
         write_place(config, memory, self.hidden, hidden)
-        conv = torch.zeros(d.d_inner, d.d_conv, dtype=torch.float64) if conv_state is None \
-            else torch.as_tensor(conv_state, dtype=torch.float64)
-        padded = torch.zeros(d.d_conv, self.conv_state.row_elements, dtype=torch.float64)
-        padded[:, :d.d_inner] = conv.T
-        write_place(config, memory, self.conv_state, padded)
-        ssm = torch.zeros(d.d_inner, d.d_state, dtype=torch.float64) if ssm_state is None \
-            else torch.as_tensor(ssm_state, dtype=torch.float64)
-        tiles = tile_matrix(ssm, config.array_rows, config.array_cols)
-        write_place(config, memory, self.ssm_state, tiles.reshape(self.ssm_state.rows, -1))
+        batched = self.batch > 1
+        for b in range(self.batch):
+            conv_place, ssm_place = self.state_places(b)
+            conv = torch.zeros(d.d_inner, d.d_conv, dtype=torch.float64) if conv_state is None \
+                else torch.as_tensor(conv_state[b] if batched else conv_state, dtype=torch.float64)
+            padded = torch.zeros(d.d_conv, conv_place.row_elements, dtype=torch.float64)
+            padded[:, :d.d_inner] = conv.T
+            write_place(config, memory, conv_place, padded)
+            ssm = torch.zeros(d.d_inner, d.d_state, dtype=torch.float64) if ssm_state is None \
+                else torch.as_tensor(ssm_state[b] if batched else ssm_state, dtype=torch.float64)
+            tiles = tile_matrix(ssm, config.array_rows, config.array_cols)
+            write_place(config, memory, ssm_place, tiles.reshape(ssm_place.rows, -1))
         return memory
 
     def read_outputs(self, memory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(out [L, d_model], conv_state [d_inner, d_conv], ssm_state [d_inner, d_state])`` as float64."""
+        """``(out [L, d_model], conv_state [d_inner, d_conv], ssm_state [d_inner, d_state])`` as float64
+        (the states with a leading ``[B]`` for a batched step)."""
         d, config = self.dims, self.config
         out = read_place(config, memory, self.output)
-        conv = read_place(config, memory, self.conv_state)[:, :d.d_inner].T.contiguous()
-        lines = read_place(config, memory, self.ssm_state).flatten()
-        ssm = untile_matrix(lines, d.d_inner, d.d_state, config.array_rows, config.array_cols)
-        return out, conv, ssm
+        convs, ssms = [], []
+        for b in range(self.batch):
+            conv_place, ssm_place = self.state_places(b)
+            convs.append(read_place(config, memory, conv_place)[:, :d.d_inner].T.contiguous())
+            lines = read_place(config, memory, ssm_place).flatten()
+            ssms.append(untile_matrix(lines, d.d_inner, d.d_state, config.array_rows, config.array_cols))
+        if self.batch == 1:
+            return out, convs[0], ssms[0]
+        return out, torch.stack(convs), torch.stack(ssms)
 
     def run(self, hidden, conv_state=None, ssm_state=None, **iss_options) -> MixerRun:
         """Write the inputs, run the program on the golden ISS, read the results."""
@@ -153,7 +176,7 @@ class CompiledMixer:
 
 
 def compile_mixer(weights: dict, config: MarcaConfig, *, mode: str = "prefill", length: int | None = None,
-                  options: CompileOptions = CompileOptions()) -> CompiledMixer:
+                  options: CompileOptions = CompileOptions(), batch: int = 1) -> CompiledMixer:
     """Compile a Mamba-1 mixer.
 
     Parameters
@@ -164,15 +187,22 @@ def compile_mixer(weights: dict, config: MarcaConfig, *, mode: str = "prefill", 
     mode : "prefill" or "decode"
         ``prefill`` runs ``length`` tokens; ``decode`` one token (``length`` 1 or None).
     options : CompileOptions
+    batch : int
+        Decode only: sequences per step (one token each, each with its own states; 1 is the plain decode
+        step, the same program as before batching existed).
     """
     if not isinstance(config, MarcaConfig):
         raise ValueError(f"config must be a MarcaConfig, not {config!r}")
     if mode not in ("prefill", "decode"):
         raise ValueError(f"mode must be 'prefill' or 'decode', not {mode!r}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 0xFFFF:
+        raise ValueError(f"batch must be an integer from 1 to 65535, not {batch!r}")
+    if batch > 1 and mode != "decode":
+        raise ValueError(f"batch {batch} needs mode 'decode' (a prefill runs one sequence)")
     if mode == "decode":
-        if length not in (None, 1):
-            raise ValueError(f"a decode step has length 1, not {length!r}")
-        length = 1
+        if length not in (None, 1, batch):
+            raise ValueError(f"a decode step has length 1 per sequence, not {length!r}")
+        length = batch
     if not isinstance(length, int) or isinstance(length, bool) or length < 1:
         raise ValueError(f"length must be a positive integer for a prefill, not {length!r}")
     if not isinstance(options, CompileOptions):
@@ -182,11 +212,11 @@ def compile_mixer(weights: dict, config: MarcaConfig, *, mode: str = "prefill", 
     P, sb, cb = config.lanes, config.storage_bytes, config.compute_bytes
     image = MemoryImage()
     zero = image.place("zero line", fp.encode(torch.zeros(P, dtype=torch.float64), config.storage_format), sb)
-    layout = layout_mixer(image, "", weights, dims, config)
+    layout = layout_mixer(image, "", weights, dims, config, batch)
     Dm, L = dims.d_model, length
     hidden = TensorPlace(image.allocate("hidden", L * Dm * sb), L, Dm, Dm * sb, "storage", "[L, d_model] row-major")
     output = TensorPlace(image.allocate("output", L * Dm * sb), L, Dm, Dm * sb, "storage", "[L, d_model] row-major")
-    plan = plan_mixer(layout, config, options, length, Allocator(config, {Buffer.WEIGHT: 1}))
+    plan = plan_mixer(layout, config, options, length, Allocator(config, {Buffer.WEIGHT: 1}), batch > 1)
     staging = {}
     if plan.groups > 1:
         row = ceil_div(dims.d_inner, P) * P
@@ -202,4 +232,4 @@ def compile_mixer(weights: dict, config: MarcaConfig, *, mode: str = "prefill", 
     return CompiledMixer(config=config, dims=dims, options=options, length=length, instructions=program,
                          memory=bytes(image.data), program_address=address, hidden=hidden, output=output,
                          conv_state=layout.conv_state, ssm_state=layout.ssm_state, plan=plan, sections=sections,
-                         regions=dict(image.regions))
+                         regions=dict(image.regions), batch=batch)

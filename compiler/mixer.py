@@ -17,7 +17,7 @@ the exact compute format. Channels are independent in the conv and the scan, and
 order, so the grouping never changes a bit.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,6 +39,7 @@ MIXER_MATRICES = ("in_x", "in_z", "x_dt", "x_B", "x_C", "dt", "out")
 
 _ACTIVATION_ORDER = (Buffer.ACTIVATION, Buffer.SCRATCH, Buffer.STATE)
 _SCRATCH_ORDER = (Buffer.SCRATCH, Buffer.ACTIVATION, Buffer.STATE)
+_SCAN_ORDER = (Buffer.STATE, Buffer.SCRATCH, Buffer.ACTIVATION)
 
 
 @dataclass
@@ -48,7 +49,9 @@ class MixerWeights:
     ``parameters``: the per-channel vectors (conv taps, conv bias, dt bias, D, optional in_proj bias
     halves), each ``d_inner`` padded to whole lines, vector after vector (``vectors`` names them in order);
     ``out_bias``: optional out_proj bias (``d_model`` padded to lines); ``A``: ``-exp(A_log)`` in R x C
-    tiles; ``matrices``: the tiled matrices; ``conv_state`` / ``ssm_state``: the states (compute format).
+    tiles; ``matrices``: the tiled matrices; ``conv_state`` / ``ssm_state``: the states (compute format) of
+    sequence 0; ``batch``: sequences whose states follow one another (sequence ``b``'s at
+    :meth:`conv_state_of` / :meth:`ssm_state_of`), for batched decode.
     """
 
     dims: MambaDims
@@ -59,6 +62,19 @@ class MixerWeights:
     matrices: dict
     conv_state: TensorPlace
     ssm_state: TensorPlace
+    batch: int = 1
+
+    def conv_state_of(self, b: int) -> TensorPlace:
+        """Sequence ``b``'s convolution state (sequences are ``d_conv`` rows apart)."""
+        return _sequence(self.conv_state, b)
+
+    def ssm_state_of(self, b: int) -> TensorPlace:
+        """Sequence ``b``'s scan state (sequences are ``J_d·K_n`` tile lines apart)."""
+        return _sequence(self.ssm_state, b)
+
+
+def _sequence(place: TensorPlace, b: int) -> TensorPlace:
+    return replace(place, address=place.address + b * place.rows * place.row_stride)
 
 
 def _lines(config, n):
@@ -66,9 +82,9 @@ def _lines(config, n):
 
 
 def layout_mixer(image: MemoryImage, prefix: str, weights: dict | None, dims: MambaDims,
-                 config: MarcaConfig) -> MixerWeights:
+                 config: MarcaConfig, batch: int = 1) -> MixerWeights:
     """Place one mixer's weights (``weights`` with transformers' MambaMixer names, or None: shapes only)
-    and its states in ``image``."""
+    and the states of ``batch`` sequences in ``image``."""
     R, C, P = config.array_rows, config.array_cols, config.lanes
     storage, sb, cb = config.storage_format, config.storage_bytes, config.compute_bytes
     d = dims
@@ -120,11 +136,11 @@ def layout_mixer(image: MemoryImage, prefix: str, weights: dict | None, dims: Ma
         address = image.place(f"{prefix}matrix {name}",
                               encoded(None if w is None else tile_matrix(values[name], R, C)), sb, J * K * P)
         matrices[name] = Matrix(name, address, J, K)
-    conv_state = TensorPlace(image.allocate(f"{prefix}conv_state", d.d_conv * Di_l * P * cb), d.d_conv,
+    conv_state = TensorPlace(image.allocate(f"{prefix}conv_state", batch * d.d_conv * Di_l * P * cb), d.d_conv,
                              Di_l * P, Di_l * P * cb, "compute", "[d_conv, d_inner padded to lines], oldest first")
-    ssm_state = TensorPlace(image.allocate(f"{prefix}ssm_state", Jd * Kn * P * cb), Jd * Kn, P, P * cb,
+    ssm_state = TensorPlace(image.allocate(f"{prefix}ssm_state", batch * Jd * Kn * P * cb), Jd * Kn, P, P * cb,
                             "compute", "R x C tiles of [d_inner, d_state], lines (j, k)")
-    return MixerWeights(dims, vectors, parameters, out_bias, A, matrices, conv_state, ssm_state)
+    return MixerWeights(dims, vectors, parameters, out_bias, A, matrices, conv_state, ssm_state, batch)
 
 
 @dataclass
@@ -137,7 +153,9 @@ class MixerPlan:
     streamed in chunks through ``staging`` / written in groups of ``output_group_tiles`` row tiles);
     scan_tiles: channel tiles per scan group; scan_resident: h and A stay on chip for the whole mixer;
     weights_resident: every matrix stays in the weight buffer; regions: buffer and element address of
-    each region; weight_area: (element address, lines) of the streaming area."""
+    each region; weight_area: (element address, lines) of the streaming area; sequences: every token is
+    its own sequence (batched decode: per-token conv windows and scan states, h/dA/dBx regions of
+    ``block_tokens`` scan groups each)."""
 
     block_tokens: int
     group_lines: int
@@ -153,11 +171,13 @@ class MixerPlan:
     regions: dict = field(default_factory=dict)
     weight_area: tuple = (0, 0)
     parameter_area: int = 0
+    sequences: bool = False
 
     def describe(self) -> str:
         keys = ("block_tokens", "group_lines", "parameters_resident", "hidden_resident", "output_resident",
                 "output_group_tiles", "staging_lines", "scan_tiles", "scan_resident", "weights_resident")
-        return ", ".join(f"{key}={getattr(self, key)}" for key in keys)
+        text = ", ".join(f"{key}={getattr(self, key)}" for key in keys)
+        return text + (", sequences=True" if self.sequences else "")
 
 
 def _row_lines(config, dims):
@@ -168,10 +188,16 @@ def _row_lines(config, dims):
 
 
 def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOptions, length: int,
-               base: Allocator) -> MixerPlan:
+               base: Allocator, sequences: bool = False) -> MixerPlan:
     """Choose the tiling of ``layout``'s mixer for ``length`` tokens: the biggest channel group, then the
     biggest token block, that fit beside what ``base`` already holds. Raises CompileError (the buffer,
-    the need, what there is) when not even one token of one line of channels fits."""
+    the need, what there is) when not even one token of one line of channels fits.
+
+    ``sequences``: the tokens are one decode step of ``length`` independent sequences (batched decode):
+    each token has its own conv window (``d_conv`` history rows + the token) and its own scan state, so the
+    scan regions hold a scan group per token of the block. Big blocks share each weight read among more
+    sequences but leave less room for the scan group (more, shorter scan instructions per token), so the
+    block size is chosen by :func:`_batched_cost`, an instruction and weight-traffic estimate."""
     d = layout.dims
     R, C, P = config.array_rows, config.array_cols, config.lanes
     Di_l, small = _row_lines(config, d)
@@ -203,12 +229,18 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
                                f"{parameter_lines} lines of per-channel parameters "
                                f"(configuration {config.name!r}: {trial.size[Buffer.WEIGHT]} lines)")
         area = (trial.next[Buffer.WEIGHT] * P, area_lines)
-        regions["h"] = trial.take("the scan state h of one scan group", S * Kn, [Buffer.STATE])
-        regions["A"] = trial.take("the scan's A tiles of one scan group", S * Kn, [Buffer.STATE])
-        regions["dA"] = trial.take("the scan's decay tile", S * Kn, _SCRATCH_ORDER)
-        regions["dBx"] = trial.take("the scan's drive tile", S * Kn, _SCRATCH_ORDER)
+        if sequences:
+            regions["A"] = trial.take("the scan's A tiles of one scan group", S * Kn, _SCAN_ORDER)
+            for name, what in (("h", "scan states h"), ("dA", "decay tiles"), ("dBx", "drive tiles")):
+                regions[name] = trial.take(f"the {what} of one scan group for {T} sequences", T * S * Kn,
+                                           _SCAN_ORDER)
+        else:
+            regions["h"] = trial.take("the scan state h of one scan group", S * Kn, [Buffer.STATE])
+            regions["A"] = trial.take("the scan's A tiles of one scan group", S * Kn, [Buffer.STATE])
+            regions["dA"] = trial.take("the scan's decay tile", S * Kn, _SCRATCH_ORDER)
+            regions["dBx"] = trial.take("the scan's drive tile", S * Kn, _SCRATCH_ORDER)
         need = {name: T * G for name in ("XC", "Z", "DELTA", "DX", "DXD", "Y")}
-        need["X"] = (d.d_conv + T) * G
+        need["X"] = T * (d.d_conv + 1) * G if sequences else (d.d_conv + T) * G
         need.update({name: T * lines for name, lines in small.items()})
         if hidden_resident:
             need["H"] = T * Dm_l
@@ -231,7 +263,7 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
                          staging_lines=ceil_div(T * staging_chunks * C, P) if staging_chunks else 0,
                          scan_tiles=S, scan_resident=G >= Di_l and S >= Jd, weights_resident=weights_resident,
                          groups=ceil_div(Di_l, G), regions=regions, weight_area=area,
-                         parameter_area=regions["PARAMS"][1])
+                         parameter_area=regions["PARAMS"][1], sequences=sequences)
         return plan
 
     def fits(*args) -> bool:
@@ -258,11 +290,22 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
                 except CompileError as failure:     # the last one tried is the minimal working set
                     error = failure
                     continue
-                # h and A of as many channel tiles as the state buffer holds (as before the token block)
-                S = max(1, min(scan_top, base.free(Buffer.STATE) // (2 * Kn)))
-                while S > 1 and not fits(*args(S=S)):
-                    S = ceil_div(S, 2)
-                T = largest(1, token_limit, lambda t: fits(*args(T=t, S=S)))
+                if sequences:     # the block (with its biggest scan group) of the least estimated cost
+                    top = largest(1, token_limit, lambda t: fits(*args(T=t, S=1)))
+                    best = None
+                    for t in range(top, 0, -1) if top <= 64 else sorted({ceil_div(top, n) for n in range(1, 65)},
+                                                                         reverse=True):
+                        s = largest(1, scan_top, lambda s: fits(*args(T=t, S=s)))
+                        cost = _batched_cost(build(*args(T=t, S=s)), layout, config, length, Jd)
+                        if best is None or cost < best[0]:
+                            best = (cost, t, s)
+                    T, S = best[1:]
+                else:
+                    # h and A of as many channel tiles as the state buffer holds (as before the token block)
+                    S = max(1, min(scan_top, base.free(Buffer.STATE) // (2 * Kn)))
+                    while S > 1 and not fits(*args(S=S)):
+                        S = ceil_div(S, 2)
+                    T = largest(1, token_limit, lambda t: fits(*args(T=t, S=S)))
                 if staging:
                     staging = largest(1, longest_input, lambda k: fits(*args(T=T, S=S, staging=k)))
                 if not output_resident:
@@ -270,6 +313,26 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
                                                                                  O=o)))
                 return build(*args(T=T, S=S, staging=staging, O=O))
     raise error
+
+
+#: Cycles an instruction of the batched scan costs beyond its beats (dispatch, operands in the pipeline),
+#: roughly, from marca.perf on the demo configuration; the planner only compares block sizes with it.
+_INSTRUCTION_CYCLES = 20
+
+
+def _batched_cost(plan: MixerPlan, layout: MixerWeights, config: MarcaConfig, length: int, Jd: int) -> float:
+    """Estimated overhead cycles of a batched decode step of ``length`` sequences with ``plan``: per block,
+    about 30 instructions outside the scan and, per scan group, 6 plus 3 per sequence (decay, drive,
+    output), each ``_INSTRUCTION_CYCLES``; plus the weights' bus cycles again for every block when they
+    are streamed (resident weights are read once per step whatever the blocks)."""
+    T, S = plan.block_tokens, plan.scan_tiles
+    blocks = ceil_div(length, T)
+    scan_groups = ceil_div(Jd, S) * plan.groups
+    cycles = blocks * _INSTRUCTION_CYCLES * (30 + scan_groups * (6 + 3 * T))
+    if not plan.weights_resident:
+        weight_bytes = sum(m.lines for m in layout.matrices.values()) * config.lanes * config.storage_bytes
+        cycles += blocks * weight_bytes / (config.axi_data_width // 8)
+    return cycles
 
 
 def lower_mixer(emitter: Emitter, layout: MixerWeights, plan: MixerPlan, config: MarcaConfig,
@@ -295,6 +358,8 @@ class _MixerLowering:
         self.Jd, self.Kn = ceil_div(d.d_inner, self.R), ceil_div(d.d_state, self.C)
         self.G = plan.group_lines
         self.multi = plan.groups > 1
+        self.seq = plan.sequences
+        self.window = (d.d_conv + 1) * self.G     # lines of one sequence's conv window (batched decode)
         self.matrices = {name: Matrix(m.name, m.memory, m.J, m.K) for name, m in layout.matrices.items()}
         staging = plan.regions.get("STAGING")
         self.area = WeightArea(config, plan.weight_area[0], plan.weight_area[1],
@@ -339,14 +404,16 @@ class _MixerLowering:
         if plan.parameters_resident:
             em.load_lines(self.layout.parameters, len(self.layout.vectors) * self.Di_l, Buffer.WEIGHT,
                           plan.parameter_area)
-        if plan.scan_resident:
+        if plan.scan_resident and self.seq:      # A stays; each block loads its sequences' h
+            em.load_lines(self.layout.A, self.Jd * self.Kn, *plan.regions["A"])
+        elif plan.scan_resident:
             self.load_scan_group(0, self.Jd)
         for name in sorted(plan.regions):
             if name in ("PARAMS", "h", "A", "dA", "dBx"):
                 continue
             buffer, address = plan.regions[name]
             em.zero_fill(buffer, address, self.region_lines(name), self.zero)
-        if not self.multi:
+        if not self.multi and not self.seq:
             xb, xa = self.region("X")
             em.load_lines(self.layout.conv_state.address, d.d_conv * self.Di_l, xb, xa, compute=True)
         if plan.weights_resident:
@@ -357,16 +424,16 @@ class _MixerLowering:
                 offset += matrix.lines * P
         for t0 in range(0, self.length, plan.block_tokens):
             self.block(t0, min(plan.block_tokens, self.length - t0))
-        if plan.scan_resident:
+        if plan.scan_resident and not self.seq:
             em.store_lines(self.layout.ssm_state.address, self.layout.ssm_state.rows, *plan.regions["h"])
-        if not self.multi:
+        if not self.multi and not self.seq:
             em.store_lines(self.layout.conv_state.address, d.d_conv * self.Di_l, *self.region("X"))
 
     def region_lines(self, name):
         plan, d = self.plan, self.d
         T = plan.block_tokens
         if name == "X":
-            return (d.d_conv + T) * self.G
+            return T * self.window if self.seq else (d.d_conv + T) * self.G
         if name == "OUT" and not plan.output_resident:
             return ceil_div(T * plan.output_group_tiles * self.R, self.P)
         if name == "OBIAS":
@@ -393,6 +460,73 @@ class _MixerLowering:
         self.em.load_lines(self.layout.ssm_state.address + j0 * Kn * P * config.compute_bytes, count * Kn,
                            *self.plan.regions["h"], compute=True)
         self.em.load_lines(self.layout.A + j0 * Kn * P * config.storage_bytes, count * Kn, *self.plan.regions["A"])
+
+    def conv_states(self, kind, t0, tokens, g0, lines, offset):
+        """Batched decode: LOAD (STORE) the conv states of sequences ``t0 ..`` into (from) their windows'
+        rows starting ``offset`` elements into each window, channel lines ``g0 .. g0 + lines - 1``."""
+        P, G, dc, cb = self.P, self.G, self.d.d_conv, self.config.compute_bytes
+        xb, xa = self.region("X")
+        first = self.layout.conv_state_of(t0)
+        if lines == self.Di_l:      # one group: a sequence's state is one contiguous row of d_conv lines
+            self.em.dma(kind, memory_address=first.address, rows=tokens, row_elements=dc * lines * P,
+                        memory_row_stride=first.rows * first.row_stride, buffer=xb, address=xa + offset,
+                        buffer_row_stride=self.window * P, compute=True)
+            return
+        for t in range(tokens):
+            state = self.layout.conv_state_of(t0 + t)
+            self.em.dma(kind, memory_address=state.address + g0 * P * cb, rows=dc, row_elements=lines * P,
+                        memory_row_stride=state.row_stride, buffer=xb, address=xa + t * self.window * P + offset,
+                        buffer_row_stride=G * P, compute=True)
+
+    def scan_sequences(self, t0, tokens, g0, j0, count):
+        """Batched decode: one scan step of every sequence of the block on channel tiles ``j0 ..``. Each
+        sequence has its own ``h`` (loaded and stored with one 2-D transfer for the block); the steps of the
+        sequences are independent, so the program interleaves them stage by stage (the decay of every
+        sequence, one EXP, the drives, one MULADD, the outputs) and no instruction waits for the one before."""
+        em, P, R, C, Kn, cb = self.em, self.P, self.R, self.C, self.Kn, self.config.compute_bytes
+        S = self.plan.scan_tiles
+        (hb, ha), A, (ab, aa), (bb, ba) = (self.plan.regions[name] for name in ("h", "A", "dA", "dBx"))
+        stride = S * Kn * P          # elements from one sequence's scan group tiles to the next
+        first = self.layout.ssm_state_of(t0)
+        transfer = dict(memory_address=first.address + j0 * Kn * P * cb, rows=tokens, row_elements=count * Kn * P,
+                        memory_row_stride=first.rows * first.row_stride, buffer=hb, address=ha,
+                        buffer_row_stride=stride, compute=True)
+        em.dma(isa.Load, **transfer)
+        if not self.plan.scan_resident:
+            em.load_lines(self.layout.A + j0 * Kn * P * self.config.storage_bytes, count * Kn, *A)
+            a_tiles = (*A, Kn, 1)
+        else:
+            a_tiles = (A[0], A[1] + j0 * Kn * P, Kn, 1)
+        offset = (j0 - g0 * C) * R
+
+        def rows(name, t):
+            buffer, address = self.region(name, t)
+            return buffer, address + offset
+
+        for t in range(tokens):      # decay = delta[t, d] * A[d, n]
+            em.elementwise(ElementwiseOp.MUL, count, Kn, (ab, aa + t * stride, Kn, 1),
+                           (*rows("DELTA", t), 1, 0, Broadcast.ROW), a_tiles)
+        if count == S:
+            em.nonlinear(NonlinearFunction.EXP, ab, aa, tokens * S * Kn)
+        else:
+            for t in range(tokens):
+                em.nonlinear(NonlinearFunction.EXP, ab, aa + t * stride, count * Kn)
+        for t in range(tokens):      # drive = (delta[t, d] * x[t, d]) * B[t, n]
+            em.elementwise(ElementwiseOp.MUL, count, Kn, (bb, ba + t * stride, Kn, 1),
+                           (*rows("DX", t), 1, 0, Broadcast.ROW), (*self.region("BB", t), 0, 1, Broadcast.COLUMN))
+        # h = decay * h + drive, every sequence in one instruction
+        tiles = lambda buffer, address: (buffer, address, S * Kn, 1)
+        em.elementwise(ElementwiseOp.MULADD, tokens, count * Kn, tiles(hb, ha), tiles(ab, aa), tiles(hb, ha),
+                       tiles(bb, ba))
+        for t in range(tokens):      # y[t, d] = sum_n h[d, n] * C[t, n] + D[d] * x[t, d]
+            out_b, out_a = rows("Y", t)
+            ccb, cca = self.region("CC", t)
+            bias_b, bias_a = rows("DXD", t)
+            em.emit(isa.Linear(matrix_buffer=hb, matrix_address=ha + t * stride, chunk_count=Kn,
+                               row_tile_count=count, token_count=1, vector_buffer=ccb, vector_address=cca,
+                               output_buffer=out_b, output_address=out_a, init=LinearInit.BIAS,
+                               bias_buffer=bias_b, bias_address=bias_a))
+        em.dma(isa.Store, **transfer)
 
     def hidden_source(self, t0, tokens):
         if self.plan.hidden_resident:
@@ -421,15 +555,18 @@ class _MixerLowering:
             if self.multi:
                 em.section(f"stage 1, channel lines {g0}..{g0 + lines - 1}")
             self.load_group_parameters(g0, lines)
-            if self.multi:
+            if self.seq:
+                self.conv_states(isa.Load, t0, tokens, g0, lines, 0)
+            elif self.multi:
                 em.dma(isa.Load, memory_address=state.address + g0 * P * cb, rows=dc, row_elements=lines * P,
                        memory_row_stride=state.row_stride, buffer=xb, address=xa, buffer_row_stride=G * P,
                        compute=True)
             tiles = (g0 * C, min(self.Jd, (g0 + lines) * C))
-            self.linear("in_x", tokens, source, OnChip(xb, xa + dc * G * P, G * P, g0 * C), rows=tiles,
+            step = self.window if self.seq else G       # from one token's window rows to the next
+            self.linear("in_x", tokens, source, OnChip(xb, xa + dc * G * P, step * P, g0 * C), rows=tiles,
                         bias=self.parameter_onchip("in_x_bias", g0))
             tap = lambda k: (*self.parameter(f"conv_tap{k}", g0), 0, 1)
-            window = lambda k: (xb, xa + (1 + k) * G * P, G, 1)
+            window = lambda k: (xb, xa + (1 + k) * G * P, step, 1)
             xc = (cxb, cxa, G, 1)
             em.elementwise(ElementwiseOp.MUL, tokens, lines, xc, tap(0), window(0))
             for k in range(1, dc):
@@ -438,7 +575,9 @@ class _MixerLowering:
                 em.elementwise(ElementwiseOp.ADD, tokens, lines, xc, xc, (*self.parameter("conv_bias", g0), 0, 1))
             em.nonlinear(NonlinearFunction.SILU, cxb, cxa, tokens * G)
             # the conv window's last d_conv rows are the history of the next block
-            if self.multi:
+            if self.seq:        # each sequence's window rows 1 .. d_conv are its next conv state
+                self.conv_states(isa.Store, t0, tokens, g0, lines, G * P)
+            elif self.multi:
                 em.dma(isa.Store, memory_address=state.address + g0 * P * cb, rows=dc, row_elements=lines * P,
                        memory_row_stride=state.row_stride, buffer=xb, address=xa + tokens * G * P,
                        buffer_row_stride=G * P, compute=True)
@@ -483,6 +622,9 @@ class _MixerLowering:
             # the selective scan, token by token, one scan group of channel tiles at a time
             for j0 in range(tiles[0], tiles[1], self.plan.scan_tiles):
                 count = min(self.plan.scan_tiles, tiles[1] - j0)
+                if self.seq:
+                    self.scan_sequences(t0, tokens, g0, j0, count)
+                    continue
                 if not self.plan.scan_resident:
                     self.load_scan_group(j0, count)
                 for t in range(tokens):

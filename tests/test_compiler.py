@@ -329,3 +329,79 @@ def test_forced_channel_groups_are_bit_identical():
         run = compiled.run(hidden, conv0, ssm0)
         assert torch.equal(run.out, whole.out), options
         assert torch.equal(run.ssm_state, whole.ssm_state) and torch.equal(run.conv_state, whole.conv_state)
+
+
+# Batched decode: B sequences, one token each, every sequence with its own states --------------------------
+
+def batch_inputs(B, d_model, d_state, seed):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, d_model, generator=generator, dtype=torch.float64)
+    conv = torch.randn(B, 2 * d_model, 4, generator=generator, dtype=torch.float64) * 0.5
+    ssm = torch.randn(B, 2 * d_model, d_state, generator=generator, dtype=torch.float64)
+    return hidden, conv, ssm
+
+
+def batched_mismatches(weights, config, B, hidden, conv, ssm, options=CompileOptions()):
+    """Run one batched step and B separate batch-1 steps; the sequences whose output or states differ."""
+    one = compile_mixer(weights, config, mode="decode", options=options)
+    batched = compile_mixer(weights, config, mode="decode", batch=B, options=options)
+    run = batched.run(hidden, conv, ssm)
+    wrong = []
+    for b in range(B):
+        alone = one.run(hidden[b:b + 1], conv[b], ssm[b])
+        if not (torch.equal(alone.out[0], run.out[b]) and torch.equal(alone.conv_state, run.conv_state[b])
+                and torch.equal(alone.ssm_state, run.ssm_state[b])):
+            wrong.append(b)
+    return batched, wrong
+
+
+@pytest.mark.parametrize("config, d_model, d_state, B, options", [
+    (FP32_4x4, 16, 4, 3, CompileOptions()),
+    (FP32_4x4, 16, 8, 5, CompileOptions(max_scan_tiles=3)),          # scan groups, the last one partial
+    (FP32_4x4, 16, 8, 5, CompileOptions(max_group_lines=1, max_block_tokens=2)),   # channel groups, blocks
+    (FP32_4x4, 16, 8, 4, CompileOptions(max_weight_lines=6)),         # streamed weights, split chunks
+    (FP32_4x4, 16, 8, 3, CompileOptions(intra_operation=False, inter_operation=False)),
+    (FP32_4x4, 16, 4, 4, CompileOptions(stream_rows=True)),           # input and output rows streamed
+], ids=["plain", "scan-groups", "channel-groups", "streamed", "switches-off", "stream-rows"])
+def test_batched_decode_equals_separate_steps(config, d_model, d_state, B, options):
+    """A batched decode step leaves every sequence's output, conv state and scan state exactly as its own
+    batch-1 step does."""
+    weights = mixer(d_model, d_state, seed=30)
+    batched, wrong = batched_mismatches(weights, config, B, *batch_inputs(B, d_model, d_state, seed=31),
+                                        options=options)
+    assert batched.plan.sequences and wrong == []
+    if options.max_weight_lines:
+        assert not batched.plan.weights_resident
+    if options.max_group_lines:
+        assert batched.plan.groups > 1 and batched.plan.block_tokens < B
+
+
+def test_batched_decode_on_the_demo_configuration():
+    """The demo's sizes at B = 16 (the planner's blocks of sequences and whole-state scan groups)."""
+    from marca.demo import DEMO_CONFIG
+    weights = mixer(32, 16, seed=32)
+    batched, wrong = batched_mismatches(weights, DEMO_CONFIG, 16, *batch_inputs(16, 32, 16, seed=33))
+    assert wrong == []
+    assert batched.plan.block_tokens > 1 and batched.plan.scan_tiles == 16   # 16 channel tiles: one group
+
+
+def test_batched_decode_check_catches_shared_states(monkeypatch):
+    """Broken variant: every block of one sequence reads and writes sequence 0's states (two sequences
+    sharing a state); the comparison with separate steps must catch it."""
+    from marca.compiler import mixer as mixer_module
+    weights = mixer(16, 4, seed=34)
+    inputs = batch_inputs(3, 16, 4, seed=35)
+    monkeypatch.setattr(mixer_module, "_sequence", lambda place, b: place)
+    _, wrong = batched_mismatches(weights, FP32_4x4, 3, *inputs, options=CompileOptions(max_block_tokens=1))
+    assert wrong != []
+
+
+def test_batched_decode_keeps_the_single_step_program():
+    weights = mixer(16, 4, seed=36)
+    plain = compile_mixer(weights, FP32_4x4, mode="decode")
+    assert compile_mixer(weights, FP32_4x4, mode="decode", batch=1).instructions == plain.instructions
+    assert not plain.plan.sequences
+    with pytest.raises(ValueError, match="batch"):
+        compile_mixer(weights, FP32_4x4, mode="decode", batch=0)
+    with pytest.raises(ValueError, match="batch"):
+        compile_mixer(weights, FP32_4x4, mode="prefill", length=4, batch=2)
