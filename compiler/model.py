@@ -7,7 +7,11 @@
     logits = session.decode(next_id)           # [1, vocab]
 
 One memory image holds the weights, every layer's conv and scan states, the activations and two
-programs: a prefill of ``prompt_length`` tokens and a decode step. Each program is
+programs: a prefill of ``prompt_length`` tokens and a decode step. With ``batch=B`` (B > 1) it holds the
+states of ``B`` sequences per layer and a third program, ``decode_batch``: one decode step of all ``B``
+sequences (``session.decode_batch(ids)``, ``[B, vocab]``), every weight read shared by the ``B`` tokens.
+The prefill and the decode step work on sequence 0's states; ``session.copy_sequence(0, b)`` moves a
+prefilled sequence into slot ``b``. Each program is
 
     embedding: GATHER of the token ids' rows (the host writes only the ids) -> residual (compute format)
     per layer: RMSNorm (residual -> normed, storage format, as the model's dtype would hold it)
@@ -138,8 +142,10 @@ class ModelProgram:
 class CompiledModel:
     """A compiled model: one memory image, two programs, the places the host reads and writes.
 
-    ``ids``: ``prompt_length`` little-endian uint32 token ids; ``logits``: ``[rows, vocab]`` compute
-    format; ``residual`` / ``normed`` / ``mixer_out``: ``[prompt_length, d_model]`` rows padded to lines."""
+    ``ids``: ``max(prompt_length, batch)`` little-endian uint32 token ids; ``logits``: ``[rows, vocab]``
+    compute format; ``residual`` / ``normed`` / ``mixer_out``: ``[max(prompt_length, batch), d_model]`` rows
+    padded to lines; ``states``: each layer's (conv, scan) state places of sequence 0 (sequence ``b``'s
+    follow, :meth:`state_places`)."""
 
     config: MarcaConfig
     shape: ModelShape
@@ -158,6 +164,15 @@ class CompiledModel:
     weight_bytes: int
     embedding_on_host: bool = False
     embedding: torch.Tensor | None = field(default=None, repr=False)
+    batch: int = 1
+
+    def state_places(self, b: int) -> list:
+        """Each layer's (conv_state, ssm_state) places of sequence ``b``."""
+        if not 0 <= b < self.batch:
+            raise ValueError(f"sequence {b} is outside the batch of {self.batch}")
+        shift = lambda place: TensorPlace(place.address + b * place.rows * place.row_stride, place.rows,
+                                          place.row_elements, place.row_stride, place.format, place.layout)
+        return [(shift(conv), shift(ssm)) for conv, ssm in self.states]
 
     def session(self, **iss_options) -> "ModelSession":
         """A fresh sequence on the golden ISS (zero states)."""
@@ -217,6 +232,29 @@ class ModelSession:
     def decode(self, token: int) -> torch.Tensor:
         return self.run("decode", [token])
 
+    def decode_batch(self, tokens) -> torch.Tensor:
+        """One decode step of every sequence of the batch (token ``b`` continues sequence ``b``):
+        ``[batch, vocab]`` logits."""
+        if "decode_batch" not in self.compiled.programs:
+            raise ValueError("the model was compiled without batch > 1")
+        return self.run("decode_batch", tokens)
+
+    def reset_sequence(self, b: int = 0) -> None:
+        """Zero every layer's states of sequence ``b`` (a fresh sequence: a prefill continues the states it
+        finds)."""
+        for pair in self.compiled.state_places(b):
+            for place in pair:
+                self.memory[place.address:place.address + place.rows * place.row_stride] = \
+                    bytes(place.rows * place.row_stride)
+
+    def copy_sequence(self, source: int, destination: int) -> None:
+        """The host copies every layer's states of sequence ``source`` over sequence ``destination``'s (the
+        prefill and the single decode step use sequence 0)."""
+        for src, dst in zip(self.compiled.state_places(source), self.compiled.state_places(destination)):
+            for a, b in zip(src, dst):
+                size = a.rows * a.row_stride
+                self.memory[b.address:b.address + size] = self.memory[a.address:a.address + size]
+
 
 # Row stages (embedding, RMSNorm, residual add): token blocks x d_model chunks ---------------------------
 
@@ -245,9 +283,10 @@ def _plan_rows(config, base: Allocator, Dm_l: int, tokens: int, chunk_limit: int
 
 
 class _ModelLowering:
-    def __init__(self, compiled_parts, mode, tokens, logits_rows, options):
+    def __init__(self, compiled_parts, mode, tokens, logits_rows, options, sequences=False):
         self.__dict__.update(compiled_parts)
         self.mode, self.tokens, self.logits_rows, self.options = mode, tokens, logits_rows, options
+        self.sequences = sequences
         config = self.config
         self.P, self.R, self.C = config.lanes, config.array_rows, config.array_cols
         self.em = Emitter(config, inter_operation=options.inter_operation, spill_address=self.spill)
@@ -265,7 +304,7 @@ class _ModelLowering:
         if not self.embedding_on_host:
             em.section("embedding: GATHER of the token ids' rows")
             self.embed(row_T, row_D, row_regions)
-        mixer_plan = plan_mixer(self.layers[0], config, self.options, self.tokens, base)
+        mixer_plan = plan_mixer(self.layers[0], config, self.options, self.tokens, base, self.sequences)
         for n, layer in enumerate(self.layers):
             em.section(f"layer {n}: RMSNorm")
             self.rms_norm(self.norm_weights[n], self.tokens, 0, row_T, row_D, row_regions)
@@ -446,7 +485,7 @@ class _ModelLowering:
 
 def compile_model(model_or_state_dict=None, mamba_config=None, config: MarcaConfig | None = None, *,
                   prompt_length: int = 1, logits: str = "last", options: CompileOptions = CompileOptions(),
-                  gather: bool | None = None, check_address_space: bool = True) -> CompiledModel:
+                  gather: bool | None = None, check_address_space: bool = True, batch: int = 1) -> CompiledModel:
     """Compile a Mamba language model: a prefill of ``prompt_length`` tokens and a decode step in one image.
 
     Parameters
@@ -465,11 +504,16 @@ def compile_model(model_or_state_dict=None, mamba_config=None, config: MarcaConf
     check_address_space : bool
         Raise CompileError when the image exceeds ``2**axi_addr_width`` bytes (False: a shapes-only
         study of what a model would need; ``memory_size`` says it).
+    batch : int
+        Sequences of the batched decode step (``decode_batch`` program, B > 1); 1: no batched program and
+        the same image and programs as without the argument.
     """
     if not isinstance(config, MarcaConfig):
         raise ValueError(f"config must be a MarcaConfig, not {config!r}")
     if not isinstance(prompt_length, int) or isinstance(prompt_length, bool) or prompt_length < 1:
         raise ValueError(f"prompt_length must be a positive integer, not {prompt_length!r}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 0xFFFF:
+        raise ValueError(f"batch must be an integer from 1 to 65535, not {batch!r}")
     if logits not in ("last", "all"):
         raise ValueError(f"logits must be 'last' or 'all', not {logits!r}")
     if not isinstance(options, CompileOptions):
@@ -521,7 +565,7 @@ def compile_model(model_or_state_dict=None, mamba_config=None, config: MarcaConf
                                 line_vector(weight(prefix + "norm.weight"), Dm_l, P), Dm_l * P))
         mixer_weights = None if state_dict is None else \
             {name[len(prefix) + 6:]: value for name, value in state_dict.items() if name.startswith(prefix + "mixer.")}
-        layers.append(layout_mixer(image, f"layer {n} ", mixer_weights, shape.dims, config))
+        layers.append(layout_mixer(image, f"layer {n} ", mixer_weights, shape.dims, config, batch))
     norm_f = put("norm_f", None if state_dict is None else line_vector(weight("backbone.norm_f.weight"), Dm_l, P),
                  Dm_l * P)
     head_name = "backbone.embeddings.weight" if shape.tied else "lm_head.weight"
@@ -529,8 +573,8 @@ def compile_model(model_or_state_dict=None, mamba_config=None, config: MarcaConf
     head = put("LM head tiles", None if state_dict is None else tile_matrix(weight(head_name), R, C), J * K * P)
     weight_bytes = image.size - weights_start
 
-    L = prompt_length
-    logits_rows = L if logits == "all" else 1
+    logits_rows = prompt_length if logits == "all" else 1
+    L = max(prompt_length, batch)           # rows of the token places: the prefill's or the batch's
     ids = image.allocate("token ids", 4 * L)
     row = Dm_l * P
     residual = TensorPlace(image.allocate("residual", L * row * cb), L, d_model, row * cb, "compute",
@@ -540,7 +584,8 @@ def compile_model(model_or_state_dict=None, mamba_config=None, config: MarcaConf
     mixer_out = TensorPlace(image.allocate("mixer output", L * row * sb), L, d_model, row * sb, "storage",
                             "[tokens, d_model] rows padded to lines")
     logits_stride = ceil_div(vocab * cb, 64) * 64
-    logits_place = TensorPlace(image.allocate("logits", logits_rows * logits_stride), logits_rows, vocab,
+    logit_places = max(logits_rows, batch)
+    logits_place = TensorPlace(image.allocate("logits", logit_places * logits_stride), logit_places, vocab,
                                logits_stride, "compute", "[rows, vocab]")
     inner_row = ceil_div(shape.dims.d_inner, P) * P
     staging = {name: TensorPlace(image.allocate(f"mixer staging {name}", L * inner_row * cb), L, inner_row,
@@ -551,15 +596,17 @@ def compile_model(model_or_state_dict=None, mamba_config=None, config: MarcaConf
                  embedding_table=embedding_table, layers=layers, norm_weights=norm_weights, norm_f=norm_f,
                  head=head, ids=ids, residual=residual, normed=normed, mixer_out=mixer_out, logits=logits_place,
                  staging=staging, spill=spill, embedding_on_host=not gather)
-    programs = {"prefill": _ModelLowering(parts, "prefill", L, logits_rows, options).lower(),
+    programs = {"prefill": _ModelLowering(parts, "prefill", prompt_length, logits_rows, options).lower(),
                 "decode": _ModelLowering(parts, "decode", 1, 1, options).lower()}
+    if batch > 1:
+        programs["decode_batch"] = _ModelLowering(parts, "decode_batch", batch, batch, options, True).lower()
     if check_address_space and image.size > 1 << config.axi_addr_width:
         raise CompileError(f"the memory image needs {image.size} bytes; the configuration {config.name!r} "
                            f"addresses {1 << config.axi_addr_width} (axi_addr_width {config.axi_addr_width})")
     return CompiledModel(
-        config=config, shape=shape, options=options, prompt_length=L,
+        config=config, shape=shape, options=options, prompt_length=prompt_length,
         memory=bytes(image.data) if image.materialize else None, memory_size=image.size, ids=ids,
         logits=logits_place, residual=residual, normed=normed, mixer_out=mixer_out,
         states=[(layer.conv_state, layer.ssm_state) for layer in layers], programs=programs,
         regions=dict(image.regions), weight_bytes=weight_bytes, embedding_on_host=not gather,
-        embedding=None if gather or state_dict is None else weight("backbone.embeddings.weight"))
+        embedding=None if gather or state_dict is None else weight("backbone.embeddings.weight"), batch=batch)

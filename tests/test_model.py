@@ -186,3 +186,71 @@ def test_generate_from_a_checkpoint_folder_without_tokenizer_uses_bytes(tmp_path
     assert main(["generate", "--checkpoint", str(tmp_path / "model"), "--prompt", "Hi", "--tokens", "1",
                  "--backend", "reference", "--out", str(out)]) == 0
     assert "report written" in capsys.readouterr().out
+
+
+PROMPTS = [[3, 17, 1, 30], [5, 5, 22, 9], [39, 0, 12, 7]]
+
+
+def state_bytes(compiled, session, b):
+    out = b""
+    for place in (p for pair in compiled.state_places(b) for p in pair):
+        out += bytes(session.memory[place.address:place.address + place.rows * place.row_stride])
+    return out
+
+
+def batched_model_mismatches(model, config, options=CompileOptions(), steps=((8, 2, 33), (1, 14, 20))):
+    """Prefill three prompts into the three sequences of a batched image, run decode_batch steps; run each
+    sequence alone (batch-1 image: prefill, decode steps). The steps whose logits or states differ."""
+    B = len(PROMPTS)
+    batched = compile_model(model, config=config, prompt_length=4, options=options, batch=B)
+    single = compile_model(model, config=config, prompt_length=4, options=options)
+    session = batched.session()
+    for b, prompt in reversed(list(enumerate(PROMPTS))):     # sequence 0 last: the prefill works in its slot
+        session.reset_sequence(0)        # a prefill continues the states it finds
+        session.prefill(prompt)
+        if b:
+            session.copy_sequence(0, b)
+    alone = [single.session() for _ in PROMPTS]
+    for s, prompt in zip(alone, PROMPTS):
+        s.prefill(prompt)
+    wrong = []
+    for k, ids in enumerate(steps):
+        logits = session.decode_batch(list(ids))
+        for b, s in enumerate(alone):
+            expected = s.decode(ids[b])
+            if not torch.equal(logits[b], expected[0]) or state_bytes(batched, session, b) != state_bytes(single, s, 0):
+                wrong.append((k, b))
+    return batched, wrong
+
+
+@pytest.mark.parametrize("preset, layers, options", [(DEFAULT, 2, CompileOptions()),
+                                                      (TINY, 1, CompileOptions(max_group_lines=1, stream_rows=True))],
+                         ids=["default", "tiny-channel-groups"])
+def test_batched_decode_equals_separate_sequences(preset, layers, options):
+    """Three sequences through decode_batch equal, bit for bit (logits and every layer's states), three
+    separate sequences through the batch-1 decode step, over two chained steps."""
+    batched, wrong = batched_model_mismatches(small_model(layers=layers), preset, options)
+    assert wrong == []
+    assert batched.programs["decode_batch"].mixer_plan.sequences
+    assert batched.programs["decode_batch"].logits_rows == 3
+
+
+def test_batched_decode_with_shared_states_is_caught(monkeypatch):
+    from marca.compiler import mixer as mixer_module
+    monkeypatch.setattr(mixer_module, "_sequence", lambda place, b: place)
+    _, wrong = batched_model_mismatches(small_model(layers=1), DEFAULT, CompileOptions(max_block_tokens=1),
+                                        steps=((8, 2, 33),))
+    assert wrong != []
+
+
+def test_batch_one_keeps_the_model_image_and_programs():
+    model = small_model(layers=1)
+    plain = compile_model(model, config=DEFAULT, prompt_length=4)
+    one = compile_model(model, config=DEFAULT, prompt_length=4, batch=1)
+    assert one.memory == plain.memory and set(one.programs) == {"prefill", "decode"}
+    for mode in plain.programs:
+        assert one.programs[mode].instructions == plain.programs[mode].instructions
+    with pytest.raises(ValueError, match="batch"):
+        compile_model(model, config=DEFAULT, batch=0)
+    with pytest.raises(ValueError, match="batch"):
+        plain.session().decode_batch([1, 2])
