@@ -2,12 +2,17 @@
 
     marca generate (--checkpoint DIR | --random SIZE) --prompt TEXT --tokens N
                    --backend reference|iss|rtl --config PRESET|FILE [--temperature T --top-k K --seed S]
+                   [--batch B]
 
 streams the generated text to stdout as it is produced (a progress line on stderr), then prints the report
 (cycles per token for prefill and decode from the cycle model marca.perf, tokens/s at the configuration's
 clock, DRAM bytes per token, PE utilization per operation class, agreement with the float reference) and
 writes it as JSON. ``--random SIZE`` builds the released shapes with random weights; a model too big for
 this machine's memory is compiled from its shapes alone (program size, memory, DRAM bytes per token).
+``--batch B`` generates ``B`` sequences from ``B`` copies of the prompt: one prefill, its states copied
+into every sequence's slot, then batched decode steps (``decode_batch``: the ``B`` tokens share every
+weight read); each sequence samples its own tokens (with ``--temperature 0`` they stay identical). The
+report adds the batched step's figures (``decode_batch``) and every sequence's text.
 """
 
 import codecs
@@ -187,6 +192,11 @@ def generate(args) -> int:
     started = time.perf_counter()
     if args.tokens < 1:
         raise ValueError(f"--tokens must be at least 1, not {args.tokens}")
+    batch = getattr(args, "batch", 1)
+    if not 1 <= batch <= 0xFFFF:
+        raise ValueError(f"--batch must be from 1 to 65535, not {batch}")
+    if batch > 1 and args.backend == "rtl":
+        raise ValueError("--batch needs --backend iss or reference (the RTL model session runs one sequence)")
     config = load_config(args.config)
     if args.checkpoint:
         state, mamba_config, tokenizer = load_checkpoint(args.checkpoint)
@@ -204,7 +214,7 @@ def generate(args) -> int:
     report = {"model": args.checkpoint or f"random {args.random}", "config": config.name,
               "backend": args.backend, "d_model": shape.d_model, "layers": shape.layers, "vocab": shape.vocab,
               "parameters": shape.parameter_count(), "prompt_tokens": len(ids),
-              "clock_mhz": config.fpga_clock_mhz, "storage_format": config.storage_format.name}
+              "clock_mhz": config.fpga_clock_mhz, "storage_format": config.storage_format.name, "batch": batch}
     # Weights for this size at FP32 plus the memory image: more than half this machine's memory -> shapes only.
     available = _available_memory()
     need = shape.parameter_count() * (8 + config.storage_bytes)
@@ -218,7 +228,7 @@ def generate(args) -> int:
     _progress("compiling")
     compile_started = time.perf_counter()
     compiled = compile_model(state if not shapes_only else None, mamba_config, config, prompt_length=len(ids),
-                             check_address_space=not shapes_only)
+                             check_address_space=not shapes_only, batch=batch)
     bits = max(1, compiled.memory_size - 1).bit_length()
     if bits > config.axi_addr_width:      # only from shapes: say what the configuration would need
         report["address_bits_needed"] = bits
@@ -232,6 +242,8 @@ def generate(args) -> int:
     report["weight_bytes"] = compiled.weight_bytes
     report["prefill"] = _program_figures(config, compiled.programs["prefill"], len(ids))
     report["decode"] = _program_figures(config, compiled.programs["decode"], 1)
+    if batch > 1:
+        report["decode_batch"] = _program_figures(config, compiled.programs["decode_batch"], batch)
     report["program_bytes"] = {mode: len(p.instructions) * 32 for mode, p in compiled.programs.items()}
     if shapes_only:
         report["shapes_only"] = True
@@ -241,8 +253,8 @@ def generate(args) -> int:
     rounded_model = None if args.backend == "reference" else \
         storage_rounded_model(state, mamba_config, config.storage_format)
     generator = torch.Generator().manual_seed(args.seed)
-    decode = tokenizer.decoder()
-    tokens, agreement, max_delta = list(ids), [], 0.0
+    decoders = [tokenizer.decoder() for _ in range(batch)]
+    sequences, agreement, max_delta = [list(ids) for _ in range(batch)], [], 0.0
     rounded_agreement, rounded_delta, rounding_delta, max_logit = [], 0.0, 0.0, 0.0
     session = None
     if args.backend == "iss":
@@ -250,33 +262,49 @@ def generate(args) -> int:
     elif args.backend == "rtl":
         from marca.tb.model import RtlModelSession
         session = RtlModelSession(compiled, pause=args.pause, seed=args.seed)
-    text = ""
+    texts = [""] * batch
     for step in range(args.tokens):
         _progress(f"{'prefill' if step == 0 else 'decode'} step {step + 1}/{args.tokens} "
                   f"({time.perf_counter() - started:.0f} s)")
-        with torch.no_grad():
-            expected = reference_model(torch.tensor([tokens])).logits[0, -1]
         if session is None:
-            logits = expected
+            rows = [None] * batch
+        elif step == 0:
+            rows = [session.prefill(ids)[-1]] * batch
+            for b in range(1, batch):         # every sequence starts from the prompt's states
+                session.copy_sequence(0, b)
+        elif batch == 1:
+            rows = [session.decode(sequences[0][-1])[-1]]
         else:
-            logits = (session.prefill(ids) if step == 0 else session.decode(tokens[-1]))[-1]
+            rows = list(session.decode_batch([tokens[-1] for tokens in sequences]))
+        for b, (tokens, logits) in enumerate(zip(sequences, rows)):
             with torch.no_grad():
-                rounded = rounded_model(torch.tensor([tokens])).logits[0, -1]
-            agreement.append(int(torch.argmax(logits)) == int(torch.argmax(expected)))
-            max_delta = max(max_delta, float((logits - expected).abs().max()))
-            rounded_agreement.append(int(torch.argmax(logits)) == int(torch.argmax(rounded)))
-            rounded_delta = max(rounded_delta, float((logits - rounded).abs().max()))
-            rounding_delta = max(rounding_delta, float((rounded - expected).abs().max()))
-            max_logit = max(max_logit, float(expected.abs().max()))
-        token = _choose(logits, args.temperature, args.top_k, generator)
-        tokens.append(token)
-        piece = decode(token)
-        text += piece
-        print(piece, end="", flush=True)
+                expected = reference_model(torch.tensor([tokens])).logits[0, -1]
+            if logits is None:
+                logits = expected
+            else:
+                with torch.no_grad():
+                    rounded = rounded_model(torch.tensor([tokens])).logits[0, -1]
+                agreement.append(int(torch.argmax(logits)) == int(torch.argmax(expected)))
+                max_delta = max(max_delta, float((logits - expected).abs().max()))
+                rounded_agreement.append(int(torch.argmax(logits)) == int(torch.argmax(rounded)))
+                rounded_delta = max(rounded_delta, float((logits - rounded).abs().max()))
+                rounding_delta = max(rounding_delta, float((rounded - expected).abs().max()))
+                max_logit = max(max_logit, float(expected.abs().max()))
+            token = _choose(logits, args.temperature, args.top_k, generator)
+            tokens.append(token)
+            piece = decoders[b](token)
+            texts[b] += piece
+            if b == 0:
+                print(piece, end="", flush=True)
     print(flush=True)
     _progress("done\n")
-    report["generated"] = text
-    report["generated_ids"] = tokens[len(ids):]
+    report["generated"] = texts[0]
+    report["generated_ids"] = sequences[0][len(ids):]
+    if batch > 1:
+        report["generated_batch"] = texts
+        report["generated_ids_batch"] = [tokens[len(ids):] for tokens in sequences]
+        for b, text in enumerate(texts[1:], start=1):
+            print(f"[sequence {b}] {text}", flush=True)
     if session is not None:
         report["top1_agreement"] = sum(agreement) / len(agreement)
         report["max_abs_logit_difference"] = max_delta
@@ -308,9 +336,12 @@ def _finish(report, args, started) -> int:
              f"d_model {report['d_model']}) on {report['config']}, backend {report['backend']}",
              f"program: prefill {report['prefill']['instructions']} instructions, decode "
              f"{report['decode']['instructions']}; memory image {report['memory_bytes'] / 2**20:.1f} MiB"]
-    for mode in ("prefill", "decode"):
+    for mode in ("prefill", "decode", "decode_batch"):
+        if mode not in report:
+            continue
         figures = report[mode]
-        line = f"{mode}: DRAM {figures['dram_bytes_per_token'] / 1e6:.3f} MB/token"
+        title = f"decode, batch {report['batch']}" if mode == "decode_batch" else mode
+        line = f"{title}: DRAM {figures['dram_bytes_per_token'] / 1e6:.3f} MB/token"
         if "cycles" in figures:
             use = figures["pe_utilization"]
             line += (f", {figures['cycles_per_token']:.0f} cycles/token, {figures['tokens_per_second']:.3g} "
@@ -346,6 +377,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="random weights and sampling")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="sequences generated together from copies of the prompt (batched decode)")
     parser.add_argument("--shapes-only", action="store_true", help="compile from shapes alone and report")
     parser.add_argument("--pause", type=float, default=0.0, help="rtl: AXI pause probability")
     parser.add_argument("--out", default="build/generate/report.json")

@@ -254,3 +254,25 @@ def test_batch_one_keeps_the_model_image_and_programs():
         compile_model(model, config=DEFAULT, batch=0)
     with pytest.raises(ValueError, match="batch"):
         plain.session().decode_batch([1, 2])
+
+
+def test_generate_batch(tmp_path, capsys):
+    """``marca generate --batch 2``: two sequences from copies of the prompt through decode_batch, each
+    sampling its own tokens, both agreeing with the float reference; the report has the batched step."""
+    import json
+
+    from marca.cli import main
+    out = tmp_path / "report.json"
+    assert main(["generate", "--random", "toy", "--prompt", "Hi", "--tokens", "3", "--backend", "iss",
+                 "--config", "default", "--batch", "2", "--temperature", "1", "--seed", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["batch"] == 2 and len(report["generated_ids_batch"]) == 2
+    assert report["generated_ids_batch"][0] == report["generated_ids"]
+    assert report["generated_ids_batch"][0] != report["generated_ids_batch"][1]     # sampled apart
+    assert report["top1_agreement"] == 1.0 and report["storage_rounded_reference"]["max_abs_logit_difference"] < 1e-5
+    assert [step["mode"] for step in report["measured_counters"]] == ["prefill", "decode_batch", "decode_batch"]
+    assert report["decode_batch"]["tokens"] == 2
+    assert "decode, batch 2" in capsys.readouterr().out
+    assert main(["generate", "--random", "toy", "--prompt", "x", "--backend", "rtl", "--batch", "2"]) == 2
+    assert "--batch" in capsys.readouterr().err
