@@ -112,10 +112,12 @@ class ProcessingElement(wiring.Component):
 
     Ports
     -----
-    enable, hold, use_held, product_uses_b, min_max, is_min, select_or_keep_a, function_out : In(1)
+    enable, hold, use_held, product_uses_b, min_max, is_min, select_or_keep_a, function_sel : In(1)
         Pipeline enable; write the held tile (a beat accepted with ``hold_a``); read ``a`` from it;
         control decoded once for all PEs (input stage: the multiplier's ``b`` is the operand, not 1;
-        comparator stage: op is MIN/MAX, MIN, CMP_SELECT; output stage: op is FUNCTION).
+        comparator stage: op is MIN/MAX, MIN, CMP_SELECT; op is FUNCTION at the stage where the
+        extension's result joins: the comparator stage when the extension answers by then, else the
+        output stage).
     op : In(ElementwiseOp)
         The op at the input stage (chooses the adder's second element-wise operand).
     function : In(function_bits)
@@ -138,7 +140,7 @@ class ProcessingElement(wiring.Component):
         self._extension = extension
         width = fmt.width
         ports = {name: In(1) for name in ("enable", "hold", "use_held", "product_uses_b", "min_max", "is_min",
-                                          "select_or_keep_a", "function_out")}
+                                          "select_or_keep_a", "function_sel")}
         ports |= {"op": In(ElementwiseOp)}
         if function_bits:
             ports["function"] = In(function_bits)
@@ -207,13 +209,35 @@ class ProcessingElement(wiring.Component):
         # x is the product unless the op is MIN/MAX (the chosen operand) or CMP_SELECT with
         # a < b (−0); y is the addend unless the op is CMP_SELECT with a >= b (−0). Both
         # alternatives are known at stage C, when the comparator answers.
+        # A lane extension that answers by stage C joins here as x, so its result needs no registers of its
+        # own: FUNCTION's y is −0 and add(x, −0) = x for every contract output (which the extension's
+        # results must be). A slower extension is delayed to the output stage and selected there.
+        extension = self._extension
+        join_at_c = extension is not None and stage_i + extension.latency <= stage_c
+        if extension is not None:
+            m.submodules.extension = extension
+            m.d.comb += [
+                extension.enable.eq(self.enable),
+                extension.a.eq(a_lane), extension.b.eq(b_lane), extension.c.eq(c_lane),
+            ]
+            if "function" in self.signature.members:
+                m.d.comb += extension.function.eq(self.function)
         x_other = Signal(width, name="x_other")
         x_is_other = Signal(name="x_is_other")
         y_c = Signal(width, name="y")
+        min_max_value = Mux(self.min_max, Mux(self.is_min, comparator.minimum, comparator.maximum), negative_zero)
+        if join_at_c:
+            extension_c = delayed(extension.result, stage_c - stage_i - extension.latency, "extension")
+            m.d.comb += [
+                x_other.eq(Mux(self.function_sel, extension_c, min_max_value)),
+                x_is_other.eq(self.function_sel | self.min_max | (self.select_or_keep_a & comparator.lt)),
+            ]
+        else:
+            m.d.comb += [
+                x_other.eq(min_max_value),
+                x_is_other.eq(self.min_max | (self.select_or_keep_a & comparator.lt)),
+            ]
         m.d.comb += [
-            x_other.eq(Mux(self.min_max, Mux(self.is_min, comparator.minimum, comparator.maximum),
-                           negative_zero)),
-            x_is_other.eq(self.min_max | (self.select_or_keep_a & comparator.lt)),
             y_c.eq(Mux(self.select_or_keep_a & ~comparator.lt, negative_zero, addend_c)),
         ]
         x_other_s = delayed(x_other, stage_s - stage_c, "x_other")
@@ -224,16 +248,9 @@ class ProcessingElement(wiring.Component):
         ]
 
         lane_sum = delayed(adder.result, lat_ew - (stage_s + adder.latency), "lane_result")
-        if self._extension is not None:
-            extension = m.submodules.extension = self._extension
-            m.d.comb += [
-                extension.enable.eq(self.enable),
-                extension.a.eq(a_lane), extension.b.eq(b_lane), extension.c.eq(c_lane),
-            ]
-            if "function" in self.signature.members:
-                m.d.comb += extension.function.eq(self.function)
+        if extension is not None and not join_at_c:
             extension_result = delayed(extension.result, lat_ew - stage_i - extension.latency, "extension")
-            lane_sum = Mux(self.function_out, extension_result, lane_sum)
+            lane_sum = Mux(self.function_sel, extension_result, lane_sum)
         m.d.comb += self.lane_result.eq(lane_sum)
         return m
 
@@ -258,7 +275,11 @@ class PEArray(wiring.Component):
         Returns a new :class:`~amaranth.lib.wiring.Component` per lane with ports ``function``
         (``In(function_bits)``), ``a``, ``b``, ``c`` (``In(width)``), ``enable`` (``In(1)``), ``result``
         (``Out(width)``) and int attributes ``function_bits`` and ``latency``. Element-wise op
-        ``FUNCTION`` takes each lane's result from its extension (the nonlinear units, issue #4).
+        ``FUNCTION`` takes each lane's result from its extension (the nonlinear units, issue #4). An
+        extension whose latency is at most the comparator's feeds the adder's ``x`` (with ``y = −0``, an
+        identity on the contract's outputs: its results must be such, canonical NaN and no subnormals),
+        so it needs no registers of its own; a slower one is delayed to the output stage and can
+        return any bits.
 
     Ports
     -----
@@ -488,9 +509,13 @@ class PEArray(wiring.Component):
         op_c = control[stage_c].op
         min_max_c = (op_c == ElementwiseOp.MIN) | (op_c == ElementwiseOp.MAX)
         select_c_or_keep_a = op_c == ElementwiseOp.CMP_SELECT
-        # Decoded one stage early and registered: whether the output stage's lanes take the extension's
-        # result (the same term at the output stage).
-        function_out = registered_early(control[lat_ew - 1].op == ElementwiseOp.FUNCTION, "function_out")
+        # Whether the lanes take the extension's result: at stage C as the adder's x when the extension
+        # answers by then (ProcessingElement), else at the output stage (decoded one stage early and
+        # registered).
+        if self._extensions and stage_i + self.extension_latency <= stage_c:
+            function_sel = op_c == ElementwiseOp.FUNCTION
+        else:
+            function_sel = registered_early(control[lat_ew - 1].op == ElementwiseOp.FUNCTION, "function_out")
 
         # The PEs: every lane's own logic is one ProcessingElement; here only what depends on where the
         # lane sits (operand broadcast, then below the tree's and the accumulators' wiring).
@@ -518,7 +543,7 @@ class PEArray(wiring.Component):
                     pe.min_max.eq(min_max_c),
                     pe.is_min.eq(op_c == ElementwiseOp.MIN),
                     pe.select_or_keep_a.eq(select_c_or_keep_a),
-                    pe.function_out.eq(function_out),
+                    pe.function_sel.eq(function_sel),
                 ]
                 if self.function_bits:
                     m.d.comb += pe.function.eq(function_i)
