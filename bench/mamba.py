@@ -12,6 +12,15 @@ For the demo configuration (``marca.demo.DEMO_CONFIG``: 4 x 4 BF16 array, 256-bi
 * **buffer management**: the prefill compiled with each of MARCA's strategies on and off (compiler
   switches ``intra_operation``, ``inter_operation``): DRAM bytes read and written and cycles, measured by the
   RTL's counters. All variants must leave bit-identical outputs.
+* **batched decode**: one decode step of ``B`` sequences (``BATCHES``; each with its own random states,
+  every weight read shared), cycles per token, fraction of ideal (array beats / cycles) and of the DRAM
+  bound (``max(bytes read incl. instruction fetch, bytes written) / bus bytes per cycle``, the AXI read
+  and write channels being separate), tokens/s at the configuration's clock; from the RTL's counters and
+  from the cycle model ``marca.perf``. Each RTL run is checked bit for bit against the ISS, and on the ISS
+  the batched step equals ``B`` separate batch-1 steps (outputs and every sequence's states).
+
+``python -m marca.bench.mamba OUT --batched`` runs only the batched decode (RTL and cycle model);
+``--batched --model-only`` only its cycle model (seconds).
 
 Every run is also checked bit for bit against the golden ISS (``marca.tb.mamba.evaluate``). Prints the
 tables (they are in docs/mamba.md) and writes ``out_dir/mamba.json``.
@@ -25,11 +34,136 @@ import time
 __all__ = ["SIZES", "run"]
 
 SIZES = {"d_model": 32, "d_state": 16, "tokens": 16, "seed": 1}
+BATCHES = (1, 4, 16)
+#: Batch sizes of the cycle model's curve (seconds each).
+MODEL_BATCHES = (1, 2, 4, 8, 16)
 
 
 def _variants():
     from marca.compiler.report import SWITCH_VARIANTS
     return SWITCH_VARIANTS
+
+
+def batched_case(config, batch: int, *, seed: int = SIZES["seed"]):
+    """A batched decode step of the demo's mixer: ``(PreparedCase, hidden, conv, ssm)`` with random tokens
+    and states for ``batch`` sequences (``batch`` 1: the plain decode step)."""
+    import torch
+    from marca.compiler import compile_mixer
+    from marca.reference import mamba as reference
+    from marca.tb import mamba
+    dims = reference.MambaDims(d_model=SIZES["d_model"], d_state=SIZES["d_state"])
+    weights = reference.random_mixer_weights(dims, seed=seed, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed + 2000 + batch)
+    hidden = torch.randn(batch, dims.d_model, generator=generator, dtype=torch.float64)
+    conv = torch.randn(batch, dims.d_inner, dims.d_conv, generator=generator, dtype=torch.float64) * 0.5
+    ssm = torch.randn(batch, dims.d_inner, dims.d_state, generator=generator, dtype=torch.float64)
+    compiled = compile_mixer(weights, config, mode="decode", batch=batch)
+    image = compiled.write_inputs(None, hidden, *((conv, ssm) if batch > 1 else (conv[0], ssm[0])))
+    case = mamba.MixerCase(name=f"batch{batch}", config=config, d_model=dims.d_model, d_state=dims.d_state,
+                           length=batch, seed=seed, decode=False)
+    return mamba.PreparedCase(case, weights, hidden, compiled, bytes(image)), hidden, conv, ssm
+
+
+def _separate_steps_agree(prepared, hidden, conv, ssm, batched_image: bytes) -> bool:
+    """On the ISS: the batched step's outputs and states equal ``B`` separate batch-1 steps'."""
+    import torch
+    from marca.compiler import compile_mixer
+    compiled = prepared.prefill
+    if compiled.batch == 1:
+        return True
+    one = compile_mixer(prepared.weights, compiled.config, mode="decode", options=compiled.options)
+    out, conv_after, ssm_after = compiled.read_outputs(batched_image)
+    for b in range(compiled.batch):
+        alone = one.run(hidden[b:b + 1], conv[b], ssm[b])
+        if not (torch.equal(alone.out[0], out[b]) and torch.equal(alone.conv_state, conv_after[b])
+                and torch.equal(alone.ssm_state, ssm_after[b])):
+            return False
+    return True
+
+
+def batched_figures(config, compiled, counters: dict) -> dict:
+    """Per-token figures of one batched step from its counters (RTL or cycle model)."""
+    from marca.compiler.program import program_counters
+    B = compiled.batch
+    static = program_counters(compiled.instructions, config)
+    beats = static["linear_beats"] + static["elementwise_beats"] + static["nonlinear_beats"]
+    cycles = counters["cycles"]
+    bus = config.axi_data_width // 8
+    read = static["dma_bytes_read"] + static["fetch_bytes"]
+    written = static["dma_bytes_written"]
+    bound = max(read, written) / bus
+    return {"batch": B, "instructions": len(compiled.instructions), "block_tokens": compiled.plan.block_tokens,
+            "scan_tiles": compiled.plan.scan_tiles, "cycles": cycles, "cycles_per_token": cycles / B,
+            "array_beats": beats, "array_beats_per_token": beats / B, "fraction_of_ideal": beats / cycles,
+            "dram_bytes_read": read, "dram_bytes_written": written, "dram_read_bytes_per_token": read / B,
+            "dram_bound_cycles": bound, "fraction_of_dram_bound": bound / cycles,
+            "bound": "array" if beats >= bound else "DRAM",
+            "tokens_per_second": B * config.fpga_clock_mhz * 1e6 / cycles,
+            "compute_busy_array_idle": (counters["compute_busy_cycles"] - beats) / cycles,
+            "compute_idle": (cycles - counters["compute_busy_cycles"]) / cycles}
+
+
+def batched_model(config, batches=MODEL_BATCHES) -> list:
+    """The batched decode curve from the cycle model (``marca.perf``, testbench memory)."""
+    from marca import perf
+    rows = []
+    for B in batches:
+        prepared = batched_case(config, B)[0]
+        report = perf.estimate(config, prepared.prefill.instructions)
+        rows.append(batched_figures(config, prepared.prefill, report.counters))
+    return rows
+
+
+def batched_rtl_check(prepared_batches: list, rtl: dict) -> list:
+    """Check each batched RTL run against the ISS (image, counters) and the ISS's batched step against
+    separate steps; the RTL figures."""
+    from marca.tb import mamba
+    rows = []
+    for prepared, hidden, conv, ssm in prepared_batches:
+        compiled = prepared.prefill
+        step = rtl[prepared.case.name]["prefill"][0]
+        golden = mamba._compare_step(f"batched decode B={compiled.batch}", compiled.config, step,
+                                     prepared.prefill_image, compiled.program_address)
+        if not _separate_steps_agree(prepared, hidden, conv, ssm, golden):
+            raise AssertionError(f"batch {compiled.batch}: the batched step differs from separate steps")
+        rows.append({**batched_figures(compiled.config, compiled, step.counters), "counters": step.counters,
+                     "equals_separate_steps": True})
+    return rows
+
+
+def run_batched(out_dir: pathlib.Path, *, rtl: bool = True) -> dict:
+    """Only the batched decode (cycle model, and with ``rtl`` the RTL)."""
+    from marca.demo import DEMO_CONFIG
+    from marca.tb import mamba
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = DEMO_CONFIG
+    started = time.time()
+    results = {"config": config.to_dict(), "sizes": SIZES, "batched_model": batched_model(config)}
+    if rtl:
+        prepared = [batched_case(config, B) for B in BATCHES]
+        runs = mamba.run_on_rtl(config, [item[0] for item in prepared], name="bench-mamba-batched")
+        results["batched_rtl"] = batched_rtl_check(prepared, runs)
+    results["wall_seconds"] = round(time.time() - started, 1)
+    print(batched_table(results))
+    (out_dir / "mamba_batched.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def batched_table(results: dict) -> str:
+    """The batched-decode table (docs/mamba.md)."""
+    lines = ["| B | source | cycles / step | cycles / token | array beats / token | fraction of ideal | "
+             "DRAM bytes read / token | DRAM bound (cycles / step) | fraction of DRAM bound | tokens/s at "
+             f"{results['config']['fpga_clock_mhz']:g} MHz | compute busy, array idle | compute idle |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for source, key in (("RTL", "batched_rtl"), ("cycle model", "batched_model")):
+        for row in results.get(key, []):
+            lines.append(f"| {row['batch']} | {source} | {row['cycles']:,} | {row['cycles_per_token']:,.0f} | "
+                         f"{row['array_beats_per_token']:,.0f} | {row['fraction_of_ideal']:.1%} | "
+                         f"{row['dram_read_bytes_per_token']:,.0f} | {row['dram_bound_cycles']:,.0f} | "
+                         f"{row['fraction_of_dram_bound']:.1%} | {row['tokens_per_second']:,.0f} | "
+                         f"{row['compute_busy_array_idle']:.1%} | {row['compute_idle']:.1%} |")
+    return "\n".join(lines) + "\n"
 
 
 def run(out_dir: pathlib.Path) -> dict:
@@ -46,7 +180,8 @@ def run(out_dir: pathlib.Path) -> dict:
                                      d_state=SIZES["d_state"], length=SIZES["tokens"], seed=SIZES["seed"],
                                      decode=variant == "both on", options=options))
     prepared = [mamba.prepare(case) for case in cases]
-    rtl = mamba.run_on_rtl(config, prepared, name="bench-mamba")
+    batches = [batched_case(config, B) for B in BATCHES]
+    rtl = mamba.run_on_rtl(config, prepared + [item[0] for item in batches], name="bench-mamba")
     results = {"config": config.to_dict(), "sizes": SIZES, "variants": {}}
     reference_output = None
     for item, variant in zip(prepared, _variants()):
@@ -72,8 +207,11 @@ def run(out_dir: pathlib.Path) -> dict:
             entry["decode"]["cycles_per_step"] = report["decode"]["cycles_per_step"]
             entry["decode_counters"] = last.counters
         results["variants"][variant] = entry
+    results["batched_rtl"] = batched_rtl_check(batches, rtl)
+    results["batched_model"] = batched_model(config)
     results["wall_seconds"] = round(time.time() - started, 1)
     print(tables(results))
+    print(batched_table(results))
     (out_dir / "mamba.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
@@ -126,4 +264,9 @@ def tables(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    run(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "build/bench"))
+    arguments = [a for a in sys.argv[1:] if not a.startswith("--")]
+    where = pathlib.Path(arguments[0] if arguments else "build/bench")
+    if "--batched" in sys.argv:
+        run_batched(where, rtl="--model-only" not in sys.argv)
+    else:
+        run(where)

@@ -401,6 +401,10 @@ class _MixerLowering:
     def run(self):
         em, plan, P, d = self.em, self.plan, self.P, self.d
         em.section(f"mixer: {plan.describe()}")
+        self.pending = {}
+        if self.seq:
+            self.run_sequences()
+            return
         if plan.parameters_resident:
             em.load_lines(self.layout.parameters, len(self.layout.vectors) * self.Di_l, Buffer.WEIGHT,
                           plan.parameter_area)
@@ -428,6 +432,36 @@ class _MixerLowering:
             em.store_lines(self.layout.ssm_state.address, self.layout.ssm_state.rows, *plan.regions["h"])
         if not self.multi and not self.seq:
             em.store_lines(self.layout.conv_state.address, d.d_conv * self.Di_l, *self.region("X"))
+
+    def run_sequences(self):
+        """Batched decode: the order of :meth:`run` changed so that the loads overlap compute. The zero
+        fills go first (they wait only for the zero line), then the parameters and ``A``; resident weights
+        are loaded matrix by matrix one use ahead (:meth:`ensure`) instead of all before the first block,
+        so the DMA streams them while the array works on the previous projection."""
+        em, plan, P = self.em, self.plan, self.P
+        for name in sorted(plan.regions):
+            if name in ("PARAMS", "h", "A", "dA", "dBx"):
+                continue
+            em.zero_fill(*plan.regions[name], self.region_lines(name), self.zero)
+        if plan.parameters_resident:
+            em.load_lines(self.layout.parameters, len(self.layout.vectors) * self.Di_l, Buffer.WEIGHT,
+                          plan.parameter_area)
+        if plan.scan_resident:      # A stays; each block loads its sequences' h
+            em.load_lines(self.layout.A, self.Jd * self.Kn, *plan.regions["A"])
+        if plan.weights_resident:
+            offset = plan.weight_area[0]
+            for name, matrix in self.matrices.items():
+                matrix.resident = offset
+                self.pending[name] = (matrix.memory, matrix.lines, offset)
+                offset += matrix.lines * P
+        for t0 in range(0, self.length, plan.block_tokens):
+            self.block(t0, min(plan.block_tokens, self.length - t0))
+
+    def ensure(self, *names):
+        """LOAD the resident matrices ``names`` not loaded yet (batched decode's weights one use ahead)."""
+        for name in names:
+            if name in self.pending:
+                self.em.load_lines(*self.pending.pop(name)[:2], Buffer.WEIGHT, self.matrices[name].resident)
 
     def region_lines(self, name):
         plan, d = self.plan, self.d
@@ -563,8 +597,10 @@ class _MixerLowering:
                        compute=True)
             tiles = (g0 * C, min(self.Jd, (g0 + lines) * C))
             step = self.window if self.seq else G       # from one token's window rows to the next
+            self.ensure("in_x")
             self.linear("in_x", tokens, source, OnChip(xb, xa + dc * G * P, step * P, g0 * C), rows=tiles,
                         bias=self.parameter_onchip("in_x_bias", g0))
+            self.ensure("x_dt", "x_B", "x_C")
             tap = lambda k: (*self.parameter(f"conv_tap{k}", g0), 0, 1)
             window = lambda k: (xb, xa + (1 + k) * G * P, step, 1)
             xc = (cxb, cxa, G, 1)
@@ -610,8 +646,10 @@ class _MixerLowering:
                        memory_row_stride=place.row_stride, buffer=cxb, address=cxa, buffer_row_stride=G * P,
                        compute=True)
             tiles = (g0 * C, min(self.Jd, (g0 + lines) * C))
+            self.ensure("dt")
             self.linear("dt", tokens, self.onchip("DT"), OnChip(db, da, G * P, g0 * C), rows=tiles,
                         bias=self.parameter_onchip("dt_bias", g0))
+            self.ensure("in_z", "out")
             em.nonlinear(NonlinearFunction.SOFTPLUS, db, da, tokens * G)
             xc = (cxb, cxa, G, 1)
             dxb, dxa = self.region("DX")
