@@ -19,6 +19,10 @@ For the demo configuration (``marca.demo.DEMO_CONFIG``: 4 x 4 BF16 array, 256-bi
   from the cycle model ``marca.perf``. Each RTL run is checked bit for bit against the ISS, and on the ISS
   the batched step equals ``B`` separate batch-1 steps (outputs and every sequence's states).
 
+* **batched decode, streamed weights** (cycle model only): a mixer whose weights exceed the weight buffer
+  (``STREAMED``: d_model 128 on the demo configuration with a 64-bit bus, ~220 KB of weights per step),
+  B = 1 .. 32: where tokens/s stops growing and why.
+
 ``python -m marca.bench.mamba OUT --batched`` runs only the batched decode (RTL and cycle model);
 ``--batched --model-only`` only its cycle model (seconds).
 
@@ -37,6 +41,8 @@ SIZES = {"d_model": 32, "d_state": 16, "tokens": 16, "seed": 1}
 BATCHES = (1, 4, 16)
 #: Batch sizes of the cycle model's curve (seconds each).
 MODEL_BATCHES = (1, 2, 4, 8, 16)
+#: The streamed-weights case: the demo configuration with a 64-bit bus and a mixer 4x the demo's width.
+STREAMED = {"axi_data_width": 64, "d_model": 128, "batches": (1, 2, 4, 8, 16, 32)}
 
 
 def _variants():
@@ -44,14 +50,14 @@ def _variants():
     return SWITCH_VARIANTS
 
 
-def batched_case(config, batch: int, *, seed: int = SIZES["seed"]):
+def batched_case(config, batch: int, *, seed: int = SIZES["seed"], d_model: int = SIZES["d_model"]):
     """A batched decode step of the demo's mixer: ``(PreparedCase, hidden, conv, ssm)`` with random tokens
     and states for ``batch`` sequences (``batch`` 1: the plain decode step)."""
     import torch
     from marca.compiler import compile_mixer
     from marca.reference import mamba as reference
     from marca.tb import mamba
-    dims = reference.MambaDims(d_model=SIZES["d_model"], d_state=SIZES["d_state"])
+    dims = reference.MambaDims(d_model=d_model, d_state=SIZES["d_state"])
     weights = reference.random_mixer_weights(dims, seed=seed, dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed + 2000 + batch)
     hidden = torch.randn(batch, dims.d_model, generator=generator, dtype=torch.float64)
@@ -103,15 +109,29 @@ def batched_figures(config, compiled, counters: dict) -> dict:
             "compute_idle": (cycles - counters["compute_busy_cycles"]) / cycles}
 
 
-def batched_model(config, batches=MODEL_BATCHES) -> list:
+def batched_model(config, batches=MODEL_BATCHES, d_model: int = SIZES["d_model"]) -> list:
     """The batched decode curve from the cycle model (``marca.perf``, testbench memory)."""
     from marca import perf
     rows = []
     for B in batches:
-        prepared = batched_case(config, B)[0]
+        prepared = batched_case(config, B, d_model=d_model)[0]
         report = perf.estimate(config, prepared.prefill.instructions)
-        rows.append(batched_figures(config, prepared.prefill, report.counters))
+        rows.append({**batched_figures(config, prepared.prefill, report.counters),
+                     "weights_resident": prepared.prefill.plan.weights_resident})
     return rows
+
+
+def streamed_config(config):
+    import dataclasses
+    return dataclasses.replace(config, name=f"{config.name.split('-bus')[0]}-bus{STREAMED['axi_data_width']}",
+                               axi_data_width=STREAMED["axi_data_width"])
+
+
+def batched_streamed(config) -> dict:
+    """The streamed-weights curve (cycle model)."""
+    narrow = streamed_config(config)
+    return {"config": narrow.to_dict(), "d_model": STREAMED["d_model"],
+            "rows": batched_model(narrow, STREAMED["batches"], STREAMED["d_model"])}
 
 
 def batched_rtl_check(prepared_batches: list, rtl: dict) -> list:
@@ -139,7 +159,8 @@ def run_batched(out_dir: pathlib.Path, *, rtl: bool = True) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     config = DEMO_CONFIG
     started = time.time()
-    results = {"config": config.to_dict(), "sizes": SIZES, "batched_model": batched_model(config)}
+    results = {"config": config.to_dict(), "sizes": SIZES, "batched_model": batched_model(config),
+               "batched_streamed": batched_streamed(config)}
     if rtl:
         prepared = [batched_case(config, B) for B in BATCHES]
         runs = mamba.run_on_rtl(config, [item[0] for item in prepared], name="bench-mamba-batched")
@@ -163,6 +184,19 @@ def batched_table(results: dict) -> str:
                          f"{row['dram_read_bytes_per_token']:,.0f} | {row['dram_bound_cycles']:,.0f} | "
                          f"{row['fraction_of_dram_bound']:.1%} | {row['tokens_per_second']:,.0f} | "
                          f"{row['compute_busy_array_idle']:.1%} | {row['compute_idle']:.1%} |")
+    streamed = results.get("batched_streamed")
+    if streamed:
+        lines += ["", f"Streamed weights (cycle model): `{streamed['config']['name']}` "
+                  f"({streamed['config']['axi_data_width']}-bit bus), d_model {streamed['d_model']}, "
+                  f"d_state {results['sizes']['d_state']}:", "",
+                  "| B | sequences per block | cycles / token | array beats / token | DRAM bound / token | "
+                  "fraction of ideal | fraction of DRAM bound | tokens/s | compute idle |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in streamed["rows"]:
+            lines.append(f"| {row['batch']} | {row['block_tokens']} | {row['cycles_per_token']:,.0f} | "
+                         f"{row['array_beats_per_token']:,.0f} | {row['dram_bound_cycles'] / row['batch']:,.0f} | "
+                         f"{row['fraction_of_ideal']:.1%} | {row['fraction_of_dram_bound']:.1%} | "
+                         f"{row['tokens_per_second']:,.0f} | {row['compute_idle']:.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -209,6 +243,7 @@ def run(out_dir: pathlib.Path) -> dict:
         results["variants"][variant] = entry
     results["batched_rtl"] = batched_rtl_check(batches, rtl)
     results["batched_model"] = batched_model(config)
+    results["batched_streamed"] = batched_streamed(config)
     results["wall_seconds"] = round(time.time() - started, 1)
     print(tables(results))
     print(batched_table(results))

@@ -180,11 +180,30 @@ class MixerPlan:
         return text + (", sequences=True" if self.sequences else "")
 
 
-def _row_lines(config, dims):
-    """Lines per token of each token-block region."""
+def _row_lines(config, dims, fused=False):
+    """Lines per token of each token-block region (``fused``: dt, B and C share one row per token,
+    :func:`_fused_offsets`)."""
     Di_l = _lines(config, dims.d_inner)
+    if fused:
+        offsets = _fused_offsets(config, dims)
+        lines = _lines(config, offsets["end"])
+        return Di_l, {"XP": lines, "DT": lines, "BB": lines, "CC": lines}
     return Di_l, {"DT": _lines(config, dims.dt_rank), "BB": _lines(config, dims.d_state),
                   "CC": _lines(config, dims.d_state)}
+
+
+def _fused_offsets(config, dims):
+    """Element offsets of dt, B and C in a token's x_proj row when x_proj's three parts are written by one
+    LINEAR (its row tiles one after another): dt's row tiles, then B's, then C's."""
+    R = config.array_rows
+    Jdt, Jn = ceil_div(dims.dt_rank, R), ceil_div(dims.d_state, R)
+    return {"DT": 0, "BB": Jdt * R, "CC": (Jdt + Jn) * R, "end": (Jdt + 2 * Jn) * R}
+
+
+def _can_fuse(config, dims) -> bool:
+    """B and C start on a chunk of the array's columns (the scan reads them as C-wide operands)."""
+    offsets = _fused_offsets(config, dims)
+    return offsets["BB"] % config.array_cols == 0 and offsets["CC"] % config.array_cols == 0
 
 
 def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOptions, length: int,
@@ -200,7 +219,8 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
     block size is chosen by :func:`_batched_cost`, an instruction and weight-traffic estimate."""
     d = layout.dims
     R, C, P = config.array_rows, config.array_cols, config.lanes
-    Di_l, small = _row_lines(config, d)
+    fused = sequences and _can_fuse(config, d)
+    Di_l, small = _row_lines(config, d, fused)
     Dm_l = _lines(config, d.d_model)
     Jd, Kn = ceil_div(d.d_inner, R), ceil_div(d.d_state, C)
     vectors = len(layout.vectors)
@@ -241,7 +261,7 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
             regions["dBx"] = trial.take("the scan's drive tile", S * Kn, _SCRATCH_ORDER)
         need = {name: T * G for name in ("XC", "Z", "DELTA", "DX", "DXD", "Y")}
         need["X"] = T * (d.d_conv + 1) * G if sequences else (d.d_conv + T) * G
-        need.update({name: T * lines for name, lines in small.items()})
+        need.update({name: T * lines for name, lines in small.items() if not fused or name == "XP"})
         if hidden_resident:
             need["H"] = T * Dm_l
         need["OUT"] = T * Dm_l if output_resident else ceil_div(T * O * R, P)
@@ -252,6 +272,11 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
         for name in sorted(need, key=lambda n: -need[n]):      # biggest first keeps first fit from stranding
             regions[name] = trial.take(f"the token block's {name} region ({T} tokens)", need[name],
                                        _ACTIVATION_ORDER)
+        if fused:         # dt, B and C inside each token's x_proj row
+            buffer, address = regions["XP"]
+            for name, offset in _fused_offsets(config, d).items():
+                if name != "end":
+                    regions[name] = (buffer, address + offset)
         return regions, area
 
     def build(T, G, params_resident, hidden_resident, output_resident, O, staging_chunks, S):
@@ -353,7 +378,8 @@ class _MixerLowering:
         self.R, self.C, self.P = config.array_rows, config.array_cols, config.lanes
         d = layout.dims
         self.d = d
-        self.Di_l, self.small = _row_lines(config, d)
+        self.fused = plan.sequences and "XP" in plan.regions
+        self.Di_l, self.small = _row_lines(config, d, self.fused)
         self.Dm_l = _lines(config, d.d_model)
         self.Jd, self.Kn = ceil_div(d.d_inner, self.R), ceil_div(d.d_state, self.C)
         self.G = plan.group_lines
@@ -440,7 +466,7 @@ class _MixerLowering:
         so the DMA streams them while the array works on the previous projection."""
         em, plan, P = self.em, self.plan, self.P
         for name in sorted(plan.regions):
-            if name in ("PARAMS", "h", "A", "dA", "dBx"):
+            if name in ("PARAMS", "h", "A", "dA", "dBx") or (self.fused and name in ("DT", "BB", "CC")):
                 continue
             em.zero_fill(*plan.regions[name], self.region_lines(name), self.zero)
         if plan.parameters_resident:
@@ -456,6 +482,21 @@ class _MixerLowering:
                 offset += matrix.lines * P
         for t0 in range(0, self.length, plan.block_tokens):
             self.block(t0, min(plan.block_tokens, self.length - t0))
+
+    def fused_x_proj(self):
+        """Batched decode: x_proj's dt, B and C parts as one matrix when their tiles follow one another in
+        memory and (resident) in the weight buffer, else None."""
+        if not self.fused:
+            return None
+        parts = [self.matrices[name] for name in ("x_dt", "x_B", "x_C")]
+        line_bytes = self.P * self.config.storage_bytes
+        for a, b in zip(parts, parts[1:]):
+            if b.memory != a.memory + a.lines * line_bytes:
+                return None
+            if (a.resident is None) != (b.resident is None) or \
+                    (a.resident is not None and b.resident != a.resident + a.lines * self.P):
+                return None
+        return Matrix("x_proj", parts[0].memory, sum(m.J for m in parts), parts[0].K, parts[0].resident)
 
     def ensure(self, *names):
         """LOAD the resident matrices ``names`` not loaded yet (batched decode's weights one use ahead)."""
@@ -621,9 +662,15 @@ class _MixerLowering:
                 em.elementwise(ElementwiseOp.PASS, dc, lines, (xb, xa, G, 1), (xb, xa + tokens * G * P, G, 1),
                                spill=False)
             chunks = (g0 * self.R, min(self.matrices["x_dt"].K, (g0 + lines) * self.R))
-            for name, region in (("x_dt", "DT"), ("x_B", "BB"), ("x_C", "CC")):
-                self.linear(name, tokens, OnChip(cxb, cxa, G * P, g0 * self.R), self.onchip(region),
-                            chunks=chunks, accumulate=index > 0)
+            x_all = self.fused_x_proj()
+            if x_all:       # one LINEAR for dt, B and C: T x 9 row tiles of accumulators hide the pipeline
+                emit_linear(self.em, self.area, x_all, tokens, OnChip(cxb, cxa, G * P, g0 * self.R),
+                            self.onchip("XP"), chunks=chunks, accumulate=index > 0,
+                            intra_operation=self.options.intra_operation)
+            else:
+                for name, region in (("x_dt", "DT"), ("x_B", "BB"), ("x_C", "CC")):
+                    self.linear(name, tokens, OnChip(cxb, cxa, G * P, g0 * self.R), self.onchip(region),
+                                chunks=chunks, accumulate=index > 0)
             if self.multi:
                 place = self.staging_memory["XC"]
                 em.dma(isa.Store, memory_address=place.address + g0 * P * cb, rows=tokens, row_elements=lines * P,

@@ -362,7 +362,8 @@ def batched_mismatches(weights, config, B, hidden, conv, ssm, options=CompileOpt
     (FP32_4x4, 16, 8, 4, CompileOptions(max_weight_lines=6)),         # streamed weights, split chunks
     (FP32_4x4, 16, 8, 3, CompileOptions(intra_operation=False, inter_operation=False)),
     (FP32_4x4, 16, 4, 4, CompileOptions(stream_rows=True)),           # input and output rows streamed
-], ids=["plain", "scan-groups", "channel-groups", "streamed", "switches-off", "stream-rows"])
+    (FP32_3x4, 24, 8, 3, CompileOptions()),     # B and C off the column chunks: x_proj's parts not fused
+], ids=["plain", "scan-groups", "channel-groups", "streamed", "switches-off", "stream-rows", "3x4"])
 def test_batched_decode_equals_separate_steps(config, d_model, d_state, B, options):
     """A batched decode step leaves every sequence's output, conv state and scan state exactly as its own
     batch-1 step does."""
@@ -383,6 +384,8 @@ def test_batched_decode_on_the_demo_configuration():
     batched, wrong = batched_mismatches(weights, DEMO_CONFIG, 16, *batch_inputs(16, 32, 16, seed=33))
     assert wrong == []
     assert batched.plan.block_tokens > 1 and batched.plan.scan_tiles == 16   # 16 channel tiles: one group
+    # x_proj's dt (1 row tile), B and C (4 each) in one LINEAR per block
+    assert any(isinstance(i, isa.Linear) and i.row_tile_count == 9 for i in batched.instructions)
 
 
 def test_batched_decode_check_catches_shared_states(monkeypatch):
