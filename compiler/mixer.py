@@ -427,7 +427,7 @@ class _MixerLowering:
     def run(self):
         em, plan, P, d = self.em, self.plan, self.P, self.d
         em.section(f"mixer: {plan.describe()}")
-        self.pending = {}
+        self.pending, self.prefetched = {}, None
         if self.seq:
             self.run_sequences()
             return
@@ -482,6 +482,24 @@ class _MixerLowering:
                 offset += matrix.lines * P
         for t0 in range(0, self.length, plan.block_tokens):
             self.block(t0, min(plan.block_tokens, self.length - t0))
+
+    def load_hidden(self, t0, tokens):
+        hb, ha = self.region("H")
+        self.em.dma(isa.Load, memory_address=self.hidden.address + t0 * self.hidden.row_stride, rows=tokens,
+                    row_elements=self.hidden.row_elements, memory_row_stride=self.hidden.row_stride, buffer=hb,
+                    address=ha, buffer_row_stride=self.Dm_l * self.P, compute=self.hidden.compute)
+
+    def prefetch(self, t0, tokens):
+        """Batched decode, one channel group, rows on chip: LOAD the next block's hidden rows and conv states
+        while this block's out_proj runs (its H and X regions are free by then), so the next block starts
+        without waiting for them."""
+        following = t0 + tokens
+        if not (self.seq and not self.multi and self.plan.hidden_resident and following < self.length):
+            return
+        count = min(self.plan.block_tokens, self.length - following)
+        self.load_hidden(following, count)
+        self.conv_states(isa.Load, following, count, 0, self.Di_l, 0)
+        self.prefetched = following
 
     def fused_x_proj(self):
         """Batched decode: x_proj's dt, B and C parts as one matrix when their tiles follow one another in
@@ -615,11 +633,9 @@ class _MixerLowering:
         dc = d.d_conv
         W = Buffer.WEIGHT
         em.section(f"mixer block: tokens {t0}..{t0 + tokens - 1}")
-        if self.plan.hidden_resident:
-            hb, ha = self.region("H")
-            em.dma(isa.Load, memory_address=self.hidden.address + t0 * self.hidden.row_stride, rows=tokens,
-                   row_elements=self.hidden.row_elements, memory_row_stride=self.hidden.row_stride, buffer=hb,
-                   address=ha, buffer_row_stride=self.Dm_l * P, compute=self.hidden.compute)
+        prefetched = self.seq and self.prefetched == t0
+        if self.plan.hidden_resident and not prefetched:
+            self.load_hidden(t0, tokens)
         source = self.hidden_source(t0, tokens)
         xb, xa = self.region("X")
         cxb, cxa = self.region("XC")
@@ -630,7 +646,7 @@ class _MixerLowering:
             if self.multi:
                 em.section(f"stage 1, channel lines {g0}..{g0 + lines - 1}")
             self.load_group_parameters(g0, lines)
-            if self.seq:
+            if self.seq and not prefetched:
                 self.conv_states(isa.Load, t0, tokens, g0, lines, 0)
             elif self.multi:
                 em.dma(isa.Load, memory_address=state.address + g0 * P * cb, rows=dc, row_elements=lines * P,
@@ -745,6 +761,7 @@ class _MixerLowering:
                        memory_row_stride=place.row_stride, buffer=yb, address=ya, buffer_row_stride=G * P,
                        compute=True)
 
+        self.prefetch(t0, tokens)
         # Stage 3: out_proj.
         em.section("stage 3: out_proj")
         if self.multi:
