@@ -30,6 +30,16 @@ def field_layouts(kind) -> tuple:
     return _LAYOUTS[kind]
 
 
+_LIMITS: dict = {}
+
+
+def _field_limits(kind) -> tuple:
+    """``(field name, 2^width)`` of each encoded field of an instruction class, computed once."""
+    if kind not in _LIMITS:
+        _LIMITS[kind] = tuple((layout.name, 1 << layout.width) for layout in field_layouts(kind))
+    return _LIMITS[kind]
+
+
 def encode_fast(instructions) -> bytes:
     """``isa.encode_program`` for instructions the emitter has range-checked (tests/test_model.py checks
     that both give the same bytes)."""
@@ -90,11 +100,11 @@ class Emitter:
         self.sections.append((len(self.program), label))
 
     def emit(self, instruction) -> None:
-        for layout in field_layouts(type(instruction)):
-            value = getattr(instruction, layout.name)
-            if not 0 <= int(value) < 1 << layout.width:
-                raise CompileError(f"{type(instruction).__name__}.{layout.name} = {value} overflows its "
-                                   f"{layout.width} bits")
+        values = instruction.__dict__
+        for name, limit in _field_limits(type(instruction)):
+            if not 0 <= values[name] < limit:
+                raise CompileError(f"{type(instruction).__name__}.{name} = {values[name]} overflows its "
+                                   f"{limit.bit_length() - 1} bits")
         self.program.append(instruction)
 
     # DMA ---------------------------------------------------------------------------------------------

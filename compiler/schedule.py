@@ -25,41 +25,59 @@ def insert_barriers(instructions, config: MarcaConfig) -> list[isa.Instruction]:
     """``instructions`` with a ``BARRIER`` added before every instruction that would otherwise race with
     the other stream; existing barriers are kept, ``HALT`` needs none.
 
-    Each stream's accesses since the last barrier are kept as (buffer, first, last, element indices);
-    a new access conflicts when its bounding interval meets one of the other stream's and the exact
-    element sets intersect (the interval test keeps this fast on large buffers)."""
-    pending = {(s, k): [] for s in ("dma", "compute") for k in ("read", "write")}
+    Each stream's accesses since the last barrier are kept per (stream, read/write, buffer) as entries
+    (first, last, element indices) with the bucket's bounding interval; a new access conflicts when it
+    meets that interval, then one entry's interval, and the exact element sets intersect (the interval
+    tests keep this fast on large buffers and long programs)."""
+    pending = {}          # (stream, kind, buffer) -> [low, high, entries]
     out = []
     for instruction in instructions:
         if isinstance(instruction, isa.Barrier):
             out.append(instruction)
-            pending = {key: [] for key in pending}
+            pending = {}
             continue
         if not isinstance(instruction, _DMA + _COMPUTE):
             out.append(instruction)
             continue
         stream = "dma" if isinstance(instruction, _DMA) else "compute"
         other = "compute" if stream == "dma" else "dma"
-        touched = [("write" if access.write else "read", _entry(access))
+        touched = [("write" if access.write else "read", access.buffer, _entry(access))
                    for access in isa.buffer_accesses(instruction, config)]
-        if any(_intersects(entry, previous)
-               for kind, entry in touched
-               for other_kind in (("write",) if kind == "read" else ("read", "write"))
-               for previous in pending[(other, other_kind)]):
-            out.append(isa.Barrier())
-            pending = {key: [] for key in pending}
-        for kind, entry in touched:
-            pending[(stream, kind)].append(entry)
+        for kind, buffer, entry in touched:
+            if (_conflicts(entry, pending.get((other, "write", buffer)))
+                    or kind == "write" and _conflicts(entry, pending.get((other, "read", buffer)))):
+                out.append(isa.Barrier())
+                pending = {}
+                break
+        for kind, buffer, entry in touched:
+            bucket = pending.get((stream, kind, buffer))
+            if bucket is None:
+                pending[(stream, kind, buffer)] = [entry[0], entry[1], [entry]]
+            else:
+                bucket[0], bucket[1] = min(bucket[0], entry[0]), max(bucket[1], entry[1])
+                bucket[2].append(entry)
         out.append(instruction)
     return out
 
 
+def _conflicts(entry, bucket) -> bool:
+    if bucket is None or entry[1] < bucket[0] or bucket[1] < entry[0]:
+        return False
+    return any(_intersects(entry, previous) for previous in bucket[2])
+
+
 def _entry(access: isa.BufferAccess):
-    """``(buffer, first, last, indices)``; ``indices`` is None when the access covers every element from
-    ``first`` to ``last`` (the common case, recognised from its loop structure without listing them)."""
+    """``(first, last, indices)``; ``indices`` is None when the access covers every element from ``first``
+    to ``last`` (the common case, recognised from its loop structure without listing them)."""
     span = access.extent
+    loops = access.loops
+    if len(loops) == 2:
+        if loops[0][1] > loops[1][1]:
+            loops = (loops[1], loops[0])
+    elif len(loops) > 2:
+        loops = sorted(loops, key=lambda loop: loop[1])
     dense = True
-    for count, stride in sorted(access.loops, key=lambda loop: loop[1]):
+    for count, stride in loops:
         if count == 1 or stride == 0:
             continue
         if stride == span:
@@ -68,15 +86,16 @@ def _entry(access: isa.BufferAccess):
             dense = False
             break
     if dense:
-        return access.buffer, access.address, access.address + span - 1, None
+        return access.address, access.address + span - 1, None
     indices = torch.unique(access_indices(access).flatten())
-    return access.buffer, int(indices[0]), int(indices[-1]), indices
+    return int(indices[0]), int(indices[-1]), indices
 
 
 def _intersects(a, b) -> bool:
-    buffer_a, first_a, last_a, indices_a = a
-    buffer_b, first_b, last_b, indices_b = b
-    if buffer_a != buffer_b or last_a < first_b or last_b < first_a:
+    """Whether two entries of the same buffer share an element."""
+    first_a, last_a, indices_a = a
+    first_b, last_b, indices_b = b
+    if last_a < first_b or last_b < first_a:
         return False
     if indices_a is None and indices_b is None:
         return True

@@ -31,7 +31,6 @@ Usage::
     result.error, result.counters, machine.memory_bytes()
 """
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -466,7 +465,7 @@ class ReferenceMachine(_Machine):
         reads, operands = [], {}
         for name in isa.operands_used(i.op):
             access = accesses[name]
-            start = access_indices(dataclasses.replace(access, extent=1))   # [O, I, 1]
+            start = access_indices(access._replace(extent=1))   # [O, I, 1]
             index = start + lane_offset[getattr(i, f"{name}_broadcast")]      # [O, I, lanes]
             buffer = getattr(i, f"{name}_buffer")
             self._check_defined(buffer, index, name, pc)
