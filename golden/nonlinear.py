@@ -522,7 +522,7 @@ def rsqrt_program(source) -> Program:
     q = builder.add(ElementwiseOp.MULADD, d, constant(b2), constant(b1), comment="q = b2 * d + b1")
     g = builder.add(ElementwiseOp.MULADD, q, d, constant(fmt.one), comment="g = q * d + 1")
     r = builder.add(ElementwiseOp.MUL, y, g, comment="r = y * g")
-    builder.add(ElementwiseOp.FUNCTION, INPUT, r, function=LaneFunction.RSQRT_SELECT,
+    builder.add(ElementwiseOp.FUNCTION, r, INPUT, function=LaneFunction.RSQRT_SELECT,
                 comment="x NaN or < 0: NaN; ±0: ±Inf; +Inf: +0")
     return Program("rsqrt", fmt, tuple(builder.passes))
 
@@ -546,11 +546,18 @@ def exp_int_bits(fmt: FloatFormat) -> int:
 
 
 def exp_scale(a, b, constants: FunctionConstants) -> torch.Tensor:
-    """EXP_SCALE: ``ldexp(a, n)`` (contract ldexp: exact, ±Inf above range, signed zero below) with
-    ``n = b - C``, where ``b`` must lie in ``[2^(p-1), 2^(p+1))`` (two binades, see :func:`_round_constant`)
-    and ``-2^(exp_bits+1) <= n < 2^(exp_bits+1)``; ``b`` decides first: NaN -> canonical NaN; below the window (negative, zero,
-    -Inf, small, or n too negative) -> +0; above it (+Inf, or n too large) -> +Inf."""
+    """EXP_SCALE: ``a · 2^n`` on ``a``'s fields, ``n = b - C``, where ``b`` must lie in ``[2^(p-1), 2^(p+1))``
+    (two binades, see :func:`_round_constant`) and ``-2^(exp_bits+1) <= n < 2^(exp_bits+1)``.
+
+    ``b`` decides first: NaN -> canonical NaN; below the window (negative, zero, -Inf, small, or n too
+    negative) -> +0; above it (+Inf, or n too large) -> +Inf. Otherwise the result is ``a``'s sign and
+    mantissa with exponent field ``e = a's exponent field + n``: ``e >= exp_max`` -> Inf, ``e <= 0`` -> zero
+    (both of ``a``'s sign). ``a`` is taken by its fields alone (a NaN, Inf, zero or subnormal ``a`` is not
+    special): in the programs ``a`` is the exp polynomial's value, a positive normal number near 1, whenever
+    ``b`` is inside the window, and there this is exactly ``ldexp(a, n)`` with the contract's overflow and
+    flush."""
     fmt = constants.fmt
+    a = torch.as_tensor(a, dtype=torch.int64)
     b_value = fp.decode(b, fmt)
     low = 2.0 ** (fmt.precision - 1)
     high = low * 4
@@ -558,7 +565,11 @@ def exp_scale(a, b, constants: FunctionConstants) -> torch.Tensor:
     limit = 2 ** (exp_int_bits(fmt) - 1)
     inside = (b_value >= low) & (b_value < high)
     shift = torch.where(inside, n, 0.0).clamp(-limit, limit - 1).to(torch.int64)
-    out = fp.ldexp(a, shift, fmt)
+    sign = a & fmt.sign_bit
+    field = ((a >> fmt.man_bits) & fmt.exp_max) + shift
+    mantissa = a & ((1 << fmt.man_bits) - 1)
+    out = torch.where(field >= fmt.exp_max, sign | fmt.inf,
+                      torch.where(field <= 0, sign, sign | (field.clamp(0, fmt.exp_max) << fmt.man_bits) | mantissa))
     over = (b_value >= high) | (inside & (n >= limit))
     under = (b_value < low) | (inside & (n < -limit))
     out = torch.where(over, fmt.inf, torch.where(under, 0, out))
@@ -601,7 +612,7 @@ def lane_function(function: LaneFunction, a, b, c, constants) -> torch.Tensor:
         return negative_magnitude(a, fmt)
     if function == LaneFunction.RSQRT_SEED:
         return rsqrt_seed(a, constants.rsqrt_magic, fmt)
-    return rsqrt_select(a, b, fmt)
+    return rsqrt_select(b, a, fmt)
 
 
 def run_program(program: Program, x, constants, *, every_pass: bool = False):
@@ -682,7 +693,11 @@ def _round_constant_value(bits: int, fmt: FloatFormat) -> float:
 
 
 def exp_scale_values(a, b, constants: FunctionConstants):
-    """:func:`exp_scale` on values (torch tensors or numpy arrays, see ``marca.golden.fp._xp``)."""
+    """:func:`exp_scale` on values (torch tensors or numpy arrays, see ``marca.golden.fp._xp``). A value's
+    fields are those of its contract pattern: a NaN (canonical) has exponent field ``exp_max`` and
+    mantissa ``1.5``, an Inf ``exp_max`` and ``1``, a zero ``0`` and ``1``; such an ``a`` is replaced by the
+    (float64) number its fields would spell, so the exact scaling and the contract's range check below give
+    :func:`exp_scale`'s field result."""
     fmt = constants.fmt
     xp = fp._xp(a, b)
     low = 2.0 ** (fmt.precision - 1)
@@ -692,12 +707,17 @@ def exp_scale_values(a, b, constants: FunctionConstants):
     n = b - _round_constant_value(constants.round_constant, fmt)  # exact: b and C are integers below 2^25
     inside = (b >= low) & (b < high)
     shift = xp.where(inside, n, 0.0).clip(-limit, limit - 1)
+    a = fp._float64(a)
+    top = 2.0 ** (fmt.exp_max - fmt.bias)
+    a = xp.where(xp.isnan(a), 1.5 * top,
+                 xp.where(xp.isinf(a), xp.copysign(xp.full_like(a, top), a),
+                          xp.where(a == 0, xp.copysign(xp.full_like(a, 2.0 ** -fmt.bias), a), a)))
     # a has at most 24 significant bits and |shift| <= 2^(exp_bits+1): a·2^shift is exact in float64, so the
     # contract's rounding is only its overflow and flush.
     if xp is np:
-        scaled = np.ldexp(fp._float64(a), shift.astype(np.int32))
+        scaled = np.ldexp(a, shift.astype(np.int32))
     else:
-        scaled = torch.ldexp(fp._float64(a), shift)
+        scaled = torch.ldexp(a, shift)
     out = fp.round_values(scaled, fmt)
     over = (b >= high) | (inside & (n >= limit))
     under = (b < low) | (inside & (n < -limit))
@@ -738,4 +758,4 @@ def lane_function_values(function: LaneFunction, a, b, c, constants) -> torch.Te
         bits = fp.from_values(torch.from_numpy(a) if host else a, fmt)
         out = fp.to_values(rsqrt_seed(bits, constants.rsqrt_magic, fmt), fmt)
         return out.numpy() if host else out
-    return rsqrt_select_values(a, b)
+    return rsqrt_select_values(b, a)

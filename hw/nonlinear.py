@@ -35,7 +35,8 @@ from marca.formats import FloatFormat
 
 __all__ = ["FAULTS", "FunctionLane"]
 
-FAULTS = (None, "scale_no_overflow", "scale_window_unchecked", "magnitude_no_clamp", "rsqrt_seed_no_shift")
+FAULTS = (None, "scale_no_overflow", "scale_window_unchecked", "magnitude_no_clamp", "rsqrt_seed_no_shift",
+          "nan_without_mantissa")
 """Deliberately broken variants, kept so the tests can prove they catch each kind of mistake."""
 
 
@@ -121,11 +122,14 @@ class FunctionLane(wiring.Component):
     # Sub-operations ---------------------------------------------------------------------------------------
 
     def _exp_scale(self, m: Module, a: _Fields, b: _Fields):
-        """``a · 2^n`` with ``b = C + n``, C = 1.5·2^(p-1) (golden ``exp_scale``).
+        """EXP_SCALE's pieces (golden ``exp_scale``): ``(exponent, b_up, b_down)``, where ``exponent`` is
+        ``a``'s exponent field plus ``n`` (signed) and ``b_up`` / ``b_down`` say that ``b`` alone decides
+        +Inf / +0 (outside the window; ``b``'s NaN is decided by the caller).
 
-        In the binade of C (exponent field E0 = bias + p - 1, ulp 1) the mantissa field is ``2^(m-1) + n``,
-        so ``n`` is the mantissa with its top bit flipped, read as a signed number: no shifter. The next
-        binade (ulp 2) is ``n = 2^(m-1) + 2·mantissa``, only within the saturation range in BF16."""
+        ``b = C + n``, C = 1.5·2^(p-1): in the binade of C (exponent field E0 = bias + p - 1, ulp 1) the
+        mantissa field is ``2^(m-1) + n``, so ``n`` is the mantissa with its top bit flipped, read as a
+        signed number: no shifter. The next binade (ulp 2) is ``n = 2^(m-1) + 2·mantissa``, only within
+        the window in BF16."""
         fmt = self.fmt
         man, int_bits = fmt.man_bits, exp_int_bits(fmt)
         limit = 1 << (int_bits - 1)
@@ -134,59 +138,29 @@ class FunctionLane(wiring.Component):
         in_high = ~b.sign & (b.exponent == base_field + 1)
         below = b.sign | (b.exponent < base_field)
         above = ~b.sign & (b.exponent > base_field + 1)            # +Inf too (NaN is decided first)
-        # Low binade: n = mantissa - 2^(m-1), an m-bit signed number.
+        # Low binade: n = mantissa - 2^(m-1), an m-bit signed number; inside the window when its bits
+        # above int_bits - 1 are copies of its sign.
         n_low = Cat(b.mantissa[:man - 1], ~b.mantissa[man - 1])
-        width = max(man, int_bits) + 2
-        n = Signal(signed(width), name="scale_n")
         low_top = n_low[min(int_bits - 1, man - 1):]
         low_inside = (low_top == 0) | (low_top == (1 << len(low_top)) - 1)
         if self._fault == "scale_window_unchecked":
             low_inside = Const(1, 1)
+        n = Signal(signed(int_bits), name="scale_n")
         high_first = 1 << (man - 1)
         if high_first < limit:
-            high_value = Signal(man + 3, name="scale_n_high")
+            high_value = Signal(man + 2, name="scale_n_high")
             m.d.comb += high_value.eq(Cat(Const(0, 1), b.mantissa) + high_first)
             high_inside = high_value < limit
+            m.d.comb += n.eq(Mux(in_high, high_value, n_low[:min(man, int_bits)].as_signed()))
         else:
-            high_value = Const(0, 1)
             high_inside = Const(0, 1)
-        m.d.comb += n.eq(Mux(in_high, high_value, n_low.as_signed()))
+            m.d.comb += n.eq(n_low[:min(man, int_bits)].as_signed())
         # Low binade outside the window: the sign of n (the mantissa's top bit) says which way.
-        saturate_up = above | (in_low & ~low_inside & b.mantissa[man - 1]) | (in_high & ~high_inside)
-        saturate_down = below | (in_low & ~low_inside & ~b.mantissa[man - 1])
-        exponent = Signal(signed(fmt.exp_bits + width + 2), name="scale_exponent")
+        b_up = above | (in_low & ~low_inside & b.mantissa[man - 1]) | (in_high & ~high_inside)
+        b_down = below | (in_low & ~low_inside & ~b.mantissa[man - 1])
+        exponent = Signal(signed(max(fmt.exp_bits, int_bits) + 2), name="scale_exponent")
         m.d.comb += exponent.eq(a.exponent + n)
-        overflow = exponent >= fmt.exp_max
-        if self._fault == "scale_no_overflow":
-            overflow = Const(0, 1)
-        result = Signal(fmt.width, name="scale_result")
-        with m.If(b.is_nan):
-            m.d.comb += result.eq(fmt.canonical_nan)
-        with m.Elif(saturate_up):
-            m.d.comb += result.eq(fmt.inf)
-        with m.Elif(saturate_down):
-            m.d.comb += result.eq(0)
-        with m.Elif(a.is_nan):
-            m.d.comb += result.eq(fmt.canonical_nan)
-        with m.Elif(a.is_inf):
-            m.d.comb += result.eq(a.value)
-        with m.Elif(a.is_zero | (exponent <= 0)):
-            m.d.comb += result.eq(Cat(Const(0, fmt.width - 1), a.sign))
-        with m.Elif(overflow):
-            m.d.comb += result.eq(Cat(Const(fmt.inf, fmt.width - 1), a.sign))
-        with m.Else():
-            m.d.comb += result.eq(_pack(fmt, a.sign, exponent, a.mantissa))
-        return result
-
-    def _negative_magnitude(self, a: _Fields):
-        fmt = self.fmt
-        bound = _pack(fmt, Const(1, 1), Const(MAGNITUDE_BOUND_EXPONENT + fmt.bias, fmt.exp_bits),
-                      Const(0, fmt.man_bits))
-        large = a.exponent >= MAGNITUDE_BOUND_EXPONENT + fmt.bias
-        if self._fault == "magnitude_no_clamp":
-            large = a.is_inf
-        return Mux(a.is_nan, fmt.canonical_nan,
-                   Mux(large, bound, Mux(a.is_zero, fmt.sign_bit, a.value | fmt.sign_bit)))
+        return exponent, b_up, b_down
 
     def _rsqrt_seed(self, a: _Fields):
         """``magic - (|a| >> 1)``; ``magic`` keeps it a positive normal number."""
@@ -194,26 +168,63 @@ class FunctionLane(wiring.Component):
         shifted = a.value[:fmt.width - 1] if self._fault == "rsqrt_seed_no_shift" else a.value[1:fmt.width - 1]
         return Const(self.constants.rsqrt_magic, fmt.width) - shifted
 
-    def _rsqrt_select(self, a: _Fields, b: _Fields):
-        fmt = self.fmt
-        return Mux(a.is_nan | (a.sign & ~a.is_zero), fmt.canonical_nan,
-                   Mux(a.is_zero, Cat(Const(fmt.inf, fmt.width - 1), a.sign),
-                       Mux(a.is_inf, Const(0, fmt.width), _read(fmt, b))))
-
     def elaborate(self, platform):
+        """The four sub-operations share one output: sign, exponent field and mantissa are each chosen
+        from ``a``'s fields (EXP_SCALE, NEGATIVE_MAGNITUDE and RSQRT_SELECT pass ``a`` on with its
+        exponent replaced or forced, decided by ``b``'s or ``a``'s classification), forced patterns, or
+        RSQRT_SEED's integer. The array reads the result through its adder (``add(x, -0)``), which makes
+        NaNs canonical and subnormals signed zeros, so a NaN here is any NaN pattern and a subnormal
+        stands for its zero (the golden sub-operations are what that read gives)."""
         m = Module()
         fmt = self.fmt
+        man, exp_bits = fmt.man_bits, fmt.exp_bits
         a, b = _Fields(self.a, fmt), _Fields(self.b, fmt)
-        outputs = {
-            LaneFunction.EXP_SCALE: self._exp_scale(m, a, b),
-            LaneFunction.NEGATIVE_MAGNITUDE: self._negative_magnitude(a),
-            LaneFunction.RSQRT_SEED: self._rsqrt_seed(a),
-            LaneFunction.RSQRT_SELECT: self._rsqrt_select(a, b),
-        }
+        scale = self.function == LaneFunction.EXP_SCALE
+        magnitude = self.function == LaneFunction.NEGATIVE_MAGNITUDE
+        seed = self.function == LaneFunction.RSQRT_SEED
+        select = self.function == LaneFunction.RSQRT_SELECT
+        b_nan = b.is_nan
+
+        # EXP_SCALE: b NaN -> NaN; b outside the window -> +Inf / +0; else a's fields with exponent + n.
+        exponent, b_up, b_down = self._exp_scale(m, a, b)
+        overflow = exponent >= fmt.exp_max
+        if self._fault == "scale_no_overflow":
+            overflow = Const(0, 1)
+        underflow = exponent <= 0
+        # NEGATIVE_MAGNITUDE: a | sign, clamped to -2^7 from 2^7 up (Inf too, not NaN: it stays a NaN).
+        clamp = (a.exponent >= MAGNITUDE_BOUND_EXPONENT + fmt.bias) & ~a.is_nan
+        if self._fault == "magnitude_no_clamp":
+            clamp = a.is_inf
+        # RSQRT_SELECT (a = the Newton result r, b = x): x NaN or below zero -> NaN; x zero -> Inf of x's
+        # sign; x = +Inf -> +0; else r.
+        x_zero = b.is_zero
+        select_nan = (b.sign & ~x_zero) | b_nan
+        select_zero = b.is_special & ~b.sign          # +Inf (NaN is decided first)
+
+        nan = (scale & b_nan) | (select & select_nan)
+        ones = nan | (scale & (b_up | (overflow & ~b_down))) | (select & x_zero)
+        zeros = (scale & (b_down | underflow)) | (select & select_zero)
+        kept_exponent = Mux(scale, exponent[:exp_bits],
+                            Mux(magnitude & clamp, MAGNITUDE_BOUND_EXPONENT + fmt.bias, a.exponent))
+        kept_mantissa = Mux(ones | zeros | (magnitude & clamp), 0, a.mantissa)
+        seed_value = self._rsqrt_seed(a)
+        sign = Signal(name="sign")
+        with m.If(magnitude):
+            m.d.comb += sign.eq(1)
+        with m.Elif(select & x_zero):
+            m.d.comb += sign.eq(b.sign)
+        with m.Elif(seed | (scale & (b_up | b_down)) | (select & select_zero)):
+            m.d.comb += sign.eq(0)
+        with m.Else():
+            m.d.comb += sign.eq(a.sign)
+        if self._fault == "nan_without_mantissa":        # a forced NaN comes out as Inf
+            nan = Const(0, 1)
         value = Signal(fmt.width, name="value")
-        with m.Switch(self.function):
-            for code, output in outputs.items():
-                with m.Case(int(code)):
-                    m.d.comb += value.eq(output)
+        with m.If(seed):
+            m.d.comb += value.eq(seed_value)
+        with m.Else():
+            m.d.comb += value.eq(Cat(
+                kept_mantissa[:man - 1], kept_mantissa[man - 1] | nan,
+                Mux(ones, fmt.exp_max, Mux(zeros, 0, kept_exponent)), sign))
         m.d.sync += self.result.eq(value)
         return EnableInserter(self.enable)(m)
