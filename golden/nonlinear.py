@@ -37,6 +37,7 @@ __all__ = [
     "INPUT",
     "LOG2E",
     "MAGNITUDE_BOUND_EXPONENT",
+    "RSQRT_SEED_MANTISSA_BITS",
     "MAX_DEGREE",
     "FunctionConstants",
     "LaneFunction",
@@ -61,6 +62,7 @@ __all__ = [
     "rsqrt",
     "rsqrt_program",
     "rsqrt_seed",
+    "rsqrt_seed_dropped_bits",
     "rsqrt_select",
     "rsqrt_select_values",
     "run_program",
@@ -75,6 +77,10 @@ LN2 = math.log(2.0)
 MAX_DEGREE = 6
 FUNCTIONS = ("exp", "silu", "softplus", "rsqrt")
 MAGNITUDE_BOUND_EXPONENT = 7
+RSQRT_SEED_MANTISSA_BITS = 5
+"""RSQRT_SEED reads the exponent field and the top 5 mantissa bits of its operand (the lower ones are
+taken as zeros): the seed's error grows from 3.4 % to 4.4 %, which the third-order correction absorbs
+(docs/nonlinear.md), and the lane's subtractor is ``man_bits - 5`` bits shorter."""
 """NEGATIVE_MAGNITUDE clamps at -2^7 = -128: exp(-128) underflows in every format, and SiLU's
 ``x·exp(x)`` of the clamped input stays finite (no ``-Inf · 0``)."""
 
@@ -85,16 +91,20 @@ class LaneFunction(enum.IntEnum):
     ``EXP_SCALE``
         ``a · 2^n`` where ``b = C + n`` is the exp program's rounding sum (:func:`exp_scale`): ``n`` is read
         from ``b``'s low mantissa bits, no float-to-integer shifter. ``b`` NaN gives NaN; ``b`` below the
-        window (t far below the range, -Inf) gives +0, above it (+Inf) gives +Inf, whatever ``a`` is.
+        window (t far below the range, -Inf) gives +0, above it (+Inf) gives +Inf, whatever ``a`` is;
+        inside it ``n`` is added to ``a``'s exponent field (``a`` taken by its fields: in the programs it
+        is then the polynomial's value, a positive normal number near 1).
     ``NEGATIVE_MAGNITUDE``
-        ``-min(|a|, 2^7)``; NaN gives NaN (:func:`negative_magnitude`): the argument of exp in SiLU and
+        ``-min(|a|, 2^7)``, NaN clamped too (:func:`negative_magnitude`): the argument of exp in SiLU and
         softplus, which never overflows.
     ``RSQRT_SEED``
-        The bit-trick seed of ``1/sqrt(a)``: the integer ``magic - (|a| >> 1)`` on the bits (sign cleared),
-        a positive normal number for every ``a`` (:func:`rsqrt_seed`).
+        The bit-trick seed of ``1/sqrt(a)``: the integer ``magic - (|a| >> 1)`` on the bits (sign cleared;
+        only the exponent field and the top :data:`RSQRT_SEED_MANTISSA_BITS` mantissa bits read), a
+        positive normal number for every ``a`` (:func:`rsqrt_seed`).
     ``RSQRT_SELECT``
-        rsqrt's special cases by ``x = a``: NaN or negative -> NaN; ±0 (and subnormals) -> ±Inf; +Inf -> +0;
-        else ``b`` (:func:`rsqrt_select`).
+        rsqrt's special cases by ``x = b`` (``a`` is the Newton result r): NaN or negative -> NaN; ±0 (and
+        subnormals) -> ±Inf; +Inf -> +0; else ``a`` (:func:`rsqrt_select` ``(x, r)``). ``a`` is the operand
+        passed on in every sub-operation but the seed, so the lane has one datapath.
     """
 
     EXP_SCALE = 0
@@ -313,6 +323,17 @@ def _lawson(design: np.ndarray, target: np.ndarray, weight: np.ndarray, iteratio
     return coefficients
 
 
+def rsqrt_seed_dropped_bits(fmt: FloatFormat) -> int:
+    """How many low bits of ``|a| >> 1`` RSQRT_SEED takes as zeros (:data:`RSQRT_SEED_MANTISSA_BITS`)."""
+    return max(0, fmt.man_bits - RSQRT_SEED_MANTISSA_BITS)
+
+
+def _seed_operand(bits, fmt: FloatFormat):
+    """``bits >> 1`` (sign already cleared) with its :func:`rsqrt_seed_dropped_bits` low bits cleared."""
+    dropped = rsqrt_seed_dropped_bits(fmt)
+    return ((bits >> 1) >> dropped) << dropped
+
+
 def _rsqrt_seed_ratios(fmt: FloatFormat, magic: int, samples: int = 1 << 16) -> np.ndarray:
     """``seed(x) · sqrt(x)`` (the seed's ratio to the true result) over one period of the seed's error,
     x in [1, 4): every mantissa of both exponent parities (at most ``samples`` evenly spaced ones each)."""
@@ -322,7 +343,7 @@ def _rsqrt_seed_ratios(fmt: FloatFormat, magic: int, samples: int = 1 << 16) -> 
     ratios = []
     for parity in (0, 1):
         bits = ((fmt.bias + parity) << fmt.man_bits) | mantissa
-        seed = magic - (bits >> 1)
+        seed = magic - _seed_operand(bits, fmt)
         x = (1.0 + mantissa / 2.0 ** fmt.man_bits) * 2.0 ** parity
         seed_field = seed >> fmt.man_bits
         seed_value = (1.0 + (seed & ((1 << fmt.man_bits) - 1)) / 2.0 ** fmt.man_bits) \
@@ -542,7 +563,7 @@ def _read(bits, fmt: FloatFormat) -> torch.Tensor:
 
 def exp_int_bits(fmt: FloatFormat) -> int:
     """Width of the saturated integer exponent shift: every |n| beyond its range over- or underflows."""
-    return fmt.exp_bits + 2
+    return fmt.exp_bits + 1
 
 
 def exp_scale(a, b, constants: FunctionConstants) -> torch.Tensor:
@@ -577,17 +598,20 @@ def exp_scale(a, b, constants: FunctionConstants) -> torch.Tensor:
 
 
 def negative_magnitude(a, fmt: FloatFormat) -> torch.Tensor:
-    """NEGATIVE_MAGNITUDE: ``-min(|a|, 2^7)`` (subnormals read as -0); NaN -> canonical NaN."""
+    """NEGATIVE_MAGNITUDE: ``-min(|a|, 2^7)`` (subnormals read as -0); NaN, whose exponent field is above
+    the bound's, is clamped too (-2^7): the programs get their NaN from ``x`` itself (SiLU's CMP_SELECT
+    and softplus's ADD and MAX pass it on)."""
     value = fp.decode(a, fmt)
-    out = fp.encode(-value.abs().clamp(max=2.0 ** MAGNITUDE_BOUND_EXPONENT), fmt)
-    return torch.where(torch.isnan(value), fmt.canonical_nan, out)
+    return fp.encode(-value.abs().nan_to_num(nan=math.inf).clamp(max=2.0 ** MAGNITUDE_BOUND_EXPONENT), fmt)
 
 
 def rsqrt_seed(a, magic: int, fmt: FloatFormat) -> torch.Tensor:
-    """RSQRT_SEED: the integer ``magic - ((a with its sign cleared) >> 1)`` as a bit pattern. ``magic`` is
-    chosen so this is a positive normal number for every pattern (specials too; RSQRT_SELECT fixes them)."""
+    """RSQRT_SEED: the integer ``magic - ((a with its sign cleared) >> 1)`` as a bit pattern, the low
+    :func:`rsqrt_seed_dropped_bits` bits of the shifted operand taken as zeros (only the exponent field and
+    the top :data:`RSQRT_SEED_MANTISSA_BITS` mantissa bits are read). ``magic`` is chosen so this is a
+    positive normal number for every pattern (specials too; RSQRT_SELECT fixes them)."""
     a = torch.as_tensor(a, dtype=torch.int64)
-    return magic - ((a & (fmt.sign_bit - 1)) >> 1)
+    return magic - _seed_operand(a & (fmt.sign_bit - 1), fmt)
 
 
 def rsqrt_select(x, b, fmt: FloatFormat) -> torch.Tensor:
@@ -727,10 +751,10 @@ def exp_scale_values(a, b, constants: FunctionConstants):
 
 
 def negative_magnitude_values(a):
-    """:func:`negative_magnitude` on values (2^7 is exact in every format; NaN stays NaN)."""
+    """:func:`negative_magnitude` on values (2^7 is exact in every format; NaN gives -2^7)."""
     xp = fp._xp(a)
-    out = -xp.minimum(abs(a), xp.full_like(a, 2.0 ** MAGNITUDE_BOUND_EXPONENT))
-    return xp.where(xp.isnan(a), a, out)
+    bound = xp.full_like(a, 2.0 ** MAGNITUDE_BOUND_EXPONENT)
+    return -xp.where(xp.isnan(a), bound, xp.minimum(abs(a), bound))
 
 
 def rsqrt_select_values(x, b):

@@ -29,6 +29,7 @@ from marca.golden.nonlinear import (
     LaneFunction,
     build_constants,
     exp_int_bits,
+    rsqrt_seed_dropped_bits,
 )
 
 from marca.formats import FloatFormat
@@ -158,15 +159,19 @@ class FunctionLane(wiring.Component):
         # Low binade outside the window: the sign of n (the mantissa's top bit) says which way.
         b_up = above | (in_low & ~low_inside & b.mantissa[man - 1]) | (in_high & ~high_inside)
         b_down = below | (in_low & ~low_inside & ~b.mantissa[man - 1])
-        exponent = Signal(signed(max(fmt.exp_bits, int_bits) + 2), name="scale_exponent")
+        exponent = Signal(signed(max(fmt.exp_bits, int_bits) + 1), name="scale_exponent")
         m.d.comb += exponent.eq(a.exponent + n)
         return exponent, b_up, b_down
 
     def _rsqrt_seed(self, a: _Fields):
-        """``magic - (|a| >> 1)``; ``magic`` keeps it a positive normal number."""
+        """``magic - (|a| >> 1)`` with the shifted operand's low ``rsqrt_seed_dropped_bits`` bits taken as
+        zeros (so those bits of the result are ``magic``'s, no logic); ``magic`` keeps it a positive normal
+        number."""
         fmt = self.fmt
-        shifted = a.value[:fmt.width - 1] if self._fault == "rsqrt_seed_no_shift" else a.value[1:fmt.width - 1]
-        return Const(self.constants.rsqrt_magic, fmt.width) - shifted
+        dropped = rsqrt_seed_dropped_bits(fmt)
+        shift = 0 if self._fault == "rsqrt_seed_no_shift" else 1
+        kept = a.value[dropped + shift:fmt.width - 1]
+        return Const(self.constants.rsqrt_magic, fmt.width) - Cat(Const(0, dropped), kept)
 
     def elaborate(self, platform):
         """The four sub-operations share one output: sign, exponent field and mantissa are each chosen
@@ -191,8 +196,8 @@ class FunctionLane(wiring.Component):
         if self._fault == "scale_no_overflow":
             overflow = Const(0, 1)
         underflow = exponent <= 0
-        # NEGATIVE_MAGNITUDE: a | sign, clamped to -2^7 from 2^7 up (Inf too, not NaN: it stays a NaN).
-        clamp = (a.exponent >= MAGNITUDE_BOUND_EXPONENT + fmt.bias) & ~a.is_nan
+        # NEGATIVE_MAGNITUDE: a | sign, clamped to -2^7 from 2^7 up (Inf and NaN too).
+        clamp = a.exponent >= MAGNITUDE_BOUND_EXPONENT + fmt.bias
         if self._fault == "magnitude_no_clamp":
             clamp = a.is_inf
         # RSQRT_SELECT (a = the Newton result r, b = x): x NaN or below zero -> NaN; x zero -> Inf of x's
