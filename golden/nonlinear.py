@@ -568,7 +568,8 @@ def exp_int_bits(fmt: FloatFormat) -> int:
 
 def exp_scale(a, b, constants: FunctionConstants) -> torch.Tensor:
     """EXP_SCALE: ``a · 2^n`` on ``a``'s fields, ``n = b - C``, where ``b`` must lie in ``[2^(p-1), 2^(p+1))``
-    (two binades, see :func:`_round_constant`) and ``-2^(exp_bits+1) <= n < 2^(exp_bits+1)``.
+    (two binades, see :func:`_round_constant`) and ``-2^exp_bits <= n < 2^exp_bits`` (:func:`exp_int_bits`;
+    every n a result needs).
 
     ``b`` decides first: NaN -> canonical NaN; below the window (negative, zero, -Inf, small, or n too
     negative) -> +0; above it (+Inf, or n too large) -> +Inf. Otherwise the result is ``a``'s sign and
@@ -736,7 +737,7 @@ def exp_scale_values(a, b, constants: FunctionConstants):
     a = xp.where(xp.isnan(a), 1.5 * top,
                  xp.where(xp.isinf(a), xp.copysign(xp.full_like(a, top), a),
                           xp.where(a == 0, xp.copysign(xp.full_like(a, 2.0 ** -fmt.bias), a), a)))
-    # a has at most 24 significant bits and |shift| <= 2^(exp_bits+1): a·2^shift is exact in float64, so the
+    # a has at most 24 significant bits and |shift| <= 2^exp_bits: a·2^shift is exact in float64, so the
     # contract's rounding is only its overflow and flush.
     if xp is np:
         scaled = np.ldexp(a, shift.astype(np.int32))

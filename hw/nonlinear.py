@@ -9,13 +9,18 @@ lane, selected by the beat's ``function`` field when the op is ``ElementwiseOp.F
 
 * ``EXP_SCALE``: ``a · 2^n`` where ``b = C + n`` holds ``n`` in its low mantissa bits (the exp program's
   rounding sum): the bits are the integer, so no float-to-integer shifter; one small exponent adder with
-  overflow to ±Inf and flush to zero.
+  overflow to Inf and flush to zero.
 * ``NEGATIVE_MAGNITUDE``: ``-min(|a|, 128)`` (a sign bit and one exponent compare).
-* ``RSQRT_SEED``: ``magic - (|a| >> 1)`` on the bits (one constant subtractor): rsqrt's bit-trick seed.
-* ``RSQRT_SELECT``: rsqrt's special cases by ``a`` (NaN or negative -> NaN, ±0 -> ±Inf, +Inf -> +0), else
-  ``b``.
+* ``RSQRT_SEED``: ``magic - (|a| >> 1)`` on the exponent and top mantissa bits (one constant subtractor):
+  rsqrt's bit-trick seed.
+* ``RSQRT_SELECT``: rsqrt's special cases by ``b = x`` (NaN or negative -> NaN, ±0 -> ±Inf, +Inf -> +0),
+  else ``a``.
 
-No per-lane table: every constant is a broadcast operand. Build it for the array with
+The four share one output datapath (``a``'s fields passed on with the exponent field replaced or forced,
+or the seed), and the array reads the result through its adder (``add(x, -0)``: NaNs canonical,
+subnormals signed zeros), so the lane leaves NaN payloads and subnormals to that read; the golden
+sub-operations (:func:`marca.golden.nonlinear.lane_function`) are what the array reads. No per-lane
+table: every constant is a broadcast operand. Build it for the array with
 ``PEArray(..., lane_extension=FunctionLane.factory(config))``.
 """
 
@@ -55,16 +60,6 @@ class _Fields:
         self.is_inf = self.is_special & (self.mantissa == 0)
 
 
-def _pack(fmt: FloatFormat, sign, exponent, mantissa):
-    return Cat(mantissa[:fmt.man_bits], exponent[:fmt.exp_bits], sign)
-
-
-def _read(fmt: FloatFormat, operand: _Fields):
-    """The contract's read: canonical NaN; a subnormal as the zero of its sign; anything else as is."""
-    return Mux(operand.is_nan, fmt.canonical_nan,
-               Mux(operand.is_zero, Cat(Const(0, fmt.width - 1), operand.sign), operand.value))
-
-
 class FunctionLane(wiring.Component):
     """The bit logic of one PE for exp, SiLU, softplus and rsqrt (see the module docstring).
 
@@ -77,6 +72,9 @@ class FunctionLane(wiring.Component):
         depends only on ``fmt``: its one constant is rsqrt's seed ``magic``).
     _fault : str or None
         A deliberately broken variant (:data:`FAULTS`), for tests only.
+    _omit : iterable of LaneFunction
+        Sub-operations left out (their code passes ``a`` on), for the cost breakdown of
+        ``marca bench nonlinear`` only.
 
     Attributes
     ----------
@@ -87,24 +85,29 @@ class FunctionLane(wiring.Component):
     enable : In(1), init 1
         Clock enable of the result register.
     result : Out(fmt.width)
-        Registered result, ``latency`` enabled cycles after the operands.
+        Registered result, ``latency`` enabled cycles after the operands; its contract read (canonical NaN,
+        subnormals as signed zeros: the array's ``add(x, -0)``) is the golden sub-operation's result.
     function_bits : int
         2.
     latency : int
-        1 (combinational logic, then the result register; the array delays the result to its element-wise
-        latency, so a deeper pipeline would only move registers from the array into the lane).
+        1 (combinational logic, then the result register; the array joins the result to its adder's ``x`` at
+        the comparator stage, so a deeper pipeline would only add registers).
     """
 
     function_bits = FUNCTION_BITS
     latency = 1
 
     def __init__(self, *, fmt: FloatFormat, exp_degree: int = 3, softplus_degree: int = 4,
-                 _fault: str | None = None):
+                 _fault: str | None = None, _omit=()):
         self._MustUse__silence = True     # a rejected parameter must not also warn 'never used'
         if not isinstance(fmt, FloatFormat):
             raise ValueError(f"fmt must be a FloatFormat, not {fmt!r}")
         if _fault not in FAULTS:
             raise ValueError(f"_fault must be one of {FAULTS}, not {_fault!r}")
+        omit = tuple(_omit)
+        if not all(isinstance(code, LaneFunction) for code in omit):
+            raise ValueError(f"_omit must hold LaneFunction codes, not {_omit!r}")
+        self._omit = frozenset(omit)
         self.fmt = fmt
         self._fault = _fault
         self.constants = build_constants(fmt=fmt, exp_degree=exp_degree, softplus_degree=softplus_degree)
@@ -184,10 +187,10 @@ class FunctionLane(wiring.Component):
         fmt = self.fmt
         man, exp_bits = fmt.man_bits, fmt.exp_bits
         a, b = _Fields(self.a, fmt), _Fields(self.b, fmt)
-        scale = self.function == LaneFunction.EXP_SCALE
-        magnitude = self.function == LaneFunction.NEGATIVE_MAGNITUDE
-        seed = self.function == LaneFunction.RSQRT_SEED
-        select = self.function == LaneFunction.RSQRT_SELECT
+        scale, magnitude, seed, select = (
+            Const(0, 1) if code in self._omit else self.function == code
+            for code in (LaneFunction.EXP_SCALE, LaneFunction.NEGATIVE_MAGNITUDE, LaneFunction.RSQRT_SEED,
+                         LaneFunction.RSQRT_SELECT))
         b_nan = b.is_nan
 
         # EXP_SCALE: b NaN -> NaN; b outside the window -> +Inf / +0; else a's fields with exponent + n.

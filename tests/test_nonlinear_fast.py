@@ -198,6 +198,8 @@ def test_bad_parameters():
         FunctionLane(fmt="fp32")
     with pytest.raises(ValueError, match="_fault"):
         FunctionLane(fmt=FP16, _fault="nope")
+    with pytest.raises(ValueError, match="_omit"):
+        FunctionLane(fmt=FP16, _omit=["EXP_SCALE"])
 
 
 def _lane_vectors(fmt, count, seed):
