@@ -98,8 +98,9 @@ def batched_figures(config, compiled, counters: dict) -> dict:
     read = static["dma_bytes_read"] + static["fetch_bytes"]
     written = static["dma_bytes_written"]
     bound = max(read, written) / bus
-    return {"batch": B, "instructions": len(compiled.instructions), "block_tokens": compiled.plan.block_tokens,
-            "scan_tiles": compiled.plan.scan_tiles, "cycles": cycles, "cycles_per_token": cycles / B,
+    return {"batch": B, "instructions": len(compiled.instructions),
+            "block_tokens": compiled.plan.block_tokens, "scan_tiles": compiled.plan.scan_tiles,
+            "cycles": cycles, "cycles_per_token": cycles / B,
             "array_beats": beats, "array_beats_per_token": beats / B, "fraction_of_ideal": beats / cycles,
             "dram_bytes_read": read, "dram_bytes_written": written, "dram_read_bytes_per_token": read / B,
             "dram_bound_cycles": bound, "fraction_of_dram_bound": bound / cycles,
@@ -179,7 +180,8 @@ def batched_table(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for source, key in (("RTL", "batched_rtl"), ("cycle model", "batched_model")):
         for row in results.get(key, []):
-            lines.append(f"| {row['batch']} | {source} | {row['cycles']:,} | {row['cycles_per_token']:,.0f} | "
+            lines.append(f"| {row['batch']} | {source} | {row['cycles']:,} | "
+                         f"{row['cycles_per_token']:,.0f} | "
                          f"{row['array_beats_per_token']:,.0f} | {row['fraction_of_ideal']:.1%} | "
                          f"{row['dram_read_bytes_per_token']:,.0f} | {row['dram_bound_cycles']:,.0f} | "
                          f"{row['fraction_of_dram_bound']:.1%} | {row['tokens_per_second']:,.0f} | "
@@ -194,7 +196,8 @@ def batched_table(results: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for row in streamed["rows"]:
             lines.append(f"| {row['batch']} | {row['block_tokens']} | {row['cycles_per_token']:,.0f} | "
-                         f"{row['array_beats_per_token']:,.0f} | {row['dram_bound_cycles'] / row['batch']:,.0f} | "
+                         f"{row['array_beats_per_token']:,.0f} | "
+                         f"{row['dram_bound_cycles'] / row['batch']:,.0f} | "
                          f"{row['fraction_of_ideal']:.1%} | {row['fraction_of_dram_bound']:.1%} | "
                          f"{row['tokens_per_second']:,.0f} | {row['compute_idle']:.1%} |")
     return "\n".join(lines) + "\n"

@@ -136,9 +136,11 @@ def layout_mixer(image: MemoryImage, prefix: str, weights: dict | None, dims: Ma
         address = image.place(f"{prefix}matrix {name}",
                               encoded(None if w is None else tile_matrix(values[name], R, C)), sb, J * K * P)
         matrices[name] = Matrix(name, address, J, K)
-    conv_state = TensorPlace(image.allocate(f"{prefix}conv_state", batch * d.d_conv * Di_l * P * cb), d.d_conv,
+    conv_state = TensorPlace(image.allocate(f"{prefix}conv_state", batch * d.d_conv * Di_l * P * cb),
+                             d.d_conv,
                              Di_l * P, Di_l * P * cb, "compute", "[d_conv, d_inner padded to lines], oldest first")
-    ssm_state = TensorPlace(image.allocate(f"{prefix}ssm_state", batch * Jd * Kn * P * cb), Jd * Kn, P, P * cb,
+    ssm_state = TensorPlace(image.allocate(f"{prefix}ssm_state", batch * Jd * Kn * P * cb), Jd * Kn, P,
+                            P * cb,
                             "compute", "R x C tiles of [d_inner, d_state], lines (j, k)")
     return MixerWeights(dims, vectors, parameters, out_bias, A, matrices, conv_state, ssm_state, batch)
 
@@ -318,8 +320,9 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
                 if sequences:     # the block (with its biggest scan group) of the least estimated cost
                     top = largest(1, token_limit, lambda t: fits(*args(T=t, S=1)))
                     best = None
-                    for t in range(top, 0, -1) if top <= 64 else sorted({ceil_div(top, n) for n in range(1, 65)},
-                                                                         reverse=True):
+                    sizes = range(top, 0, -1) if top <= 64 else \
+                        sorted({ceil_div(top, n) for n in range(1, 65)}, reverse=True)
+                    for t in sizes:
                         s = largest(1, scan_top, lambda s: fits(*args(T=t, S=s)))
                         cost = _batched_cost(build(*args(T=t, S=s)), layout, config, length, Jd)
                         if best is None or cost < best[0]:
@@ -485,9 +488,10 @@ class _MixerLowering:
 
     def load_hidden(self, t0, tokens):
         hb, ha = self.region("H")
-        self.em.dma(isa.Load, memory_address=self.hidden.address + t0 * self.hidden.row_stride, rows=tokens,
-                    row_elements=self.hidden.row_elements, memory_row_stride=self.hidden.row_stride, buffer=hb,
-                    address=ha, buffer_row_stride=self.Dm_l * self.P, compute=self.hidden.compute)
+        place = self.hidden
+        self.em.dma(isa.Load, memory_address=place.address + t0 * place.row_stride, rows=tokens,
+                    row_elements=place.row_elements, memory_row_stride=place.row_stride, buffer=hb,
+                    address=ha, buffer_row_stride=self.Dm_l * self.P, compute=place.compute)
 
     def prefetch(self, t0, tokens):
         """Batched decode, one channel group, rows on chip: LOAD the next block's hidden rows and conv states
@@ -568,22 +572,23 @@ class _MixerLowering:
         for t in range(tokens):
             state = self.layout.conv_state_of(t0 + t)
             self.em.dma(kind, memory_address=state.address + g0 * P * cb, rows=dc, row_elements=lines * P,
-                        memory_row_stride=state.row_stride, buffer=xb, address=xa + t * self.window * P + offset,
-                        buffer_row_stride=G * P, compute=True)
+                        memory_row_stride=state.row_stride, buffer=xb,
+                        address=xa + t * self.window * P + offset, buffer_row_stride=G * P, compute=True)
 
     def scan_sequences(self, t0, tokens, g0, j0, count):
         """Batched decode: one scan step of every sequence of the block on channel tiles ``j0 ..``. Each
         sequence has its own ``h`` (loaded and stored with one 2-D transfer for the block); the steps of the
         sequences are independent, so the program interleaves them stage by stage (the decay of every
-        sequence, one EXP, the drives, one MULADD, the outputs) and no instruction waits for the one before."""
+        sequence, one EXP, the drives, one MULADD, the outputs) and no instruction waits for the one
+        before."""
         em, P, R, C, Kn, cb = self.em, self.P, self.R, self.C, self.Kn, self.config.compute_bytes
         S = self.plan.scan_tiles
         (hb, ha), A, (ab, aa), (bb, ba) = (self.plan.regions[name] for name in ("h", "A", "dA", "dBx"))
         stride = S * Kn * P          # elements from one sequence's scan group tiles to the next
         first = self.layout.ssm_state_of(t0)
-        transfer = dict(memory_address=first.address + j0 * Kn * P * cb, rows=tokens, row_elements=count * Kn * P,
-                        memory_row_stride=first.rows * first.row_stride, buffer=hb, address=ha,
-                        buffer_row_stride=stride, compute=True)
+        transfer = dict(memory_address=first.address + j0 * Kn * P * cb, rows=tokens,
+                        row_elements=count * Kn * P, memory_row_stride=first.rows * first.row_stride,
+                        buffer=hb, address=ha, buffer_row_stride=stride, compute=True)
         em.dma(isa.Load, **transfer)
         if not self.plan.scan_resident:
             em.load_lines(self.layout.A + j0 * Kn * P * self.config.storage_bytes, count * Kn, *A)
@@ -606,7 +611,8 @@ class _MixerLowering:
                 em.nonlinear(NonlinearFunction.EXP, ab, aa + t * stride, count * Kn)
         for t in range(tokens):      # drive = (delta[t, d] * x[t, d]) * B[t, n]
             em.elementwise(ElementwiseOp.MUL, count, Kn, (bb, ba + t * stride, Kn, 1),
-                           (*rows("DX", t), 1, 0, Broadcast.ROW), (*self.region("BB", t), 0, 1, Broadcast.COLUMN))
+                           (*rows("DX", t), 1, 0, Broadcast.ROW),
+                           (*self.region("BB", t), 0, 1, Broadcast.COLUMN))
         # h = decay * h + drive, every sequence in one instruction
         tiles = lambda buffer, address: (buffer, address, S * Kn, 1)
         em.elementwise(ElementwiseOp.MULADD, tokens, count * Kn, tiles(hb, ha), tiles(ab, aa), tiles(hb, ha),

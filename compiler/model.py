@@ -485,7 +485,8 @@ class _ModelLowering:
 
 def compile_model(model_or_state_dict=None, mamba_config=None, config: MarcaConfig | None = None, *,
                   prompt_length: int = 1, logits: str = "last", options: CompileOptions = CompileOptions(),
-                  gather: bool | None = None, check_address_space: bool = True, batch: int = 1) -> CompiledModel:
+                  gather: bool | None = None, check_address_space: bool = True,
+                  batch: int = 1) -> CompiledModel:
     """Compile a Mamba language model: a prefill of ``prompt_length`` tokens and a decode step in one image.
 
     Parameters

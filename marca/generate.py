@@ -214,7 +214,8 @@ def generate(args) -> int:
     report = {"model": args.checkpoint or f"random {args.random}", "config": config.name,
               "backend": args.backend, "d_model": shape.d_model, "layers": shape.layers, "vocab": shape.vocab,
               "parameters": shape.parameter_count(), "prompt_tokens": len(ids),
-              "clock_mhz": config.fpga_clock_mhz, "storage_format": config.storage_format.name, "batch": batch}
+              "clock_mhz": config.fpga_clock_mhz, "storage_format": config.storage_format.name,
+              "batch": batch}
     # Weights for this size at FP32 plus the memory image: more than half this machine's memory -> shapes only.
     available = _available_memory()
     need = shape.parameter_count() * (8 + config.storage_bytes)

@@ -218,13 +218,14 @@ def batched_model_mismatches(model, config, options=CompileOptions(), steps=((8,
         logits = session.decode_batch(list(ids))
         for b, s in enumerate(alone):
             expected = s.decode(ids[b])
-            if not torch.equal(logits[b], expected[0]) or state_bytes(batched, session, b) != state_bytes(single, s, 0):
+            same_states = state_bytes(batched, session, b) == state_bytes(single, s, 0)
+            if not torch.equal(logits[b], expected[0]) or not same_states:
                 wrong.append((k, b))
     return batched, wrong
 
 
-@pytest.mark.parametrize("preset, layers, options", [(DEFAULT, 2, CompileOptions()),
-                                                      (TINY, 1, CompileOptions(max_group_lines=1, stream_rows=True))],
+@pytest.mark.parametrize("preset, layers, options", [
+    (DEFAULT, 2, CompileOptions()), (TINY, 1, CompileOptions(max_group_lines=1, stream_rows=True))],
                          ids=["default", "tiny-channel-groups"])
 def test_batched_decode_equals_separate_sequences(preset, layers, options):
     """Three sequences through decode_batch equal, bit for bit (logits and every layer's states), three
@@ -270,8 +271,9 @@ def test_generate_batch(tmp_path, capsys):
     assert report["batch"] == 2 and len(report["generated_ids_batch"]) == 2
     assert report["generated_ids_batch"][0] == report["generated_ids"]
     assert report["generated_ids_batch"][0] != report["generated_ids_batch"][1]     # sampled apart
-    assert report["top1_agreement"] == 1.0 and report["storage_rounded_reference"]["max_abs_logit_difference"] < 1e-5
-    assert [step["mode"] for step in report["measured_counters"]] == ["prefill", "decode_batch", "decode_batch"]
+    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_difference"] < LOGIT_BOUND["default"]
+    modes = [step["mode"] for step in report["measured_counters"]]
+    assert modes == ["prefill", "decode_batch", "decode_batch"]
     assert report["decode_batch"]["tokens"] == 2
     assert "decode, batch 2" in capsys.readouterr().out
     assert main(["generate", "--random", "toy", "--prompt", "x", "--backend", "rtl", "--batch", "2"]) == 2
