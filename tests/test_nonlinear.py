@@ -4,9 +4,9 @@ One array per compute format, built once, with the FunctionLane extension of a p
 FP32 (DEFAULT: exp degree 3, softplus degree 4) on ``MARCA_NONLINEAR_RANDOM`` random patterns (60,000 by
 default; 700,000 gives the 1,050,000-input run of docs/nonlinear.md, ~10 minutes of simulation) plus half
 as many uniform values in [-40, 100], corner cases, segment edges, range bounds and every binade's ends;
-BF16 (FPGA_SMALL) and FP16 (TINY) on every one of the 65,536 inputs. Each program's every pass is compared (tb/nonlinear.py). A lane whose EXP_SCALE forgets its
-window check must fail.
-"""
+BF16 (FPGA_SMALL) and FP16 (TINY) on every one of the 65,536 inputs. Each program's every pass is compared
+(tb/nonlinear.py). A lane whose EXP_SCALE forgets its window check, and one whose forced NaNs lack their
+mantissa bit (read as Inf by the array), must fail."""
 
 import dataclasses
 import os
@@ -63,13 +63,12 @@ def test_programs_on_array(tmp_path, label):
         assert count >= RANDOM * 3 // 2
 
 
-@pytest.mark.skip(reason="does not trip on the FP16 tiny array as written (found by the full suite; the "
-                         "fault is outside FP16 exp's input range at this stride); the same fault is caught at the "
-                         "lane level in tests/test_nonlinear_fast.py::test_lane_broken_variants_are_caught")
-def test_broken_exp_scale_is_caught(tmp_path):
-    """A lane whose EXP_SCALE forgets the window check of n (so exp of x < -44 wraps around instead of
-    flushing to +0): exp's last pass must mismatch."""
+@pytest.mark.parametrize("fault", ["scale_window_unchecked", "nan_without_mantissa"])
+def test_broken_lane_is_caught(tmp_path, fault):
+    """A lane whose EXP_SCALE forgets the window check of n (exp of x < -22 wraps around instead of
+    flushing to +0), or whose forced NaNs lack their mantissa bit (the array's add(x, -0) then reads exp(NaN)
+    as Inf): exp's last pass must mismatch on a 1x1 FP16 array (every 16th input)."""
     config = dataclasses.replace(TINY, name="tiny-broken")
-    label = "fp16-broken-scale"
+    label = f"fp16-broken-{fault}"
     with pytest.raises(AssertionError, match=f"{label}/exp: pass \\d+ \\(FUNCTION, function 0\\)"):
-        _run(tmp_path, label, config, 1, 1, 0, fault="scale_window_unchecked", functions=("exp",), stride=16)
+        _run(tmp_path, label, config, 1, 1, 0, fault=fault, functions=("exp",), stride=16)
