@@ -130,9 +130,10 @@ def _log(message: str) -> None:
 # estimate, and router2 gets much further than router1 in the same time (docs/fpga.md, "Measured").
 DEFAULT_PLACER = "static"
 DEFAULT_ROUTER = "router2"
-# fpga-small routes only just on the 85F (router2 needs ~105 iterations to clear its last overused wires):
-# with seed 1 its placement left the router stuck at ~265 overused wires, seed 2 routed (docs/fpga.md,
-# "Measured numbers"). Another RTL can want another seed.
+# fpga-small routes only just on the 85F (router2 needed ~105 iterations to clear its last overused wires):
+# at commit 83a8e08 seed 1's placement left the router stuck at ~265 overused wires and seed 2 routed; the
+# later, smaller RTL routed with neither 2 nor 3 (docs/fpga.md, "Measured numbers"). Another RTL can want
+# another seed.
 DEFAULT_SEED = 2
 
 
