@@ -228,16 +228,13 @@ class ProcessingElement(wiring.Component):
         min_max_value = Mux(self.min_max, Mux(self.is_min, comparator.minimum, comparator.maximum), negative_zero)
         if join_at_c:
             extension_c = delayed(extension.result, stage_c - stage_i - extension.latency, "extension")
-            m.d.comb += [
-                x_other.eq(Mux(self.function_sel, extension_c, min_max_value)),
-                x_is_other.eq(self.function_sel | self.min_max | (self.select_or_keep_a & comparator.lt)),
-            ]
+            x_takes_extension = self.function_sel
+            m.d.comb += x_other.eq(Mux(x_takes_extension, extension_c, min_max_value))
         else:
-            m.d.comb += [
-                x_other.eq(min_max_value),
-                x_is_other.eq(self.min_max | (self.select_or_keep_a & comparator.lt)),
-            ]
+            x_takes_extension = Const(0, 1)
+            m.d.comb += x_other.eq(min_max_value)
         m.d.comb += [
+            x_is_other.eq(x_takes_extension | self.min_max | (self.select_or_keep_a & comparator.lt)),
             y_c.eq(Mux(self.select_or_keep_a & ~comparator.lt, negative_zero, addend_c)),
         ]
         x_other_s = delayed(x_other, stage_s - stage_c, "x_other")
