@@ -1173,6 +1173,8 @@ def linear_values(matrix: torch.Tensor, vector: torch.Tensor, bias, fmt: FloatFo
         and (bias is None or _no_tiny(bias))
     if plain and T * J * K * R * C <= _LINEAR_SMALL:
         return _linear_plain_small(matrix, vector, bias)
+    if not plain and matrix.device.type == "cpu":
+        return _linear_rounded(matrix, vector, bias, fmt)
     order = torch.tensor(_bit_reversal(C), device=matrix.device)
     matrix, vector = matrix[..., order], vector[..., order]
     if plain:
@@ -1201,6 +1203,25 @@ def linear_values(matrix: torch.Tensor, vector: torch.Tensor, bias, fmt: FloatFo
                 acc = add(acc, sums[:, :, k])
             out[t0:t0 + t_block, j0:j0 + j_block] = acc
     return out
+
+
+def _rounding(fmt: FloatFormat) -> tuple[int, float, float]:
+    """The contract's rounding of ``fmt`` as :func:`marca.golden.kernels.linear_rounded` takes it:
+    significant bits, the magnitude that overflows to Inf (``2^(emax+1)``), the smallest normal."""
+    return fmt.man_bits + 1, 2.0 ** (fmt.emax + 1), 2.0 ** fmt.emin
+
+
+def _linear_rounded(matrix: torch.Tensor, vector: torch.Tensor, bias, fmt: FloatFormat) -> torch.Tensor:
+    """linear_values on the CPU with every product and sum rounded by the contract (any format; FP32 whose
+    operands hold tiny magnitudes): one compiled loop, :func:`marca.golden.kernels.linear_rounded`, since
+    the chunk accumulation is a sequence of roundings that numpy or torch would pay per step."""
+    from .kernels import linear_rounded        # numba: imported (and the loop loaded) on first use
+    J, K, R, C = matrix.shape
+    T = vector.shape[0]
+    bias = np.zeros((0, 0, 0), dtype=np.float32) if bias is None else bias.numpy()
+    order = np.asarray(_bit_reversal(C), dtype=np.int64)
+    out = np.empty((T, J, R), dtype=np.float32)
+    return torch.from_numpy(linear_rounded(matrix.numpy(), vector.numpy(), bias, order, *_rounding(fmt), out))
 
 
 def _linear_plain_small(matrix: torch.Tensor, vector: torch.Tensor, bias) -> torch.Tensor:

@@ -284,6 +284,35 @@ def test_linear_fast_path_without_its_guard_is_caught(monkeypatch):
     assert found
 
 
+@pytest.mark.parametrize("variant", ["columns in natural order", "no flush below the smallest normal",
+                                     "one bit too many"])
+@pytest.mark.parametrize("fmt", [FP32, BF16, FP16], ids=lambda f: f.name)
+def test_linear_rounded_broken_variants_are_caught(monkeypatch, fmt, variant):
+    """The compiled rounded LINEAR (golden/kernels.py: every format on the CPU, FP32 with tiny operands)
+    equals the oracle, and the same loop fed a wrong column order, no flush, or one significant bit too
+    many does not, on the same cases."""
+    generator = torch.Generator().manual_seed(21)
+    shapes = [(3, 4, 2, 8, 2), (2, 5, 3, 16, 1), (4, 6, 4, 4, 2)]
+    if "flush" in variant:
+        cases = [linear_case(fmt, *shape, generator, "underflow") for shape in shapes]
+    else:                                # normal-distributed operands: sums whose order and rounding show
+        cases = [[fp.encode(torch.randn(shape, generator=generator, dtype=torch.float64), fmt)
+                  for shape in ((J, K, R, C), (T, K, C), (T, J, R))] for J, K, R, C, T in shapes]
+    expected = [linear_oracle(*case, fmt) for case in cases]
+    assert all(torch.equal(linear_fast(*case, fmt), want) for case, want in zip(cases, expected))
+    if fmt == FP32 and "flush" not in variant:   # FP32 data without tiny magnitudes takes the plain paths:
+        monkeypatch.setattr(iss, "_no_tiny", lambda values: False)    # force the rounded loop
+        assert all(torch.equal(linear_fast(*case, fmt), want) for case, want in zip(cases, expected))
+    bits, overflow, underflow = iss._rounding(fmt)
+    if variant == "columns in natural order":
+        monkeypatch.setattr(iss, "_bit_reversal", lambda width: tuple(range(width)))
+    elif variant == "no flush below the smallest normal":
+        monkeypatch.setattr(iss, "_rounding", lambda f: (bits, overflow, 0.0))
+    else:
+        monkeypatch.setattr(iss, "_rounding", lambda f: (bits + 1, overflow, underflow))
+    assert any(not torch.equal(linear_fast(*case, fmt), want) for case, want in zip(cases, expected))
+
+
 @pytest.mark.parametrize("config", [DEFAULT, FPGA_SMALL, TINY], ids=lambda c: c.name)
 def test_nonlinear_values_equal_golden(config):
     fmt = config.compute_format
