@@ -34,7 +34,7 @@ import torch
 from marca import isa
 from marca.config import MarcaConfig
 from marca.golden import fp
-from marca.golden.iss import run_program
+from marca.golden.iss import Machine, pack_elements
 from marca.isa import Broadcast, Buffer, ElementwiseOp, LinearInit, NonlinearFunction
 from marca.reference.mamba import MambaDims
 
@@ -181,20 +181,44 @@ class CompiledModel:
         return ModelSession(self, **iss_options)
 
 
+class _HostPort:
+    """The host's reads and writes of a machine's memory image, by slice (``port[a:b]``, ``port[a:b] = data``),
+    so that the session's helpers address memory as they would a bytearray."""
+
+    def __init__(self, machine: Machine):
+        self.machine = machine
+
+    def __getitem__(self, span: slice) -> bytes:
+        return self.machine.read_memory(span.start, span.stop - span.start)
+
+    def __setitem__(self, span: slice, data) -> None:
+        if len(data) != span.stop - span.start:
+            raise ValueError(f"{len(data)} bytes do not fill bytes {span.start}..{span.stop}")
+        self.machine.write_memory(span.start, data)
+
+
 class ModelSession:
-    """A sequence being generated on the golden ISS: prefill a prompt, then decode step by step. The
-    states stay in the memory image between steps; ``steps`` keeps each run's counters."""
+    """A sequence being generated on the golden ISS: prefill a prompt, then decode step by step. One
+    machine holds the memory image for the whole session (the states stay in it between steps; each run
+    starts as a new machine would, :meth:`Machine.restart`, but with the instructions already planned);
+    ``steps`` keeps each run's counters."""
 
     def __init__(self, compiled: CompiledModel, **iss_options):
         self.compiled = compiled
-        self.memory = bytearray(compiled.memory)
-        self.iss_options = iss_options
+        self.max_instructions = iss_options.pop("max_instructions", None)
+        self.machine = Machine(compiled.config, compiled.memory, **iss_options)
+        self.port = _HostPort(self.machine)
         self.steps: list[dict] = []
+
+    @property
+    def memory(self) -> bytes:
+        """The whole memory image now."""
+        return self.machine.memory_bytes()
 
     def _write_ids(self, ids) -> list[int]:
         ids = [int(i) for i in torch.as_tensor(ids).flatten().tolist()]
         address = self.compiled.ids
-        self.memory[address:address + 4 * len(ids)] = b"".join(i.to_bytes(4, "little") for i in ids)
+        self.port[address:address + 4 * len(ids)] = b"".join(i.to_bytes(4, "little") for i in ids)
         if self.compiled.embedding_on_host:       # the machine has no GATHER: the host embeds
             for index, token in enumerate(ids):
                 if not 0 <= token < self.compiled.shape.vocab:
@@ -203,10 +227,9 @@ class ModelSession:
                 row[:self.compiled.shape.d_model] = self.compiled.embedding[token]
                 place = self.compiled.residual
                 bits = fp.encode(row, self.compiled.config.compute_format)
-                from marca.golden.iss import pack_elements
                 data = pack_elements(bits, self.compiled.config.compute_bytes)
                 start = place.address + index * place.row_stride
-                self.memory[start:start + len(data)] = data
+                self.port[start:start + len(data)] = data
         return ids
 
     def run(self, mode: str, ids) -> torch.Tensor:
@@ -214,9 +237,9 @@ class ModelSession:
         ids = self._write_ids(ids)
         if len(ids) != program.tokens:
             raise ValueError(f"the {mode} program takes {program.tokens} token ids, not {len(ids)}")
-        options = {"max_instructions": len(program.instructions) + 1, **self.iss_options}   # straight-line code
-        result, machine = run_program(self.compiled.config, self.memory, program.address, **options)
-        self.memory = bytearray(machine.memory_bytes())
+        self.machine.restart()
+        limit = self.max_instructions or len(program.instructions) + 1      # straight-line code
+        result = self.machine.run(program.address, max_instructions=limit)
         if result.error != isa.ErrorCode.NONE:
             raise RuntimeError(f"the {mode} program faulted: {result.error.name} at {result.error_pc} "
                                f"{result.message}")
@@ -224,7 +247,7 @@ class ModelSession:
         return self.read_logits(program.logits_rows)
 
     def read_logits(self, rows: int) -> torch.Tensor:
-        return read_place(self.compiled.config, self.memory, self.compiled.logits, rows)[:, :self.compiled.shape.vocab]
+        return read_place(self.compiled.config, self.port, self.compiled.logits, rows)[:, :self.compiled.shape.vocab]
 
     def prefill(self, ids) -> torch.Tensor:
         return self.run("prefill", ids)
@@ -244,7 +267,7 @@ class ModelSession:
         finds)."""
         for pair in self.compiled.state_places(b):
             for place in pair:
-                self.memory[place.address:place.address + place.rows * place.row_stride] = \
+                self.port[place.address:place.address + place.rows * place.row_stride] = \
                     bytes(place.rows * place.row_stride)
 
     def copy_sequence(self, source: int, destination: int) -> None:
@@ -253,7 +276,7 @@ class ModelSession:
         for src, dst in zip(self.compiled.state_places(source), self.compiled.state_places(destination)):
             for a, b in zip(src, dst):
                 size = a.rows * a.row_stride
-                self.memory[b.address:b.address + size] = self.memory[a.address:a.address + size]
+                self.port[b.address:b.address + size] = self.port[a.address:a.address + size]
 
 
 # Row stages (embedding, RMSNorm, residual add): token blocks x d_model chunks ---------------------------

@@ -102,7 +102,7 @@ def memory_to_tensor(memory) -> torch.Tensor:
             raise ValueError(f"memory must be a 1-D uint8 tensor, not {memory.dtype} {tuple(memory.shape)}")
         return memory.clone()
     if isinstance(memory, (bytes, bytearray, memoryview)):
-        return torch.frombuffer(bytearray(memory), dtype=torch.uint8).clone() if len(memory) \
+        return torch.frombuffer(bytearray(memory), dtype=torch.uint8) if len(memory) \
             else torch.zeros(0, dtype=torch.uint8)
     raise ValueError(f"memory must be bytes, bytearray or a uint8 tensor, not {type(memory).__name__}")
 
@@ -654,22 +654,15 @@ class Machine(_Machine):
         padded[:len(image)] = image
         self.memory = padded.to(self.device)
         fill = config.compute_format.canonical_nan if buffer_fill is None else buffer_fill
-        fill_value = float(fp.to_values(torch.tensor([fill]), fmt)[0])
-        self.values = {b: torch.full((isa.buffer_elements(config, b),), fill_value, dtype=torch.float32,
-                                     device=self.device) for b in Buffer}
+        self._fill_value = float(fp.to_values(torch.tensor([fill]), fmt)[0])
+        self.values = {b: torch.empty((isa.buffer_elements(config, b),), dtype=torch.float32,
+                                      device=self.device) for b in Buffer}
         # Written flags, one byte per element: numpy views for strided accesses, bytearray.find for dense
         # ones.
         self._written_bytes = {b: bytearray(isa.buffer_elements(config, b)) for b in Buffer}
         self.written = {b: np.frombuffer(self._written_bytes[b], dtype=bool) for b in Buffer}
         self.check_hazards = check_hazards
         self.check_undefined = check_undefined
-        # Barrier bookkeeping: stamps[(stream, kind)][buffer][e] is the epoch in which the stream last
-        # touched element e that way; a barrier starts a new epoch. Arrays are made on first touch.
-        self._epoch = 0
-        self._stamps = {(stream, kind): {} for stream in ("dma", "compute") for kind in ("read", "write")}
-        # Per (stream, kind, buffer): [epoch, first, last] of the elements touched in that epoch, so that
-        # most checks are settled without looking at the stamps (disjoint spans cannot conflict).
-        self._spans: dict = {}
         self._memory_host = self.memory.numpy() if self.device.type == "cpu" else None
         # Element-wise arithmetic on numpy views of the buffers (FP32 on the CPU; fp._xp).
         self._host_arithmetic = self.device.type == "cpu" and fp._is_fp32(fmt)
@@ -678,6 +671,52 @@ class Machine(_Machine):
         self._fetched: dict[int, object] = {}
         self._views: dict = {}              # _Access -> its view of self.values (updated in place)
         self._fetched_span = [None, None]
+        self.restart()
+
+    def restart(self) -> None:
+        """The state at a program's start: buffers filled, written flags and barrier bookkeeping cleared,
+        counters zero. The memory image stays, and so do the cached plans (a host that keeps one machine
+        for a sequence of programs, :class:`marca.compiler.model.ModelSession`, plans each instruction
+        once); a run after ``restart()`` is the run of a new machine on the same image."""
+        for buffer, values in self.values.items():
+            values.fill_(self._fill_value)          # in place: the cached views stay valid
+            self._written_bytes[buffer][:] = bytes(len(self._written_bytes[buffer]))
+        # Barrier bookkeeping: stamps[(stream, kind)][buffer][e] is the epoch in which the stream last
+        # touched element e that way; a barrier starts a new epoch. Arrays are made on first touch.
+        self._epoch = 0
+        self._stamps = {(stream, kind): {} for stream in ("dma", "compute") for kind in ("read", "write")}
+        # Per (stream, kind, buffer): [epoch, first, last] of the elements touched in that epoch, so that
+        # most checks are settled without looking at the stamps (disjoint spans cannot conflict).
+        self._spans: dict = {}
+        self.counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self.pc = None
+
+    def read_memory(self, address: int, size: int) -> bytes:
+        """``size`` bytes of the memory image from ``address`` (the host reading over the bus)."""
+        self._check_host_range(address, size)
+        return bytes(self.memory[address:address + size].cpu().numpy().tobytes())
+
+    def write_memory(self, address: int, data) -> None:
+        """The host writing ``data`` into the memory image at ``address``; fetched code it overwrites is
+        fetched again."""
+        data = bytes(data)
+        self._check_host_range(address, len(data))
+        if data:
+            self.memory[address:address + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) \
+                .to(self.device)
+            self._forget_fetched(address, address + len(data) - 1)
+
+    def _check_host_range(self, address: int, size: int) -> None:
+        if address < 0 or size < 0 or address + size > self.memory_size:
+            raise ValueError(f"bytes {address}..{address + size} are outside the memory image of "
+                             f"{self.memory_size} bytes")
+
+    def _forget_fetched(self, first: int, last: int) -> None:
+        """Drop the fetched plans of instructions that overlap bytes ``first..last``."""
+        low, high = self._fetched_span
+        if low is not None and first < high and last >= low:
+            self._fetched = {pc_: entry for pc_, entry in self._fetched.items()
+                             if pc_ + isa.INSTRUCTION_BYTES <= first or pc_ > last}
 
     # State in the reference representation ---------------------------------------------------------------
 
@@ -935,11 +974,7 @@ class Machine(_Machine):
         else:
             targets, positions = survivors
             elements[targets.to(self.device)] = bits.reshape(-1)[positions.to(self.device)]
-        first, last = extra["memory_first"], extra["memory_last"]
-        low, high = self._fetched_span
-        if low is not None and first < high and last >= low:         # the program overwrote fetched code
-            self._fetched = {pc_: entry for pc_, entry in self._fetched.items()
-                             if pc_ + isa.INSTRUCTION_BYTES <= first or pc_ > last}
+        self._forget_fetched(extra["memory_first"], extra["memory_last"])    # the program overwrote code
         self.counters["dma_bytes_written"] += i.row_count * i.row_elements * size
         return ErrorCode.NONE
 

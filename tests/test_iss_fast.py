@@ -527,6 +527,38 @@ def test_program_errors_equal_reference():
     assert results[1][:3] == (ErrorCode.NONE, ErrorCode.ILLEGAL_OPCODE, 0)
 
 
+@pytest.mark.parametrize("config", [TINY, FPGA_SMALL, DEFAULT], ids=lambda c: c.name)
+def test_restarted_machine_equals_a_new_one(config):
+    """A machine kept for a sequence of programs (restart, host writes, run: what ModelSession does) runs
+    each program as a new machine on the same image would: memory, result and counters; a read of an
+    element that only the previous program wrote is undefined again; code the host overwrites is fetched
+    anew."""
+    generated = [random_program(config, seed=seed, length=30) for seed in (3, 4)]
+    kept = iss.Machine(config, generated[0].memory)
+    image = generated[0].memory
+    for step, program in enumerate(generated + generated[:1]):
+        if step:                      # the host writes the next program's whole image (data and code)
+            assert len(program.memory) == kept.memory_size
+            kept.write_memory(0, program.memory)
+            image = program.memory
+        kept.restart()
+        result = kept.run(program.program_address)
+        fresh_result, fresh = iss.run_program(config, image, program.program_address)
+        assert (result, kept.memory_bytes()) == (fresh_result, fresh.memory_bytes())
+    lanes = config.lanes
+    load = isa.Load(memory_address=0x800, row_count=1, row_elements=lanes, buffer=isa.Buffer.STATE)
+    store = isa.Store(memory_address=0xA00, row_count=1, row_elements=lanes, buffer=isa.Buffer.STATE)
+    machine = iss.Machine(config, bytearray(0x1000))
+    machine.write_memory(0, isa.encode_program([load, isa.Barrier(), store, isa.Halt()]))
+    assert machine.run().error == ErrorCode.NONE
+    machine.write_memory(0, isa.encode_program([store, isa.Halt()]))
+    machine.restart()
+    with pytest.raises(iss.ProgramError, match="undefined"):
+        machine.run()
+    with pytest.raises(ValueError, match="outside the memory image"):
+        machine.write_memory(0xFFF, b"ab")
+
+
 def gather_case(config, ids, table_rows, *, row_elements=None, buffer_row_stride=None, memory_bytes=0x3000,
                 index_address=0x2000):
     """A GATHER of ``ids`` from a random table at 0x1000 into STATE, then a STORE of what it wrote."""

@@ -59,7 +59,7 @@ def test_a_broken_norm_is_caught():
                                   a_buffer=rsqrt.src_buffer, a_address=rsqrt.src_address, a_outer_stride=1)
     code = isa.encode_program([replacement if i is rsqrt else i for i in program.instructions])
     session = compiled.session()
-    session.memory[program.address:program.address + len(code)] = code
+    session.port[program.address:program.address + len(code)] = code
     logits = session.prefill(PROMPT)
     assert not (logits - float_logits(model, PROMPT)).abs().max() < LOGIT_BOUND["default"]
 
