@@ -18,14 +18,17 @@ multiply-add), i.e. ``(linear_beats + elementwise_beats + nonlinear_beats) Â· RÂ
 * **fixed cost**: microseconds per instruction of a program of 1-beat instructions on the ``default``
   preset, with the plan cache warm (a rerun) and cold (first sight of every instruction);
 * **mixers**: the issue's four mixer cases (``paper`` d_model 768 prefill 4 and 32 tokens, ``default``
-  d_model 128 prefill 16 and a decode step), fast and reference (the 32-token ``paper`` prefill only fast
+  d_model 128 prefill 16 and a decode step) and three on the 2x2 presets with BF16 and FP16 compute
+  (``fpga-small`` d_model 128 prefill 16 and decode, ``tiny`` d_model 64 decode), fast and reference (the 32-token ``paper`` prefill only fast
   unless MARCA_BENCH_ISS_SLOW=1), and the fast machine with the hazard and undefined-read checks off, to
   price them;
 * **mamba-130m decode step**: one mixer layer of mamba-130m's shape (d_model 768, d_state 16, random
   weights) as a decode step on the ``paper`` preset, measured, and predicted from the per-class rates and
   the fixed cost;
 * **mamba-130m decode step, whole model** (with ``MARCA_BENCH_ISS_MODEL=1``; compiling takes minutes): the
-  24-layer model with its LM head through ``marca.compiler.model.compile_model``, measured and predicted;
+  24-layer model with its LM head through ``marca.compiler.model.compile_model``, two decode steps of one
+  session (the first plans every instruction: predicted with the cold fixed cost; the second with the warm
+  one), measured and predicted;
 * **CUDA**: the mixers and per-class figures again with ``device="cuda"`` when a CUDA device is present.
 
 Prints the tables and writes ``out_dir/iss.json``.
@@ -40,7 +43,10 @@ import time
 __all__ = ["run"]
 
 MIXERS = [("paper", 768, "prefill", 4), ("paper", 768, "prefill", 32), ("default", 128, "prefill", 16),
-          ("default", 128, "decode", None)]
+          ("default", 128, "decode", None), ("fpga-small", 128, "prefill", 16), ("fpga-small", 128, "decode", None),
+          ("tiny", 64, "decode", None)]
+"""The issue's four cases, then the small configurations with other compute formats (BF16 on fpga-small,
+FP16 on tiny), whose LINEARs take the rounded loop (golden/kernels.py)."""
 
 
 def _load() -> float:
@@ -278,10 +284,12 @@ def _predict(counters: dict, config, rates: dict, fixed_us: float) -> float:
             + counters["instructions"] * fixed_us * 1e-6)
 
 
-def _model_decode(rates: dict, fixed_us: float) -> dict:
+def _model_decode(rates: dict, fixed: dict) -> dict:
     """A whole mamba-130m-shaped model (transformers' random initialisation: d_model 768, 24 layers,
-    vocabulary 50,280, d_state 16) compiled for the ``paper`` preset (marca.compiler.model): one decode step
-    (GATHER embedding, 24 x [RMSNorm, mixer, residual], final RMSNorm, LM head) on the fast ISS."""
+    vocabulary 50,280, d_state 16) compiled for the ``paper`` preset (marca.compiler.model): two decode
+    steps of one session (GATHER embedding, 24 x [RMSNorm, mixer, residual], final RMSNorm, LM head) on the
+    fast ISS. The session keeps one machine: the first step plans every instruction (cold fixed cost), the
+    second finds them planned (warm)."""
     import torch
     from transformers import MambaConfig, MambaForCausalLM
 
@@ -292,18 +300,22 @@ def _model_decode(rates: dict, fixed_us: float) -> dict:
                                          state_size=16)).eval()
     compiled = compile_model(model, config=PAPER, prompt_length=1)
     session = compiled.session()
-    started, started_cpu = time.perf_counter(), time.process_time()
-    logits = session.decode(11)
-    elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
-    counters = {k: v for k, v in session.steps[-1].items() if isinstance(v, int) and k != "tokens"}
-    predicted = _predict(counters, PAPER, rates, fixed_us)
-    out = {"cpu_seconds": cpu, "wall_seconds": elapsed, "load": _load(), "counters": counters,
-           "lane_operations": _lane_ops(counters, PAPER.lanes), "image_bytes": compiled.memory_size,
-           "predicted_seconds": predicted, "logits_finite": bool(torch.isfinite(logits).all())}
-    print(f"\nmamba-130m-shaped model, one decode step (24 layers, LM head, paper preset): {cpu:.2f} CPU s "
-          f"measured ({elapsed:.1f} s wall, load {out['load']}), {predicted:.2f} s predicted; "
-          f"{counters['instructions']} instructions, {out['lane_operations']:,d} lane operations, "
-          f"{counters['dma_bytes_read']:,d} DMA bytes read")
+    out = {"image_bytes": compiled.memory_size, "steps": []}
+    for step, (token, warmth) in enumerate([(11, "cold"), (12, "warm")]):
+        started, started_cpu = time.perf_counter(), time.process_time()
+        logits = session.decode(token)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
+        counters = {k: v for k, v in session.steps[-1].items() if isinstance(v, int) and k != "tokens"}
+        predicted = _predict(counters, PAPER, rates, fixed[warmth]["microseconds_per_instruction"])
+        entry = {"cpu_seconds": cpu, "wall_seconds": elapsed, "load": _load(), "counters": counters,
+                 "plans": warmth, "lane_operations": _lane_ops(counters, PAPER.lanes),
+                 "predicted_seconds": predicted, "logits_finite": bool(torch.isfinite(logits).all())}
+        out["steps"].append(entry)
+        print(f"\nmamba-130m-shaped model, decode step {step + 1} ({warmth} plans; 24 layers, LM head, paper "
+              f"preset): {cpu:.2f} CPU s measured ({elapsed:.2f} s wall, load {entry['load']}), {predicted:.2f} s "
+              f"predicted; {counters['instructions']} instructions, {entry['lane_operations']:,d} lane "
+              f"operations, {counters['dma_bytes_read']:,d} DMA bytes read; logits finite: "
+              f"{entry['logits_finite']}")
     return out
 
 
@@ -360,7 +372,7 @@ def run(out_dir: pathlib.Path) -> dict:
             entry["cuda"] = _run_mixer(config, compiled, memory, device="cuda")     # warm
             if entry["cuda"]["image"] != fast["image"]:
                 raise AssertionError(f"{name}: CUDA and CPU machines differ")
-        if preset == "default" and mode == "prefill":
+        if mode == "prefill" and preset in ("default", "fpga-small"):
             entry["classes"] = _class_breakdown(config, compiled, memory)
         ref = entry.get("reference")
         print(f"{name:34s} {fast['instructions']:6d} {fast['lane_operations']:12,d} {fast['seconds']:8.2f} "
@@ -396,8 +408,7 @@ def run(out_dir: pathlib.Path) -> dict:
           f"{measured['lane_operations']:,d} lane operations (load {measured['load']})")
 
     if os.environ.get("MARCA_BENCH_ISS_MODEL") == "1":
-        results["mamba_130m_decode_model"] = _model_decode(results["per_class"]["fast"],
-                                                           fixed["warm"]["microseconds_per_instruction"])
+        results["mamba_130m_decode_model"] = _model_decode(results["per_class"]["fast"], fixed)
 
     if cuda:
         results["per_class"]["cuda"] = _per_class(PAPER, "cuda", False, 5)

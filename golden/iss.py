@@ -519,6 +519,10 @@ class ReferenceMachine(_Machine):
 
 _PLAN_CACHE: dict = {}
 _PLAN_CACHE_LIMIT = 20_000
+_FETCH_CACHE_LIMIT = 100_000
+"""Fetched plans kept per machine (by pc). A plan weighs a few KiB (its operands' views and checks), so a
+model program of millions of straight-line instructions (mamba-130m on a 2x2 array) must not keep them
+all: when full, the cache starts over."""
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -825,6 +829,9 @@ class Machine(_Machine):
             word = int.from_bytes(host[pc:pc + isa.INSTRUCTION_BYTES].tobytes(), "little") \
                 if host is not None else self._word(pc)
             decoded = _decode_word(word)
+            if len(self._fetched) >= _FETCH_CACHE_LIMIT:
+                self._fetched.clear()
+                self._fetched_span = [None, None]
             plan = self._fetched[pc] = decoded if isinstance(decoded, IllegalInstruction) \
                 else self._plan(decoded)
             low, high = self._fetched_span

@@ -527,12 +527,15 @@ def test_program_errors_equal_reference():
     assert results[1][:3] == (ErrorCode.NONE, ErrorCode.ILLEGAL_OPCODE, 0)
 
 
+@pytest.mark.parametrize("fetch_limit", [None, 5], ids=["fetch cache", "fetch cache of 5"])
 @pytest.mark.parametrize("config", [TINY, FPGA_SMALL, DEFAULT], ids=lambda c: c.name)
-def test_restarted_machine_equals_a_new_one(config):
+def test_restarted_machine_equals_a_new_one(monkeypatch, config, fetch_limit):
     """A machine kept for a sequence of programs (restart, host writes, run: what ModelSession does) runs
     each program as a new machine on the same image would: memory, result and counters; a read of an
     element that only the previous program wrote is undefined again; code the host overwrites is fetched
-    anew."""
+    anew. Also with a fetch cache that overflows (and starts over) many times per program."""
+    if fetch_limit:
+        monkeypatch.setattr(iss, "_FETCH_CACHE_LIMIT", fetch_limit)
     generated = [random_program(config, seed=seed, length=30) for seed in (3, 4)]
     kept = iss.Machine(config, generated[0].memory)
     image = generated[0].memory
