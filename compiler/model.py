@@ -175,7 +175,8 @@ class CompiledModel:
         return [(shift(conv), shift(ssm)) for conv, ssm in self.states]
 
     def session(self, **iss_options) -> "ModelSession":
-        """A fresh sequence on the golden ISS (zero states)."""
+        """A fresh sequence on the golden ISS (zero states); ``progress`` and the options of
+        :class:`marca.golden.iss.Machine` pass through."""
         if self.memory is None:
             raise ValueError("a model compiled from shapes alone has no weights to run")
         return ModelSession(self, **iss_options)
@@ -203,8 +204,9 @@ class ModelSession:
     starts as a new machine would, :meth:`Machine.restart`, but with the instructions already planned);
     ``steps`` keeps each run's counters."""
 
-    def __init__(self, compiled: CompiledModel, **iss_options):
+    def __init__(self, compiled: CompiledModel, *, progress=None, **iss_options):
         self.compiled = compiled
+        self.progress = progress        # called with (mode, instructions done, program length) on long runs
         self.max_instructions = iss_options.pop("max_instructions", None)
         self.machine = Machine(compiled.config, compiled.memory, **iss_options)
         self.port = _HostPort(self.machine)
@@ -239,7 +241,9 @@ class ModelSession:
             raise ValueError(f"the {mode} program takes {program.tokens} token ids, not {len(ids)}")
         self.machine.restart()
         limit = self.max_instructions or len(program.instructions) + 1      # straight-line code
-        result = self.machine.run(program.address, max_instructions=limit)
+        report = None if self.progress is None else \
+            (lambda done: self.progress(mode, done, len(program.instructions)))
+        result = self.machine.run(program.address, max_instructions=limit, progress=report)
         if result.error != isa.ErrorCode.NONE:
             raise RuntimeError(f"the {mode} program faulted: {result.error.name} at {result.error_pc} "
                                f"{result.message}")

@@ -129,6 +129,10 @@ def access_indices(access: isa.BufferAccess) -> torch.Tensor:
     return index[..., None] + torch.arange(access.extent, dtype=torch.int64)
 
 
+PROGRESS_INTERVAL = 1 << 16
+"""Instructions between two calls of a run's ``progress`` callback."""
+
+
 class _Machine:
     """What both simulators share: the configuration and memory checks, the fetch-execute loop (each
     subclass fetches and executes in its own way: :meth:`_fetch`, :meth:`_step`) and the messages of the
@@ -147,13 +151,17 @@ class _Machine:
         self.pc = None
         return image
 
-    def run(self, program_address: int = 0, *, max_instructions: int = 1_000_000) -> RunResult:
-        """Fetch, check and execute from ``program_address`` until HALT or an error."""
+    def run(self, program_address: int = 0, *, max_instructions: int = 1_000_000,
+            progress=None) -> RunResult:
+        """Fetch, check and execute from ``program_address`` until HALT or an error. ``progress``, if given,
+        is called with the number of instructions executed so far every :data:`PROGRESS_INTERVAL`."""
         self.pc = program_address
         if program_address % isa.INSTRUCTION_BYTES:
             return RunResult(ErrorCode.MISALIGNED, program_address, program_address, dict(self.counters),
                              "program address is not a multiple of the instruction size")
-        for _ in range(max_instructions):
+        for count in range(max_instructions):
+            if progress is not None and count and not count % PROGRESS_INTERVAL:
+                progress(count)
             pc = self.pc
             if pc + isa.INSTRUCTION_BYTES > self.memory_size:
                 return RunResult(ErrorCode.BUS_ERROR, pc, pc, dict(self.counters), "fetch beyond memory")

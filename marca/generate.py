@@ -259,7 +259,8 @@ def generate(args) -> int:
     rounded_agreement, rounded_delta, rounding_delta, max_logit = [], 0.0, 0.0, 0.0
     session = None
     if args.backend == "iss":
-        session = compiled.session()
+        session = compiled.session(progress=lambda mode, done, total: _progress(
+            f"{mode}: {done:,d} of {total:,d} instructions ({time.perf_counter() - started:.0f} s)"))
     elif args.backend == "rtl":
         from marca.tb.model import RtlModelSession
         session = RtlModelSession(compiled, pause=args.pause, seed=args.seed)

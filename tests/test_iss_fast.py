@@ -562,6 +562,19 @@ def test_restarted_machine_equals_a_new_one(monkeypatch, config, fetch_limit):
         machine.write_memory(0xFFF, b"ab")
 
 
+def test_progress_is_reported(monkeypatch):
+    """A long run reports its progress every PROGRESS_INTERVAL instructions and runs as without it."""
+    monkeypatch.setattr(iss, "PROGRESS_INTERVAL", 4)
+    generated = random_program(TINY, seed=5, length=30)
+    seen = []
+    result, machine = iss.run_program(TINY, generated.memory, generated.program_address)
+    reported = iss.Machine(TINY, generated.memory)
+    assert reported.run(generated.program_address, progress=seen.append) == result
+    executed = result.counters["instructions"]              # the HALT included
+    assert seen == list(range(4, executed, 4)) and len(seen) > 3
+    assert reported.memory_bytes() == machine.memory_bytes()
+
+
 def gather_case(config, ids, table_rows, *, row_elements=None, buffer_row_stride=None, memory_bytes=0x3000,
                 index_address=0x2000):
     """A GATHER of ``ids`` from a random table at 0x1000 into STATE, then a STORE of what it wrote."""
