@@ -5,6 +5,12 @@ Verilator, their counters recorded, the model's cycles compared.
                                               tests/data/rtl_cycles.json, print and write the comparison
     python -m marca.bench.perf_validate --compare
                                               compare the model with the recorded counts only (seconds)
+    python -m marca.bench.perf_validate --fetch NAME [RUNS]
+                                              fetch-only programs (HALT alone, 16 and 48 BARRIERs) on
+                                              configuration NAME's RTL: once without pauses, RUNS times
+                                              (default 30) with 20 % pauses on every channel and on AR
+                                              only; the RTL's mean cycles beside the model's (a build and
+                                              a few minutes)
 
 The pairs: four configurations (2x2 FP16 32-bit bus, 2x2 FP32/BF16 64-bit bus, 2x2 BF16 32-bit bus, 4x4
 BF16 256-bit bus) times programs of every kind: constrained-random programs
@@ -33,7 +39,8 @@ from marca.config import FPGA_SMALL, TINY, MarcaConfig
 # Rewrites tests/data/rtl_cycles.json from Verilator runs: run by name when the RTL changes.
 EXPLICIT_ONLY = True
 
-__all__ = ["CONFIGS", "RECORD", "programs", "record", "compare", "recorded_config", "decode_program", "run"]
+__all__ = ["CONFIGS", "RECORD", "programs", "record", "compare", "recorded_config", "decode_program", "run",
+           "fetch_experiment"]
 
 RECORD = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "rtl_cycles.json"
 DETERMINISTIC = ("instructions", "load_instructions", "store_instructions", "linear_instructions",
@@ -262,10 +269,98 @@ def run(out_dir: pathlib.Path, *, rerun: bool = True) -> dict:
     return summary
 
 
+# ------------------------------------------------------------------------------------------------------
+# Fetch under pauses: one program repeated with fresh random pauses, the RTL's mean against the model
+# ------------------------------------------------------------------------------------------------------
+
+FETCH_PROGRAMS = {"halt": 0, "barriers-16": 16, "barriers-48": 48}
+"""Fetch-only programs: this many BARRIERs, then HALT."""
+
+try:
+    import cocotb as _cocotb
+except ImportError:          # the simulator extras are not installed: the RTL side is unavailable
+    _cocotb = None
+
+if _cocotb is not None:
+    @_cocotb.test()
+    async def fetch_runs(dut):
+        """Run each job ``repeat`` times, pauses (``pause``) only on the named ``channels`` of the memory;
+        write every run's counters to ``out``."""
+        import random as _random
+        from marca.sim import tb_params
+        from marca.tb.accelerator import AcceleratorTB
+        from marca.tb.axi_ram import random_pauses
+        params = tb_params()
+        tb = AcceleratorTB(dut, dict(params, pause=0.0))
+        rng = _random.Random(params["seed"])
+        channels = {"aw": tb.ram.write_if.aw_channel, "w": tb.ram.write_if.w_channel,
+                    "b": tb.ram.write_if.b_channel, "ar": tb.ram.read_if.ar_channel,
+                    "r": tb.ram.read_if.r_channel}
+        if params["pause"]:
+            for name in params["channels"]:
+                generator = random_pauses(_random.Random(rng.random()), params["pause"])
+                channels[name].set_pause_generator(generator)
+        await tb.reset()
+        results = []
+        for job in params["jobs"]:
+            memory = pathlib.Path(job["memory"]).read_bytes()
+            for _ in range(job["repeat"]):
+                _, _, counters, _, _ = await tb.run(memory, 0)
+                results.append({"job": job["name"], "cycles": counters["cycles"]})
+        pathlib.Path(params["out"]).write_text(json.dumps(results))
+
+
+def fetch_experiment(name: str, runs: int = 30) -> list[dict]:
+    """:data:`FETCH_PROGRAMS` on configuration ``name``'s RTL without pauses (once: it is deterministic) and
+    ``runs`` times each with 20 % pauses on every channel (as the recording) and on AR only; rows of the
+    RTL's mean and standard deviation beside the model's cycles. Prints a table."""
+    import statistics
+    from marca import perf, sim
+    from marca.isa import Barrier, Halt
+    from marca.tb import mamba
+    config = _configs()[name]
+    build_dir = mamba.build_accelerator(config)
+    folder = (build_dir / "perf-validate-fetch").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    programs_ = {key: [Barrier()] * count + [Halt()] for key, count in FETCH_PROGRAMS.items()}
+    rows = []
+    settings = (("none", 0.0, [], 1), ("all", 0.2, ["aw", "w", "b", "ar", "r"], runs), ("ar", 0.2, ["ar"], runs))
+    for label, pause, channels, repeat in settings:
+        jobs = []
+        for key, instructions in programs_.items():
+            (folder / f"{key}.bin").write_bytes(_image(instructions))
+            jobs.append({"name": key, "memory": str(folder / f"{key}.bin"), "repeat": repeat})
+        out = folder / f"{label}.json"
+        params = {"config": config.to_dict(), "pause": pause, "channels": channels, "seed": 5, "jobs": jobs,
+                  "memory_bits": 14, "out": str(out)}
+        sim.run(build_dir, "accelerator", "marca.bench.perf_validate", testcase="fetch_runs",
+                name=f"perf-validate-fetch-{label}", params=params)
+        measured = json.loads(out.read_text())
+        for key, instructions in programs_.items():
+            cycles = [entry["cycles"] for entry in measured if entry["job"] == key]
+            # The model has one pause probability for every channel; AR-only pauses are not its case.
+            memory = dataclasses.replace(perf.TESTBENCH_MEMORY, pause=pause)
+            model = perf.estimate(config, instructions, memory) if label != "ar" else None
+            rows.append({"config": name, "program": key, "pauses": label, "runs": len(cycles),
+                         "rtl_mean": statistics.mean(cycles),
+                         "rtl_sd": statistics.stdev(cycles) if len(cycles) > 1 else 0.0,
+                         "model": model.cycles if model else None})
+    print("| configuration | program | pauses (20 %) | runs | RTL cycles, mean (sd) | model cycles |")
+    print("|---|---|---|---:|---:|---:|")
+    for row in rows:
+        model = f"{row['model']:,}" if row["model"] is not None else "-"
+        print(f"| {row['config']} | {row['program']} | {row['pauses']} | {row['runs']} | "
+              f"{row['rtl_mean']:,.1f} ({row['rtl_sd']:.1f}) | {model} |")
+    return rows
+
+
 if __name__ == "__main__":
     # --compare: the recorded counts only; --config NAME ...: record only these configurations.
     arguments = sys.argv[1:]
-    if "--config" in arguments:     # --config NAME ... [--out PATH]
+    if "--fetch" in arguments:      # --fetch NAME [RUNS]
+        rest = arguments[arguments.index("--fetch") + 1:]
+        fetch_experiment(rest[0], int(rest[1]) if len(rest) > 1 else 30)
+    elif "--config" in arguments:     # --config NAME ... [--out PATH]
         out = pathlib.Path(arguments[arguments.index("--out") + 1]) if "--out" in arguments else RECORD
         names = arguments[arguments.index("--config") + 1:]
         record(out, configs=tuple(names[:names.index("--out")] if "--out" in names else names))

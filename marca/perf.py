@@ -9,7 +9,9 @@ What it models, unit by unit (the RTL's structure is in docs/shell.md):
 
 * **Fetch and decode**: instruction words are read over the shared AXI read channel
   (``256 / axi_data_width`` beats each) at most ``fetch queue depth`` words ahead of decode; decode holds a
-  word for ``Controller.check_cycles`` cycles of checks before it can be dispatched.
+  word for ``Controller.check_cycles`` cycles of checks before it can be dispatched. Fetch does not decode:
+  it also requests the ``fetch queue depth`` words behind HALT, and the controller is done only once those
+  reads have completed (``fetch_idle``).
 * **Two instruction streams**: LOAD/STORE go to the DMA one at a time; compute instructions go to the
   engine once it has generated the previous one's beats; BARRIER and HALT wait for both units to be idle.
 * **The compute engine**: one beat per cycle; the scoreboard makes a beat that reads a line still in the
@@ -22,13 +24,17 @@ What it models, unit by unit (the RTL's structure is in docs/shell.md):
   data side with one set-up cycle per row, the converter's latency and the completion handshakes.
 * **The memory system** (:class:`MemorySystem`): read latency, write-response latency, a sustained
   bandwidth in bytes per cycle (DRAM; the bus carries at most one beat per cycle), and the probability
-  that a channel pauses in a cycle (the testbench's random AXI pauses), taken as a slower beat rate. One
-  read channel serves instruction fetch and DMA loads in request order.
+  that a channel pauses in a cycle (the testbench's random AXI pauses), taken as a slower beat rate and a
+  longer request handshake where the request meets an idle channel (a request made while earlier bursts
+  still stream was accepted meanwhile: its handshake is hidden). One read channel serves instruction fetch
+  and DMA loads in request order.
 
 What it ignores (each costs at most a few cycles per event in the RTL): the write-port arbitration
 between DMA loads and compute results in the same buffer, the AR arbitration's idle cycle when fetch and
-DMA alternate, write-channel back-pressure beyond the pause rate, and error handling (a program is assumed
-to run to HALT).
+DMA alternate, the order of requests on the read channel where it is not the model's (a LOAD's bursts are
+queued when it is dispatched, before the fetch request that decode's next take frees, although that one
+reaches the bus first), write-channel back-pressure beyond the pause rate, and error handling (a program
+is assumed to run to HALT).
 
 Latencies come from the hardware's own definitions: the array's from :class:`marca.hw.pe_array.PEArray`
 (built from the float units' ``latency`` attributes), the decoder's from an elaborated
@@ -92,15 +98,18 @@ class MemorySystem:
         return self.pause / (1.0 - self.pause)
 
 
-# cocotbext-axi's AxiRam as the testbenches use it (fitted on the recorded pairs of ``marca bench perf_validate``).
-TESTBENCH_MEMORY = MemorySystem(read_latency=4.0, write_latency=2.0, burst_gap=1.0)
+# cocotbext-axi's AxiRam as the testbenches use it: read latency and write response fitted on the recorded
+# pairs of ``marca bench perf_validate``; no gap between read bursts (traced on the tiny RTL: the R beats of
+# consecutive bursts follow each other in consecutive cycles, docs/performance.md).
+TESTBENCH_MEMORY = MemorySystem(read_latency=4.0, write_latency=2.0, burst_gap=0.0)
 
 PIPELINE = {
     # Controller and top.
     "fetch_ar_slice": 1,          # hw/accelerator.py: the shared AR register slice
     "fetch_queue_write": 1,       # InstructionFetch: the SyncFIFO shows a word the cycle after its last beat
     "start_to_running": 0,        # cycles counter starts with `running` (the first cycle fetch may issue)
-    "halt_to_done": 2,            # Controller: HALT dispatched -> stopping -> running falls
+    "halt_to_done": 2,            # Controller: HALT dispatched -> stopping -> running falls; equally the
+                                  # last fetch beat -> in_flight 0 (fetch_idle) -> running falls
     # Compute engine (hw/engine.py).
     "dispatch_to_issue": 3,       # compute_valid register, command accept, skid buffer head
     "issue_to_ready": 7,          # fetch, staged, operand queue (SyncFIFOBuffered), result queue, write,
@@ -374,14 +383,16 @@ class _ReadChannel:
 
     def __init__(self, memory: MemorySystem, beat_bytes: int):
         self.period = memory.beat_period(beat_bytes)
+        # A request that meets an idle channel pays its AR handshake under pauses; one made while earlier
+        # bursts stream was accepted meanwhile (the AR sink takes requests ahead of the data), so back to
+        # back bursts pay only the gap.
         self.latency = memory.read_latency + memory.handshake()
         self.gap = memory.burst_gap
-        self.handshake = memory.handshake()     # each burst's request handshake, under pauses
         self.free = -math.inf      # the next cycle a beat can be delivered
 
     def request(self, at: float, beats: int) -> tuple[float, float]:
         """A burst requested on the bus at ``at``: (first beat, last beat)."""
-        first = max(at + self.latency, self.free + self.gap + self.handshake)
+        first = max(at + self.latency, self.free + self.gap)
         last = first + (beats - 1) * self.period
         self.free = last + self.period
         return first, last
@@ -546,21 +557,29 @@ class _Model:
     def run(self, instructions) -> PerfReport:
         t, P = self.t, PIPELINE
         instructions = list(instructions)
+        halt = next((k for k, instruction in enumerate(instructions) if isinstance(instruction, isa.Halt)),
+                    len(instructions) - 1)
+        instructions = instructions[:halt + 1]
         n = len(instructions)
         depth = t.fetch_queue_depth
-        ready = [0.0] * n            # the word is in the fetch queue
+        # Fetch does not decode: it reads `depth` words past HALT (their requests leave before HALT is
+        # dispatched: each when the word `depth` places ahead of it is taken), and done waits for them.
+        words = n + depth
+        ready = [0.0] * words        # the word is in the fetch queue
         taken = [0.0] * n            # decode takes the word
         fetch_request = -1.0
+        fetch_last = -math.inf       # the last fetch beat
 
         def fetch(k, at):
-            nonlocal fetch_request
-            if k >= n:
+            nonlocal fetch_request, fetch_last
+            if k >= words:
                 return
             fetch_request = max(fetch_request + 1, at)
             _, last = self.read.request(fetch_request + P["fetch_ar_slice"], t.fetch_beats)
             ready[k] = last + P["fetch_queue_write"]
+            fetch_last = max(fetch_last, last)
 
-        for k in range(min(depth, n)):
+        for k in range(min(depth, words)):
             fetch(k, P["start_to_running"])
         dispatch = -1.0
         c = self.counters
@@ -586,9 +605,9 @@ class _Model:
                 self.dma(instruction, dispatch)
             elif isinstance(instruction, (isa.Linear, isa.Elementwise, isa.Nonlinear)):
                 self.compute(instruction, dispatch)
-            elif isinstance(instruction, isa.Halt):
-                break
-        cycles = dispatch + P["halt_to_done"]
+        # HALT dispatched -> stopping -> running falls; the last fetch beat -> in_flight 0 (fetch idle) ->
+        # running falls: the same two registers after whichever is later.
+        cycles = max(dispatch, fetch_last) + P["halt_to_done"]
         c["cycles"] = cycles
         out = {name: int(round(value)) for name, value in c.items()}
         return PerfReport(cycles=out["cycles"], counters=out, config=self.config, memory=self.memory)
