@@ -1,6 +1,8 @@
 """Benchmark: what the accelerator's arithmetic costs a trained language model, in bits per byte.
 
     marca bench accuracy [--device cuda]    (or ``python -m marca.bench.accuracy [out_dir] [device] [iss_segments]``)
+    python -m marca.bench.accuracy --iss-row PRESET [--segments N] [--prompts N | --no-greedy] [--out DIR]
+        (one preset's ISS row, merged into DIR/accuracy.json)
 
 The model is the committed byte-level Shakespeare Mamba (``reference/checkpoints/shakespeare-mamba``,
 trained by :mod:`marca.reference.train_charlm`); the text is its validation split (Hamlet and The Tempest,
@@ -30,8 +32,11 @@ how many prompts all 64 agree.
 4. ``ISS <preset>``: the accelerator's exact arithmetic (the golden ISS) at ``default``, ``paper``,
    ``fpga-small``, ``tiny``, through :func:`iss_model` (the whole-model compiler's programs, chunked
    prefill of 256 tokens, batch 1). Run only when ``iss_segments > 0`` (command line: the third argument),
-   because the ISS needs hours for 100,352 bytes on a CPU; otherwise these rows say so and carry no
-   numbers.
+   because the ISS needs minutes to hours per preset for 100,352 bytes on a CPU; otherwise these rows say
+   so and carry no numbers. ``--iss-row PRESET`` runs one preset's row alone (:func:`run_iss_row`) and
+   merges it into an ``accuracy.json`` that the float rows wrote (:func:`merge_rows`), so the presets can
+   be run one at a time. Every ISS row also carries the float32 and storage-rounded float rows' bits per
+   byte on the same segments, so a row over fewer segments still compares like with like.
 
 Goals (issue 14): storage FP32 within +0.0005 bits/byte of float32; ``default`` (FP32 compute, BF16
 storage) within +0.002 of the BF16-storage row. Prints the table (docs/accuracy.md) and writes
@@ -39,6 +44,7 @@ storage) within +0.002 of the BF16-storage row. Prints the table (docs/accuracy.
 """
 
 import json
+import os
 import pathlib
 import sys
 import time
@@ -75,6 +81,9 @@ __all__ = [
     "agreement",
     "markdown_table",
     "iss_sample",
+    "iss_row",
+    "merge_rows",
+    "run_iss_row",
     "run",
 ]
 
@@ -216,6 +225,94 @@ def agreement(continuations: torch.Tensor, reference: torch.Tensor) -> dict:
             "prompts_fully_matched": int((first == length).sum()), "of_bytes": length}
 
 
+def iss_row(config_name: str, tf_forward, greedy_forward, segments: torch.Tensor, prompts: torch.Tensor,
+            reference_text: torch.Tensor, *, float_forward=None, storage_forward=None,
+            storage_name: str | None = None) -> dict:
+    """One ISS row: bits per byte of ``segments`` (teacher forcing, batch 1, chunked prefill) through
+    ``tf_forward`` and the greedy agreement of ``greedy_forward``'s continuations of ``prompts`` with
+    ``reference_text``. ``float_forward`` / ``storage_forward`` (float32 math on the checkpoint's / on the
+    preset's storage-rounded weights), when given, are scored on the same segments (the row's
+    ``same_segments``), so a row over fewer segments than the float rows still has its comparison.
+    Records the CPU seconds and wall seconds it took and the load average at its end."""
+    cpu, wall = time.process_time(), time.monotonic()
+    bits = teacher_forced_bits(tf_forward, segments, batch=1)
+    tf_cpu = time.process_time() - cpu
+    row = {"row": f"ISS {config_name}", "bits_per_byte": bits, "segments": segments.shape[0],
+           "predicted_bytes": segments[:, 1:].numel(), "teacher_forcing_cpu_seconds": round(tf_cpu, 1)}
+    print(f"[accuracy] ISS {config_name}: {bits:.5f} bits/byte over {row['predicted_bytes']} bytes "
+          f"({tf_cpu:.0f} CPU s)", flush=True)
+    if greedy_forward is not None:
+        row["greedy"] = dict(agreement(greedy_continuations(greedy_forward, prompts), reference_text),
+                             prompts=prompts.shape[0])
+    same = {}
+    if float_forward is not None:
+        same["float32"] = teacher_forced_bits(float_forward, segments)
+    if storage_forward is not None:
+        same[f"storage {storage_name.upper()}, float32 math"] = teacher_forced_bits(storage_forward, segments)
+    if same:
+        row["same_segments"] = same
+    row["cpu_seconds"] = round(time.process_time() - cpu, 1)
+    row["wall_seconds"] = round(time.monotonic() - wall, 1)
+    row["load_average_at_end"] = [round(load, 2) for load in os.getloadavg()]
+    return row
+
+
+def merge_rows(out_dir, new_rows: list[dict]) -> dict:
+    """Put ``new_rows`` into ``out_dir/accuracy.json`` (written by :func:`run`), each replacing the row of
+    the same name (or appended), recompute every row's difference from the first (float32) row, rewrite
+    the file and print the table."""
+    path = pathlib.Path(out_dir) / "accuracy.json"
+    result = json.loads(path.read_text())
+    rows = result["rows"]
+    for new in new_rows:
+        index = next((i for i, row in enumerate(rows) if row["row"] == new["row"]), None)
+        if index is None:
+            rows.append(new)
+        else:
+            rows[index] = new
+    base = rows[0]["bits_per_byte"]
+    for row in rows:
+        if row["bits_per_byte"] is not None:
+            row["delta_vs_float32"] = row["bits_per_byte"] - base
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown_table(result))
+    return result
+
+
+def run_iss_row(out_dir, config_name: str, *, segments_count: int | None = None, greedy: bool = True,
+                prompts_count: int = PROMPTS, checkpoint=CHECKPOINT_DIR) -> dict:
+    """One preset's ISS row (:func:`iss_row`) on ``segments_count`` of the 98 validation segments, evenly
+    spaced (segment ``i * 98 // segments_count`` for each ``i``; all 98 by default), and, with
+    ``greedy``, the first ``prompts_count`` of the 20 prompts, merged into ``out_dir/accuracy.json``
+    (which :func:`run` must have written: it holds the float32 reference's greedy continuations). CPU
+    only."""
+    from marca.config import preset
+    torch.set_num_threads(1)
+    out_dir = pathlib.Path(out_dir)
+    previous = json.loads((out_dir / "accuracy.json").read_text())
+    _, validation = split_corpus(load_corpus())
+    segments = evaluation_segments(validation)
+    if segments_count is not None:          # evenly spaced through the 98 (all of them at 98)
+        segments = segments[torch.arange(segments_count) * segments.shape[0] // segments_count]
+    prompts = prompts_from(validation)
+    stored = [bytes(row.tolist()).decode("latin-1") for row in prompts]
+    if stored != previous["prompt_texts"]:
+        raise ValueError(f"{out_dir / 'accuracy.json'} was written for other prompts")
+    reference_text = torch.tensor([list(text.encode("latin-1"))
+                                   for text in previous["reference_continuations"]])
+    prompts, reference_text = prompts[:prompts_count], reference_text[:prompts_count]
+    weights = checkpoint_weights(checkpoint)
+    storage = preset(config_name).storage_format.name
+    rounded, state_matrices, _ = storage_rounded(weights, storage)
+    row = iss_row(config_name, iss_model(checkpoint, config_name, prompt_length=PREFILL_CHUNK),
+                  iss_model(checkpoint, config_name, prompt_length=PROMPT_BYTES) if greedy else None,
+                  segments, prompts, reference_text, float_forward=float_model(weights),
+                  storage_forward=float_model(rounded, state_matrices), storage_name=storage)
+    if not greedy:
+        row["greedy"] = None
+    return merge_rows(out_dir, [row])
+
+
 def _transformers_rows(model, segments, prompts, batch: int = 7):
     """Row 1: transformers' bits per byte (one forward per segment), its greedy continuations, and its
     logits of the first ``batch`` segments (to compare the repository's float model with)."""
@@ -292,7 +389,7 @@ def run(out_dir, device: str | None = None, *, checkpoint=CHECKPOINT_DIR, segmen
     for config_name in ISS_PRESETS:
         if not iss_segments:
             rows.append({"row": f"ISS {config_name}", "bits_per_byte": None,
-                         "not_run": "ISS rows run only when asked (iss_segments > 0): hours on a CPU"})
+                         "not_run": "ISS rows run only when asked (iss_segments > 0, or --iss-row PRESET)"})
             continue
         try:
             tf_forward = iss_model(checkpoint, config_name, prompt_length=PREFILL_CHUNK)
@@ -300,12 +397,8 @@ def run(out_dir, device: str | None = None, *, checkpoint=CHECKPOINT_DIR, segmen
         except NotImplementedError as reason:
             rows.append({"row": f"ISS {config_name}", "bits_per_byte": None, "not_run": str(reason)})
             continue
-        bits = teacher_forced_bits(tf_forward, segments[:iss_segments], batch=1)
-        rows.append({"row": f"ISS {config_name}", "bits_per_byte": bits,
-                     "predicted_bytes": segments[:iss_segments, 1:].numel(),
-                     "greedy": agreement(greedy_continuations(greedy_forward, prompts), reference_text)})
-        print(f"[accuracy] ISS {config_name}: {bits:.5f} bits/byte ({time.monotonic() - started:.0f} s)",
-              flush=True)
+        rows.append(iss_row(config_name, tf_forward, greedy_forward, segments[:iss_segments], prompts,
+                            reference_text))
 
     base = rows[0]["bits_per_byte"]
     for row in rows:
@@ -372,9 +465,14 @@ def markdown_table(result: dict) -> str:
         if row["bits_per_byte"] is None:
             lines.append(f"| {row['row']} | not run: {row['not_run']} | | | |")
             continue
-        greedy = row["greedy"]
-        lines.append(f"| {row['row']} | {row['bits_per_byte']:.5f} | {row['delta_vs_float32']:+.5f} | "
-                     f"{greedy['mean_matched_bytes']:.1f} | {greedy['prompts_fully_matched']} |")
+        greedy = row.get("greedy")
+        if greedy and greedy.get("prompts", PROMPTS) != PROMPTS:
+            greedy = dict(greedy, prompts_fully_matched=f"{greedy['prompts_fully_matched']} of "
+                                                        f"{greedy['prompts']}")
+        name = row["row"] + (f" ({row['predicted_bytes']:,} bytes)" if "segments" in row else "")
+        lines.append(f"| {name} | {row['bits_per_byte']:.5f} | {row['delta_vs_float32']:+.5f} | "
+                     + (f"{greedy['mean_matched_bytes']:.1f} | {greedy['prompts_fully_matched']} |"
+                        if greedy else "not run | |"))
     lines.append(f"| unigram baseline (training-text byte frequencies) | {result['unigram_bits_per_byte']:.4f} "
                  f"| | | |")
     return "\n".join(lines)
@@ -385,6 +483,19 @@ if __name__ == "__main__":
         # python -m marca.bench.accuracy --iss-sample PRESET [BYTES] [OUT]
         iss_sample(pathlib.Path(sys.argv[4] if len(sys.argv) > 4 else "build/bench"), sys.argv[2],
                    length=int(sys.argv[3]) if len(sys.argv) > 3 else 256)
+    elif len(sys.argv) > 1 and sys.argv[1] == "--iss-row":
+        import argparse
+        parser = argparse.ArgumentParser(prog="python -m marca.bench.accuracy --iss-row",
+                                         description="one preset's ISS row, merged into OUT/accuracy.json")
+        parser.add_argument("preset", choices=ISS_PRESETS)
+        parser.add_argument("--segments", type=int, default=None, help="N of the 98 segments, evenly spaced")
+        parser.add_argument("--no-greedy", action="store_true", help="skip the greedy prompts")
+        parser.add_argument("--prompts", type=int, default=PROMPTS,
+                            help="greedy: the first N of the 20 prompts")
+        parser.add_argument("--out", default="build/bench")
+        args = parser.parse_args(sys.argv[2:])
+        run_iss_row(pathlib.Path(args.out), args.preset, segments_count=args.segments,
+                    greedy=not args.no_greedy, prompts_count=args.prompts)
     else:
         run(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "build/bench"),
             sys.argv[2] if len(sys.argv) > 2 else None, iss_segments=int(sys.argv[3]) if len(sys.argv) > 3 else 0)

@@ -132,3 +132,38 @@ def test_iss_rows_say_what_they_need_without_the_compiler(monkeypatch):
     monkeypatch.delattr(marca.compiler, "compile_model", raising=False)
     with pytest.raises(NotImplementedError, match="whole-model compiler"):
         accuracy.iss_model(CHECKPOINT_DIR, "default", prompt_length=4)
+
+
+def test_iss_row_scores_the_same_segments_and_merges_into_accuracy_json(weights, excerpt, tmp_path):
+    """An ISS row (here the float model standing in for the ISS) scores the segments by chunked prefill and
+    the float rows on the same segments; a stand-in that loses its states between chunks does not match
+    them. merge_rows replaces the preset's row in accuracy.json, keeps the others, recomputes the deltas."""
+    import json
+    segments = torch.stack([byte_tensor(excerpt[0:600]), byte_tensor(excerpt[2000:2600])])
+    prompts = torch.stack([byte_tensor(excerpt[0:32]), byte_tensor(excerpt[600:632])])
+    forward = accuracy.float_model(weights)
+    reference_text = accuracy.greedy_continuations(forward, prompts)
+    row = accuracy.iss_row("default", forward, forward, segments, prompts, reference_text,
+                           float_forward=forward, storage_forward=forward, storage_name="bf16")
+    assert row["row"] == "ISS default" and row["predicted_bytes"] == 2 * 599 and row["segments"] == 2
+    assert row["bits_per_byte"] == pytest.approx(row["same_segments"]["float32"], abs=1e-5)
+    assert row["same_segments"]["storage BF16, float32 math"] == row["same_segments"]["float32"]
+    assert row["greedy"]["prompts_fully_matched"] == 2 and row["cpu_seconds"] > 0
+    forgetful = accuracy.iss_row("default", lambda tokens, states: forward(tokens, None), None, segments,
+                                 prompts, reference_text, float_forward=forward)
+    assert abs(forgetful["bits_per_byte"] - forgetful["same_segments"]["float32"]) > 1e-2
+    assert "greedy" not in forgetful
+
+    previous = {"rows": [{"row": "float32, transformers", "bits_per_byte": 2.5, "delta_vs_float32": 0.0},
+                         {"row": "ISS default", "bits_per_byte": None, "not_run": "asked not to"},
+                         {"row": "ISS paper", "bits_per_byte": None, "not_run": "asked not to"}],
+                "unigram_bits_per_byte": 4.75}
+    (tmp_path / "accuracy.json").write_text(json.dumps(previous))
+    merged = accuracy.merge_rows(tmp_path, [dict(row, bits_per_byte=2.75)])
+    written = json.loads((tmp_path / "accuracy.json").read_text())
+    assert written == merged
+    assert [r["row"] for r in written["rows"]] == ["float32, transformers", "ISS default", "ISS paper"]
+    assert written["rows"][1]["bits_per_byte"] == 2.75
+    assert written["rows"][1]["delta_vs_float32"] == pytest.approx(0.25)
+    assert written["rows"][2] == previous["rows"][2]
+    assert "ISS default (1,198 bytes) | 2.75000 | +0.25000" in accuracy.markdown_table(written)
