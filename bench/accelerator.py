@@ -215,4 +215,6 @@ def run(out_dir: pathlib.Path) -> dict:
 
 
 if __name__ == "__main__":
+    from marca.bench import command_line
+    command_line(__doc__)
     run(pathlib.Path("build/bench"))

@@ -38,7 +38,6 @@ Prints the tables and writes ``out_dir/iss.json``.
 import json
 import os
 import pathlib
-import sys
 import time
 
 __all__ = ["run"]
@@ -435,4 +434,6 @@ def run(out_dir: pathlib.Path) -> dict:
 
 
 if __name__ == "__main__":
-    run(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "build/bench"))
+    from marca.bench import command_line
+    arguments = command_line(__doc__)
+    run(pathlib.Path(arguments[0] if arguments else "build/bench"))

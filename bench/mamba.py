@@ -302,7 +302,8 @@ def tables(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    arguments = [a for a in sys.argv[1:] if not a.startswith("--")]
+    from marca.bench import command_line
+    arguments = [a for a in command_line(__doc__, ("--batched", "--model-only")) if not a.startswith("--")]
     where = pathlib.Path(arguments[0] if arguments else "build/bench")
     if "--batched" in sys.argv:
         run_batched(where, rtl="--model-only" not in sys.argv)

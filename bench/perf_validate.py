@@ -29,7 +29,6 @@ import base64
 import dataclasses
 import json
 import pathlib
-import sys
 import time
 import zlib
 
@@ -356,7 +355,8 @@ def fetch_experiment(name: str, runs: int = 30) -> list[dict]:
 
 if __name__ == "__main__":
     # --compare: the recorded counts only; --config NAME ...: record only these configurations.
-    arguments = sys.argv[1:]
+    from marca.bench import command_line
+    arguments = command_line(__doc__, ("--fetch", "--config", "--out", "--compare"))
     if "--fetch" in arguments:      # --fetch NAME [RUNS]
         rest = arguments[arguments.index("--fetch") + 1:]
         fetch_experiment(rest[0], int(rest[1]) if len(rest) > 1 else 30)

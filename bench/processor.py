@@ -383,5 +383,6 @@ def run(out_dir: pathlib.Path, *, models_only: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    arguments = [a for a in sys.argv[1:] if not a.startswith("--")]
+    from marca.bench import command_line
+    arguments = [a for a in command_line(__doc__, ("--models",)) if not a.startswith("--")]
     run(pathlib.Path(arguments[0] if arguments else "build/bench"), models_only="--models" in sys.argv)

@@ -1,7 +1,15 @@
 """Paper-scale performance of the generated accelerator from the cycle model (``marca.perf``), for the
 released Mamba sizes (docs/performance.md).
 
-    marca bench scale            (or python -m marca.bench.scale [out_dir] [--quick])
+    marca bench scale            (or python -m marca.bench.scale [out_dir] [--quick] [--full]
+                                  [--sizes 130m,370m] [--skip SIZE:SCENARIO,...] [--no-sweep] [--tables]
+                                  [--resume])
+
+``--quick``: 130m only; ``--full``: buffer management off and the `default` preset for every size (not only
+the secondary sizes); ``--sizes``: these sizes;
+``--skip``: leave these rows out (e.g. ``130m:prefill-2048``); ``--no-sweep``: no design sweep;
+``--tables``: remake the tables and pictures from ``out_dir/scale.json`` without running; ``--resume``:
+run only the rows ``out_dir/scale.json`` lacks.
 
 For each size (130m .. 2.8b, shapes from ``MambaDims``; weights are zeros of the right shapes: a program's
 timing does not depend on the values, and a 2.8b model's FP32 weights would not fit this machine), each
@@ -29,7 +37,6 @@ import hashlib
 import json
 import math
 import pathlib
-import sys
 import time
 import zlib
 
@@ -386,7 +393,9 @@ def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False, sizes
 if __name__ == "__main__":
     # python -m marca.bench.scale [out_dir] [--quick] [--full] [--sizes 130m,370m] [--skip SIZE:SCENARIO,...]
     #                             [--no-sweep] [--tables] [--resume]
-    argv = sys.argv[1:]
+    from marca.bench import command_line
+    argv = command_line(__doc__, ("--quick", "--full", "--sizes", "--skip", "--no-sweep", "--tables", "--resume"))
+
     def option(name):
         return argv[argv.index(name) + 1].split(",") if name in argv else None
     values = {a for name in ("--sizes", "--skip") if name in argv for a in [argv[argv.index(name) + 1]]}

@@ -252,7 +252,9 @@ def run(out_dir: pathlib.Path, presets=PRESETS, *, build: bool = True) -> dict:
 
 
 if __name__ == "__main__":
-    arguments = [argument for argument in sys.argv[1:] if argument not in ("--no-build", "--flags")]
+    from marca.bench import command_line
+    arguments = [argument for argument in command_line(__doc__, ("--no-build", "--flags"))
+                 if argument not in ("--no-build", "--flags")]
     out = pathlib.Path(arguments[0] if arguments else "build/bench")
     if "--flags" in sys.argv[1:]:
         flags_study(out, tuple(arguments[1:]) or (FLAG_PRESET,))
