@@ -1,0 +1,18 @@
+"""The benchmarks' own command lines (``python -m marca.bench.<area>``): --help describes the command, an
+unknown option is refused before any work starts."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("area", ["scale", "iss", "perf_validate"])
+def test_bench_help_and_unknown_options(tmp_path, area):
+    helped = subprocess.run([sys.executable, "-m", f"marca.bench.{area}", "--help"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=120)
+    assert helped.returncode == 0 and f"marca bench {area}" in helped.stdout
+    refused = subprocess.run([sys.executable, "-m", f"marca.bench.{area}", str(tmp_path / "out"), "--bogus"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert refused.returncode == 2 and "--bogus" in refused.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "build").exists()   # nothing ran
