@@ -81,8 +81,9 @@ def run_model_demo(config, *, checkpoint=DEMO_CHECKPOINT, prompt: str = "ROMEO:"
             logits, golden = rtl.prefill(ids)[-1], iss.prefill(ids)[-1]
         else:
             logits, golden = rtl.decode(sequence[-1])[-1], iss.decode(sequence[-1])[-1]
-        if rtl.memory != iss.memory:
-            wrong = next(k for k in range(len(iss.memory)) if rtl.memory[k] != iss.memory[k])
+        image = iss.memory                     # the ISS machine's whole image, read once
+        if rtl.memory != image:
+            wrong = next(k for k in range(len(image)) if rtl.memory[k] != image[k])
             raise AssertionError(f"step {step}: the RTL's memory differs from the ISS's at {wrong:#x}")
         for name in COUNTER_NAMES:
             if rtl.steps[-1][name] != iss.steps[-1][name]:

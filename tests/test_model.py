@@ -194,7 +194,7 @@ PROMPTS = [[3, 17, 1, 30], [5, 5, 22, 9], [39, 0, 12, 7]]
 def state_bytes(compiled, session, b):
     out = b""
     for place in (p for pair in compiled.state_places(b) for p in pair):
-        out += bytes(session.memory[place.address:place.address + place.rows * place.row_stride])
+        out += session.port[place.address:place.address + place.rows * place.row_stride]
     return out
 
 
