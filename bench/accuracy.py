@@ -259,8 +259,9 @@ def iss_row(config_name: str, tf_forward, greedy_forward, segments: torch.Tensor
 
 def merge_rows(out_dir, new_rows: list[dict]) -> dict:
     """Put ``new_rows`` into ``out_dir/accuracy.json`` (written by :func:`run`), each replacing the row of
-    the same name (or appended), recompute every row's difference from the first (float32) row, rewrite
-    the file and print the table."""
+    the same name (or appended), recompute every row's difference from the first (float32) row (from
+    float32 on the same segments, for a row over fewer segments than the file's), rewrite the file and
+    print the table."""
     path = pathlib.Path(out_dir) / "accuracy.json"
     result = json.loads(path.read_text())
     rows = result["rows"]
@@ -274,6 +275,14 @@ def merge_rows(out_dir, new_rows: list[dict]) -> dict:
     for row in rows:
         if row["bits_per_byte"] is not None:
             row["delta_vs_float32"] = row["bits_per_byte"] - base
+            same = row.get("same_segments") or {}
+            full = result.get("predicted_bytes")
+            if full is not None and row.get("predicted_bytes", full) != full and "float32" in same:
+                # fewer segments than the float rows: against float32 on the same segments
+                row["delta_vs_float32"] = row["bits_per_byte"] - same["float32"]
+            for name, bits in same.items():
+                if name != "float32":
+                    row["delta_vs_storage_same_segments"] = row["bits_per_byte"] - bits
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown_table(result))
     return result

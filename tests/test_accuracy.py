@@ -166,4 +166,11 @@ def test_iss_row_scores_the_same_segments_and_merges_into_accuracy_json(weights,
     assert written["rows"][1]["bits_per_byte"] == 2.75
     assert written["rows"][1]["delta_vs_float32"] == pytest.approx(0.25)
     assert written["rows"][2] == previous["rows"][2]
+    assert written["rows"][1]["delta_vs_storage_same_segments"] == pytest.approx(
+        2.75 - row["same_segments"]["storage BF16, float32 math"])
     assert "ISS default (1,198 bytes) | 2.75000 | +0.25000" in accuracy.markdown_table(written)
+    # A row over fewer segments than the file's float rows is compared with float32 on its own segments.
+    previous["predicted_bytes"] = 100352
+    (tmp_path / "accuracy.json").write_text(json.dumps(previous))
+    written = accuracy.merge_rows(tmp_path, [dict(row, bits_per_byte=2.75)])
+    assert written["rows"][1]["delta_vs_float32"] == pytest.approx(2.75 - row["same_segments"]["float32"])
