@@ -14,7 +14,9 @@ count, and on CUDA when ``torch.cuda.is_available()``:
   dt_proj, out_proj), *scan* (the selective scan: element-wise work plus the reduction over d_state) and
   *other element-wise* (convolution, SiLU, softplus, gate).
 
-Run: ``python -m marca.bench.processor [out_dir]`` or through ``marca bench``; writes ``processor.json``.
+Run: ``python -m marca.bench.processor [out_dir] [--models] [--sizes 370m,790m] [--no-bf16]`` or through
+``marca bench``; writes ``processor.json``. ``--models``: the whole-model rows only; ``--sizes``: those
+model sizes only; ``--no-bf16``: no CPU bfloat16 rows (emulated on this CPU, the slowest).
 """
 
 import json
@@ -256,22 +258,25 @@ def cpu_model_sizes(bytes_per_parameter: int = 4, headroom: float = 1.5) -> tupl
     return fits, skipped
 
 
-def model_rows(sizes=None, on_row=None) -> list[dict]:
-    """Whole-model rows: CPU one thread (float32 for every size that fits memory, bfloat16 for
-    :data:`CPU_BF16_SIZES`), CUDA when present (every size, bf16 and fp32)."""
+def model_rows(sizes=None, on_row=None, bf16: bool = True) -> list[dict]:
+    """Whole-model rows: CPU one thread (float32 for every size of ``sizes`` (default all) that fits memory,
+    bfloat16 for :data:`CPU_BF16_SIZES` unless ``bf16`` is false), CUDA when present (those sizes, bf16 and
+    fp32)."""
     rows = []
     default_threads = torch.get_num_threads()
     fits, skipped = cpu_model_sizes()
     for size, why in skipped.items():
+        if sizes and size not in sizes:
+            continue
         rows.append({"target": "cpu-1thread", "size": size, "dtype": "float32", "skipped": why})
         print(f"model {size} cpu-1thread fp32: not measured ({why})", flush=True)
     try:
         torch.set_num_threads(1)
         # Smallest first, bf16 beside its fp32 row; ``on_row`` sees the rows so far after each one.
         plan = []
-        for size in (sizes or fits):
+        for size in (size for size in fits if not sizes or size in sizes):
             plan.append((size, torch.float32))
-            if size in CPU_BF16_SIZES:
+            if bf16 and size in CPU_BF16_SIZES:
                 plan.append((size, torch.bfloat16))
         for size, dtype in plan:
             row = {"target": "cpu-1thread", **measure_model(size, torch.device("cpu"), dtype, time.thread_time)}
@@ -283,7 +288,7 @@ def model_rows(sizes=None, on_row=None) -> list[dict]:
     finally:
         torch.set_num_threads(default_threads)
     if torch.cuda.is_available():
-        for size in MODEL_SIZES:
+        for size in (size for size in MODEL_SIZES if not sizes or size in sizes):
             for dtype in (torch.bfloat16, torch.float32):
                 row = {"target": "cuda", "cuda_device": torch.cuda.get_device_name(),
                        **measure_model(size, torch.device("cuda"), dtype)}
@@ -321,9 +326,10 @@ def _targets():
     return targets, default_threads
 
 
-def run(out_dir: pathlib.Path, *, models_only: bool = False) -> dict:
+def run(out_dir: pathlib.Path, *, models_only: bool = False, sizes=None, bf16: bool = True) -> dict:
     """Measure, print a table, write ``out_dir/processor.json`` and return what it holds (``models_only``:
-    the whole-model rows only, ``python -m marca.bench.processor OUT --models``)."""
+    the whole-model rows only, ``python -m marca.bench.processor OUT --models``; ``sizes``: those model sizes
+    only, ``--sizes 370m,790m``; ``bf16=False``: no CPU bfloat16 rows, ``--no-bf16``)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets, default_threads = _targets()
@@ -359,7 +365,7 @@ def run(out_dir: pathlib.Path, *, models_only: bool = False) -> dict:
         (out_dir / "processor.json").write_text(json.dumps({"benchmark": "processor", "partial": True,
                                                             "models": rows, "processor": _processor_name(),
                                                             "torch": torch.__version__}, indent=2) + "\n")
-    models = model_rows(on_row=partial)
+    models = model_rows(sizes, on_row=partial, bf16=bf16)
     report = {
         "benchmark": "processor",
         "models": models,
@@ -384,5 +390,12 @@ def run(out_dir: pathlib.Path, *, models_only: bool = False) -> dict:
 
 if __name__ == "__main__":
     from marca.bench import command_line
-    arguments = [a for a in command_line(__doc__, ("--models",)) if not a.startswith("--")]
-    run(pathlib.Path(arguments[0] if arguments else "build/bench"), models_only="--models" in sys.argv)
+    argv = command_line(__doc__, ("--models", "--sizes", "--no-bf16"))
+    sizes = argv[argv.index("--sizes") + 1].split(",") if "--sizes" in argv else None
+    unknown = sorted(set(sizes or ()) - set(MODEL_SIZES))
+    if unknown:
+        print(f"unknown size(s) {', '.join(unknown)}; known: {', '.join(MODEL_SIZES)}", file=sys.stderr)
+        raise SystemExit(2)
+    arguments = [a for a in argv if not a.startswith("--") and (sizes is None or a != argv[argv.index("--sizes") + 1])]
+    run(pathlib.Path(arguments[0] if arguments else "build/bench"), models_only="--models" in argv, sizes=sizes,
+        bf16="--no-bf16" not in argv)

@@ -16,3 +16,10 @@ def test_bench_help_and_unknown_options(tmp_path, area):
                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert refused.returncode == 2 and "--bogus" in refused.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "build").exists()   # nothing ran
+
+
+def test_processor_refuses_an_unknown_model_size(tmp_path):
+    refused = subprocess.run([sys.executable, "-m", "marca.bench.processor", str(tmp_path / "out"), "--models",
+                              "--sizes", "130m,9b"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert refused.returncode == 2 and "9b" in refused.stderr
+    assert not (tmp_path / "out").exists()
