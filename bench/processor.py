@@ -16,7 +16,7 @@ count, and on CUDA when ``torch.cuda.is_available()``:
 
 Run: ``python -m marca.bench.processor [out_dir] [--models] [--sizes 370m,790m] [--no-bf16]`` or through
 ``marca bench``; writes ``processor.json``. ``--models``: the whole-model rows only; ``--sizes``: those
-model sizes only; ``--no-bf16``: no CPU bfloat16 rows (emulated on this CPU, the slowest).
+model sizes only; ``--no-bf16``: no CPU bfloat16 rows.
 """
 
 import json
@@ -188,8 +188,8 @@ def _measure(d_model: int, length: int, device: torch.device, clock=time.perf_co
 #: Released Mamba-1 sizes for the whole-model rows (d_model, layers); vocab 50,280, d_state 16.
 MODEL_SIZES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48), "2.8b": (2560, 64)}
 #: CPU whole-model rows: every size whose weights fit this machine's memory (:func:`cpu_model_sizes`), in
-#: float32; bfloat16 for these sizes only (this CPU has no bf16 instructions, AVX2 only: PyTorch emulates
-#: them, several times slower than float32, so the bigger sizes would take most of an hour on one thread).
+#: float32; bfloat16 for these sizes only (this CPU has no bf16 instructions, AVX2 only; with torch 2.13 the
+#: bf16 rows ran as fast as float32 on a quiet machine, docs/performance.md).
 CPU_BF16_SIZES = ("130m", "370m")
 MODEL_PREFILL_TOKENS = 512
 MODEL_DECODE_TOKENS = 16
