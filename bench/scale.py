@@ -327,6 +327,8 @@ def comparison_table(results: dict, processor: dict | None) -> str:
             continue
         for scenario, key, label in (("prefill-512", "prefill_tokens_per_s", "prefill 512"),
                                      ("decode-b1", "decode_tokens_per_s", "decode batch 1")):
+            if scenario not in entry:          # left out of this run (--skip)
+                continue
             accelerator = entry[scenario]["tokens_per_second"]
             cells = []
             for dtype in ("float32", "bfloat16"):
