@@ -257,6 +257,25 @@ def iss_row(config_name: str, tf_forward, greedy_forward, segments: torch.Tensor
     return row
 
 
+def _differences(result: dict) -> None:
+    """Each measured row's difference from the first (float32) row, or from float32 on the same segments
+    for a row over fewer segments than the file's; and from the storage-rounded float row on the same
+    segments where the row carries it."""
+    rows = result["rows"]
+    base = rows[0]["bits_per_byte"]
+    full = result.get("predicted_bytes")
+    for row in rows:
+        if row["bits_per_byte"] is None:
+            continue
+        row["delta_vs_float32"] = row["bits_per_byte"] - base
+        same = row.get("same_segments") or {}
+        if full is not None and row.get("predicted_bytes", full) != full and "float32" in same:
+            row["delta_vs_float32"] = row["bits_per_byte"] - same["float32"]
+        for name, bits in same.items():
+            if name != "float32":
+                row["delta_vs_storage_same_segments"] = row["bits_per_byte"] - bits
+
+
 def merge_rows(out_dir, new_rows: list[dict]) -> dict:
     """Put ``new_rows`` into ``out_dir/accuracy.json`` (written by :func:`run`), each replacing the row of
     the same name (or appended), recompute every row's difference from the first (float32) row (from
@@ -271,18 +290,7 @@ def merge_rows(out_dir, new_rows: list[dict]) -> dict:
             rows.append(new)
         else:
             rows[index] = new
-    base = rows[0]["bits_per_byte"]
-    for row in rows:
-        if row["bits_per_byte"] is not None:
-            row["delta_vs_float32"] = row["bits_per_byte"] - base
-            same = row.get("same_segments") or {}
-            full = result.get("predicted_bytes")
-            if full is not None and row.get("predicted_bytes", full) != full and "float32" in same:
-                # fewer segments than the float rows: against float32 on the same segments
-                row["delta_vs_float32"] = row["bits_per_byte"] - same["float32"]
-            for name, bits in same.items():
-                if name != "float32":
-                    row["delta_vs_storage_same_segments"] = row["bits_per_byte"] - bits
+    _differences(result)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown_table(result))
     return result
@@ -409,10 +417,6 @@ def run(out_dir, device: str | None = None, *, checkpoint=CHECKPOINT_DIR, segmen
         rows.append(iss_row(config_name, tf_forward, greedy_forward, segments[:iss_segments], prompts,
                             reference_text))
 
-    base = rows[0]["bits_per_byte"]
-    for row in rows:
-        if row["bits_per_byte"] is not None:
-            row["delta_vs_float32"] = row["bits_per_byte"] - base
     result = {
         "checkpoint": str(checkpoint),
         "validation_segments": list(segments.shape), "predicted_bytes": segments[:, 1:].numel(),
@@ -424,6 +428,7 @@ def run(out_dir, device: str | None = None, *, checkpoint=CHECKPOINT_DIR, segmen
         "prompt_texts": [bytes(row.tolist()).decode("latin-1") for row in prompts.cpu()],
         "rows": rows, "seconds": round(time.monotonic() - started, 1),
     }
+    _differences(result)
     print(markdown_table(result))
     (out_dir / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
