@@ -111,9 +111,24 @@ class Emitter:
 
     def dma(self, kind, *, memory_address: int, rows: int, row_elements: int, memory_row_stride: int,
             buffer: Buffer, address: int, buffer_row_stride: int, compute: bool) -> None:
-        """A 2-D LOAD or STORE, split where ``rows`` or ``row_elements`` overflow their fields."""
+        """A 2-D LOAD or STORE, split where ``rows`` or ``row_elements`` overflow their fields. Rows that
+        follow one another both in memory and in the buffer become one long row (the DMA sets up each row
+        on its own and bursts within a row: one line per row would take a row set-up per line)."""
         size = self.config.compute_bytes if compute else self.config.storage_bytes
         fmt = MemoryFormat.COMPUTE if compute else MemoryFormat.STORAGE
+        if rows > 1 and memory_row_stride == row_elements * size and buffer_row_stride == row_elements:
+            total = rows * row_elements
+            # rows of whole lines as long as the field allows (the buffer addresses stay line-aligned)
+            row_elements = min(total, _COUNT_MAX // self.lanes * self.lanes)
+            rows, rest = divmod(total, row_elements)
+            self.dma(kind, memory_address=memory_address, rows=rows, row_elements=row_elements,
+                     memory_row_stride=row_elements * size, buffer=buffer, address=address,
+                     buffer_row_stride=row_elements, compute=compute)
+            if rest:
+                self.dma(kind, memory_address=memory_address + rows * row_elements * size, rows=1,
+                         row_elements=rest, memory_row_stride=rest * size, buffer=buffer,
+                         address=address + rows * row_elements, buffer_row_stride=rest, compute=compute)
+            return
         for e0 in range(0, row_elements, _COUNT_MAX):
             elements = min(_COUNT_MAX, row_elements - e0)
             for r0 in range(0, rows, _COUNT_MAX):

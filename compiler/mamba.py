@@ -188,8 +188,9 @@ def compile_mixer(weights: dict, config: MarcaConfig, *, mode: str = "prefill", 
         ``prefill`` runs ``length`` tokens; ``decode`` one token (``length`` 1 or None).
     options : CompileOptions
     batch : int
-        Decode only: sequences per step (one token each, each with its own states; 1 is the plain decode
-        step, the same program as before batching existed).
+        Decode only: sequences per step (one token each, each with its own states). Every decode step,
+        ``batch`` 1 included, is lowered the batched way (per-sequence conv windows, x_proj's parts fused
+        where they can be, weights loaded one use ahead: ``plan_mixer(sequences=True)``).
     """
     if not isinstance(config, MarcaConfig):
         raise ValueError(f"config must be a MarcaConfig, not {config!r}")
@@ -216,7 +217,7 @@ def compile_mixer(weights: dict, config: MarcaConfig, *, mode: str = "prefill", 
     Dm, L = dims.d_model, length
     hidden = TensorPlace(image.allocate("hidden", L * Dm * sb), L, Dm, Dm * sb, "storage", "[L, d_model] row-major")
     output = TensorPlace(image.allocate("output", L * Dm * sb), L, Dm, Dm * sb, "storage", "[L, d_model] row-major")
-    plan = plan_mixer(layout, config, options, length, Allocator(config, {Buffer.WEIGHT: 1}), batch > 1)
+    plan = plan_mixer(layout, config, options, length, Allocator(config, {Buffer.WEIGHT: 1}), mode == "decode")
     staging = {}
     if plan.groups > 1:
         row = ceil_div(dims.d_inner, P) * P

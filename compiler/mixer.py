@@ -473,15 +473,15 @@ class _MixerLowering:
                 continue
             em.zero_fill(*plan.regions[name], self.region_lines(name), self.zero)
         if plan.parameters_resident:
-            em.load_lines(self.layout.parameters, len(self.layout.vectors) * self.Di_l, Buffer.WEIGHT,
-                          plan.parameter_area)
+            self.pending["parameters"] = (self.layout.parameters, len(self.layout.vectors) * self.Di_l,
+                                          Buffer.WEIGHT, plan.parameter_area)
         if plan.scan_resident:      # A stays; each block loads its sequences' h
-            em.load_lines(self.layout.A, self.Jd * self.Kn, *plan.regions["A"])
+            self.pending["A"] = (self.layout.A, self.Jd * self.Kn, *plan.regions["A"])
         if plan.weights_resident:
             offset = plan.weight_area[0]
             for name, matrix in self.matrices.items():
                 matrix.resident = offset
-                self.pending[name] = (matrix.memory, matrix.lines, offset)
+                self.pending[name] = (matrix.memory, matrix.lines, Buffer.WEIGHT, offset)
                 offset += matrix.lines * P
         for t0 in range(0, self.length, plan.block_tokens):
             self.block(t0, min(plan.block_tokens, self.length - t0))
@@ -521,10 +521,16 @@ class _MixerLowering:
         return Matrix("x_proj", parts[0].memory, sum(m.J for m in parts), parts[0].K, parts[0].resident)
 
     def ensure(self, *names):
-        """LOAD the resident matrices ``names`` not loaded yet (batched decode's weights one use ahead)."""
-        for name in names:
-            if name in self.pending:
-                self.em.load_lines(*self.pending.pop(name)[:2], Buffer.WEIGHT, self.matrices[name].resident)
+        """LOAD what ``names`` name (resident matrices, ``parameters``, ``A``) if not loaded yet: a decode
+        step loads each just before its first use, so the DMA streams it under the work before."""
+        loads = [self.pending.pop(name) for name in names if name in self.pending]
+        line_bytes = self.P * self.config.storage_bytes
+        while loads:        # one LOAD for neighbours in memory and in the buffer (x_proj's three parts)
+            memory, lines, buffer, address = loads.pop(0)
+            while loads and loads[0][0] == memory + lines * line_bytes and loads[0][2] == buffer and \
+                    loads[0][3] == address + lines * self.P:
+                lines += loads.pop(0)[1]
+            self.em.load_lines(memory, lines, buffer, address)
 
     def region_lines(self, name):
         plan, d = self.plan, self.d
@@ -609,6 +615,7 @@ class _MixerLowering:
         else:
             for t in range(tokens):
                 em.nonlinear(NonlinearFunction.EXP, ab, aa + t * stride, count * Kn)
+        self.ensure("in_z")      # the projection after the scan, loaded under it
         for t in range(tokens):      # drive = (delta[t, d] * x[t, d]) * B[t, n]
             em.elementwise(ElementwiseOp.MUL, count, Kn, (bb, ba + t * stride, Kn, 1),
                            (*rows("DX", t), 1, 0, Broadcast.ROW),
@@ -642,6 +649,8 @@ class _MixerLowering:
         prefetched = self.seq and self.prefetched == t0
         if self.plan.hidden_resident and not prefetched:
             self.load_hidden(t0, tokens)
+        if self.seq:        # what the first projection reads first, then what follows it
+            self.ensure("in_x", *(("parameters",) if "in_x_bias" in self.layout.vectors else ()))
         source = self.hidden_source(t0, tokens)
         xb, xa = self.region("X")
         cxb, cxa = self.region("XC")
@@ -652,9 +661,7 @@ class _MixerLowering:
             if self.multi:
                 em.section(f"stage 1, channel lines {g0}..{g0 + lines - 1}")
             self.load_group_parameters(g0, lines)
-            if self.seq and not prefetched:
-                self.conv_states(isa.Load, t0, tokens, g0, lines, 0)
-            elif self.multi:
+            if self.multi and not self.seq:
                 em.dma(isa.Load, memory_address=state.address + g0 * P * cb, rows=dc, row_elements=lines * P,
                        memory_row_stride=state.row_stride, buffer=xb, address=xa, buffer_row_stride=G * P,
                        compute=True)
@@ -663,11 +670,14 @@ class _MixerLowering:
             self.ensure("in_x")
             self.linear("in_x", tokens, source, OnChip(xb, xa + dc * G * P, step * P, g0 * C), rows=tiles,
                         bias=self.parameter_onchip("in_x_bias", g0))
-            self.ensure("x_dt", "x_B", "x_C")
+            if self.seq and not prefetched:     # the window's history rows, under the projection
+                self.conv_states(isa.Load, t0, tokens, g0, lines, 0)
+            self.ensure("parameters")
             tap = lambda k: (*self.parameter(f"conv_tap{k}", g0), 0, 1)
             window = lambda k: (xb, xa + (1 + k) * G * P, step, 1)
             xc = (cxb, cxa, G, 1)
             em.elementwise(ElementwiseOp.MUL, tokens, lines, xc, tap(0), window(0))
+            self.ensure("x_dt", "x_B", "x_C")     # under the convolution (a LOAD holds up dispatch)
             for k in range(1, dc):
                 em.elementwise(ElementwiseOp.MULADD, tokens, lines, xc, tap(k), window(k), xc)
             if "conv_bias" in self.layout.vectors:
@@ -718,7 +728,7 @@ class _MixerLowering:
             self.ensure("dt")
             self.linear("dt", tokens, self.onchip("DT"), OnChip(db, da, G * P, g0 * C), rows=tiles,
                         bias=self.parameter_onchip("dt_bias", g0))
-            self.ensure("in_z", "out")
+            self.ensure("A")
             em.nonlinear(NonlinearFunction.SOFTPLUS, db, da, tokens * G)
             xc = (cxb, cxa, G, 1)
             dxb, dxa = self.region("DX")
@@ -759,6 +769,7 @@ class _MixerLowering:
                     em.store_lines(self.layout.ssm_state.address + j0 * Kn * P * cb, count * Kn, *h)
             self.linear("in_z", tokens, source, OnChip(zb, za, G * P, g0 * C), rows=tiles,
                         bias=self.parameter_onchip("in_z_bias", g0))
+            self.ensure("out")
             em.nonlinear(NonlinearFunction.SILU, zb, za, tokens * G)
             em.elementwise(ElementwiseOp.MUL, tokens, lines, (yb, ya, G, 1), (yb, ya, G, 1), (zb, za, G, 1))
             if self.multi:

@@ -625,7 +625,7 @@ def compile_model(model_or_state_dict=None, mamba_config=None, config: MarcaConf
                  head=head, ids=ids, residual=residual, normed=normed, mixer_out=mixer_out, logits=logits_place,
                  staging=staging, spill=spill, embedding_on_host=not gather)
     programs = {"prefill": _ModelLowering(parts, "prefill", prompt_length, logits_rows, options).lower(),
-                "decode": _ModelLowering(parts, "decode", 1, 1, options).lower()}
+                "decode": _ModelLowering(parts, "decode", 1, 1, options, True).lower()}
     if batch > 1:
         programs["decode_batch"] = _ModelLowering(parts, "decode_batch", batch, batch, options, True).lower()
     if check_address_space and image.size > 1 << config.axi_addr_width:
