@@ -8,8 +8,10 @@ dedicated to the tree: a row has exactly ``C`` adders, ``C − 1`` tree nodes an
 docs/pe_array.md for the design, the hazards this sharing creates and how they are resolved.
 
 Each lane's own logic (held operand, input registers, float units, element-wise operand selection, lane
-extension) is a :class:`ProcessingElement`; the array keeps what depends on a lane's position (broadcast,
-tree and accumulator wiring, control), so all ``R·C`` PEs emit as one Verilog module (marca/verilog.py).
+extension) is a :class:`ProcessingElement`; each row's PEs with what depends on a lane's place in the row
+(operand broadcast, the row's tree and accumulator wiring) is an :class:`ArrayRow`; the array keeps the
+control that all rows share. So all ``R·C`` PEs emit as one Verilog module and all ``R`` rows as another
+(marca/verilog.py merges identical modules).
 
 Payload layouts are built in one place, :func:`pe_array_layouts`; the opcodes live in :mod:`marca.ops`.
 """
@@ -17,18 +19,196 @@ Payload layouts are built in one place, :func:`pe_array_layouts`; the opcodes li
 from collections.abc import Callable
 from typing import NamedTuple
 
-from amaranth.hdl import Array, Const, Module, Mux, Signal, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..formats import FloatFormat
 from ..ops import ArrayMode, Broadcast, ElementwiseOp
 
-__all__ = ["PEArrayLayouts", "pe_array_layouts", "PEArray", "ProcessingElement", "tree_node_column", "MAX_ROWS",
+__all__ = ["PEArrayLayouts", "pe_array_layouts", "PEArray", "ArrayRow", "ProcessingElement", "tree_node_column", "MAX_ROWS",
            "MAX_COLS"]
 
 MAX_ROWS = 64
 MAX_COLS = 64
+
+
+class ArrayRow(wiring.Component):
+    """One row of :class:`PEArray`: ``C`` PEs, their operand broadcast, the row's adder tree and accumulators.
+
+    Nothing in a row depends on which row it is: the array hands each row the operand elements a row can
+    read (its own ``C`` lanes, its ``ROW`` element, the ``C`` elements a ``COLUMN`` broadcast reads, whose
+    first is also the ``SCALAR`` one), so all ``R`` rows are one Verilog module (marca/verilog.py) and the
+    position-dependent wiring (broadcast, tree, accumulators) is emitted once per array, not once per row.
+    Control decoded once for all rows (the pipeline's stage terms, the accumulators' operand choice) comes
+    from the array; every register advances with ``enable``. Timing as :class:`PEArray`'s.
+
+    Ports
+    -----
+    enable, hold, use_held, product_uses_b, min_max, is_min, select_or_keep_a, function_sel, op, function : In
+        As :class:`ProcessingElement`'s, the same for every PE of the array.
+    broadcast_a, broadcast_b, broadcast_c : In(Broadcast)
+        The beat's broadcast mode per operand.
+    a_lanes, b_lanes, c_lanes : In(C·width)
+        The row's own ``C`` lanes of each operand field (``LANE`` broadcast), column 0 in the low bits.
+    a_row, b_row, c_row : In(width)
+        Element ``r`` of each field (``r`` the row's index) while that operand's broadcast is ``ROW``, else 0.
+    a_columns, b_columns, c_columns : In(C·width)
+        Elements ``0 .. C−1`` of each field while its broadcast is ``COLUMN`` or ``SCALAR`` (element 0 is
+        the ``SCALAR`` one), else 0.
+    tree_turn : In(depth)
+        Bit ``k``: a linear beat is at tree level ``k``'s adders (else they add element-wise ``x + y``).
+    accumulator_turn : In(1)
+        A linear beat is at the accumulator stage A (the accumulator adder adds the tree's sum).
+    accumulator_write, write_slot : In(1), In(slot bits)
+        Store the accumulator adder's sum in accumulator ``write_slot``.
+    b_takes_bias, b_takes_elementwise, b_takes_forward, b_takes_slot : In
+        One-hot choice of the accumulator adder's second operand (registered in the array); ``b_takes_forward``
+        only when the adder has a latency, ``b_takes_slot`` one bit per accumulator.
+    lane_results : Out(C·width)
+        The lanes' element-wise results at the output stage.
+    row_result : Out(width)
+        The row's accumulator sum at the linear output stage.
+    """
+
+    def __init__(self, *, cols: int, fmt: FloatFormat, unit_classes, input_stage: int, compare_stage: int,
+                 adder_stage: int, accumulator_stage: int, adder_latency: int, linear_latency: int,
+                 elementwise_latency: int, accumulators: int, slot_bits: int, extensions=(),
+                 function_bits: int = 0, _fault: str | None = None):
+        self.cols, self.fmt = cols, fmt
+        self._unit_classes = unit_classes
+        self._stages = (input_stage, compare_stage, adder_stage, accumulator_stage, linear_latency,
+                        elementwise_latency)
+        self._adder_latency = adder_latency
+        self._accumulators = accumulators
+        self._extensions = list(extensions)
+        self._function_bits = function_bits
+        self._fault = _fault
+        self.depth = (cols - 1).bit_length()
+        width = fmt.width
+        ports = {name: In(1) for name in ("enable", "hold", "use_held", "product_uses_b", "min_max", "is_min",
+                                          "select_or_keep_a", "function_sel")}
+        ports |= {"op": In(ElementwiseOp)}
+        if function_bits:
+            ports["function"] = In(function_bits)
+        for name in "abc":
+            ports |= {f"broadcast_{name}": In(Broadcast), f"{name}_lanes": In(cols * width),
+                      f"{name}_row": In(width), f"{name}_columns": In(cols * width)}
+        if self.depth:
+            ports["tree_turn"] = In(self.depth)
+        ports |= {"accumulator_turn": In(1), "accumulator_write": In(1), "write_slot": In(max(slot_bits, 1)),
+                  "b_takes_bias": In(1), "b_takes_elementwise": In(1)}
+        if adder_latency >= 1:
+            ports["b_takes_forward"] = In(1)
+        ports |= {"b_takes_slot": In(accumulators), "lane_results": Out(cols * width), "row_result": Out(width)}
+        super().__init__(ports)
+
+    def elaborate(self, platform):
+        m = Module()
+        cols, fmt = self.cols, self.fmt
+        width = fmt.width
+        stage_i, stage_c, stage_s, stage_a, lat_lin, lat_ew = self._stages
+        lat_add = self._adder_latency
+
+        def delayed(value, cycles, name):
+            """``value`` as it was ``cycles`` enabled cycles ago."""
+            for index in range(cycles):
+                register = Signal(value.shape(), name=f"{name}_d{index + 1}")
+                with m.If(self.enable):
+                    m.d.sync += register.eq(value)
+                value = register
+            return value
+
+        def element(value, index):
+            return value[index * width:(index + 1) * width]
+
+        def broadcast(name, col):
+            lane = Signal(width, name=f"{name}_port_{col}")
+            with m.Switch(getattr(self, f"broadcast_{name}")):
+                with m.Case(Broadcast.LANE):
+                    m.d.comb += lane.eq(element(getattr(self, f"{name}_lanes"), col))
+                with m.Case(Broadcast.ROW):
+                    m.d.comb += lane.eq(getattr(self, f"{name}_row"))
+                with m.Case(Broadcast.COLUMN):
+                    m.d.comb += lane.eq(element(getattr(self, f"{name}_columns"), col))
+                with m.Case(Broadcast.SCALAR):
+                    m.d.comb += lane.eq(element(getattr(self, f"{name}_columns"), 0))
+            return lane
+
+        pes = []
+        c_last = None
+        for col in range(cols):
+            pe = m.submodules[f"pe_{col}"] = ProcessingElement(
+                fmt=fmt, unit_classes=self._unit_classes, input_stage=stage_i, compare_stage=stage_c,
+                adder_stage=stage_s, elementwise_latency=lat_ew,
+                extension=self._extensions[col] if self._extensions else None,
+                function_bits=self._function_bits)
+            pes.append(pe)
+            c_port = broadcast("c", col)
+            m.d.comb += [
+                pe.a.eq(broadcast("a", col)),
+                pe.b.eq(broadcast("b", col)),
+                pe.c.eq(c_port),
+            ]
+            m.d.comb += [getattr(pe, name).eq(getattr(self, name))
+                         for name in ("enable", "hold", "use_held", "product_uses_b", "op", "min_max", "is_min",
+                                      "select_or_keep_a", "function_sel")]
+            if self._function_bits:
+                m.d.comb += pe.function.eq(self.function)
+            c_last = c_port
+        # The row's bias: lane C-1's c at stage A. Delayed here from the port rather than from the PE's
+        # input register, so that every PE uses the same outputs and all are one module (Amaranth drops
+        # unused outputs from a module's ports); synthesis merges the duplicate first register.
+        bias_a = delayed(c_last, stage_a, "bias")
+
+        # Adder tree: the node at (level, first_leaf) is the adder of column tree_node_column(...).
+        node_result = {}   # (level, first_leaf) -> adder result value
+
+        def operand(level, first_leaf):
+            if level < 0:
+                return pes[first_leaf].product
+            return node_result[(level, first_leaf)]
+
+        for level in range(self.depth):
+            span = 1 << (level + 1)
+            for first_leaf in range(0, cols, span):
+                pe = pes[tree_node_column(level, first_leaf)]
+                left = operand(level - 1, first_leaf)
+                right = operand(level - 1, first_leaf + span // 2)
+                if self._fault == "tree_order" and level == 0 and cols >= 4:
+                    # Deliberately broken order: pairs (p0 + p2), (p1 + p3) instead of (p0 + p1), ...
+                    base = first_leaf - first_leaf % 4
+                    offset = first_leaf % 4 // 2
+                    left = pes[base + offset].product
+                    right = pes[base + offset + 2].product
+                tree_turn = self.tree_turn[level]
+                m.d.comb += [
+                    pe.adder_a.eq(Mux(tree_turn, left, pe.x)),
+                    pe.adder_b.eq(Mux(tree_turn, right, pe.y)),
+                ]
+                node_result[(level, first_leaf)] = pe.sum
+
+        tree_sum = operand(self.depth - 1, 0)
+        accumulator_pe = pes[cols - 1]
+        slots = Array(Signal(width, name=f"accumulator_{slot}") for slot in range(self._accumulators))
+        with m.If(self.accumulator_write):
+            m.d.sync += slots[self.write_slot].eq(accumulator_pe.sum)
+        # Second operand: bias (first beat), the slot's running sum (forwarded when the same slot's
+        # previous sum leaves the adder right now), or the element-wise y. The one-hot choice is the
+        # same for every row and registered in the array, so here it is an AND-OR of registers.
+        choices = [(self.b_takes_bias, bias_a), (self.b_takes_elementwise, accumulator_pe.y)]
+        if lat_add >= 1:
+            choices.append((self.b_takes_forward, accumulator_pe.sum))
+        choices += [(self.b_takes_slot[slot], slots[slot]) for slot in range(self._accumulators)]
+        accumulator_b = Signal(width, name="accumulator_b")
+        m.d.comb += accumulator_b.eq(_any_of(Mux(select, value, 0) for select, value in choices))
+        m.d.comb += [
+            accumulator_pe.adder_a.eq(Mux(self.accumulator_turn, tree_sum, accumulator_pe.x)),
+            accumulator_pe.adder_b.eq(accumulator_b),
+            self.row_result.eq(delayed(accumulator_pe.sum, lat_lin - (stage_a + lat_add), "row_result")),
+            self.lane_results.eq(Cat(*(pe.lane_result for pe in pes))),
+        ]
+        return m
 
 
 class PEArrayLayouts(NamedTuple):
@@ -106,7 +286,8 @@ class ProcessingElement(wiring.Component):
 
     The array elaborates ``R·C`` of these; being one module, they are one definition in the emitted
     Verilog (marca/verilog.py merges identical modules). Everything that depends on the lane's position
-    stays in the array: operand broadcast, the tree's wiring of the adder inputs, the row's accumulators.
+    stays in its :class:`ArrayRow`: operand broadcast, the tree's wiring of the adder inputs, the row's
+    accumulators.
     The timing parameters are the array's (see :class:`PEArray`, "Timing"); every register advances with
     ``enable``, except the held ``a`` value, which is written on ``hold``.
 
@@ -440,18 +621,11 @@ class PEArray(wiring.Component):
         def elementwise_at(stage):
             return control[stage].valid & (control[stage].mode == ArrayMode.ELEMENTWISE)
 
-        def any_of(terms):
-            terms = list(terms)
-            result = Const(0, 1)
-            for term in terms:
-                result = result | term
-            return result
-
         # Hazards of the shared adders (docs/pe_array.md, "Hazards").
-        accumulator_busy = any_of(linear_at(s) & (control[s].slot == control[0].slot)
-                                  for s in range(1, self.accumulator_interval))
-        tree_busy = any_of(linear_at(s) for s in range(1, self.linear_to_elementwise_gap + 1))
-        elementwise_ahead = any_of(elementwise_at(s) for s in range(1, self.elementwise_to_linear_gap + 1))
+        accumulator_busy = _any_of(linear_at(s) & (control[s].slot == control[0].slot)
+                                   for s in range(1, self.accumulator_interval))
+        tree_busy = _any_of(linear_at(s) for s in range(1, self.linear_to_elementwise_gap + 1))
+        elementwise_ahead = _any_of(elementwise_at(s) for s in range(1, self.elementwise_to_linear_gap + 1))
         blocked = Signal()
         with m.If(payload.mode == ArrayMode.LINEAR):
             m.d.comb += blocked.eq((~payload.first & accumulator_busy) | elementwise_ahead)
@@ -467,20 +641,7 @@ class PEArray(wiring.Component):
         else:
             m.d.comb += enable.eq(~self.o.valid | self.o.ready)
 
-        # Lane operands: broadcast, held tile ------------------------------------------------------------
-        def broadcast(field, mode, row, col, name):
-            lane = Signal(width, name=name)
-            with m.Switch(mode):
-                with m.Case(Broadcast.LANE):
-                    m.d.comb += lane.eq(field[row * cols + col])
-                with m.Case(Broadcast.ROW):
-                    m.d.comb += lane.eq(field[row])
-                with m.Case(Broadcast.COLUMN):
-                    m.d.comb += lane.eq(field[col])
-                with m.Case(Broadcast.SCALAR):
-                    m.d.comb += lane.eq(field[0])
-            return lane
-
+        # Lane control ------------------------------------------------------------------------------------
         def registered(value, name):
             """``value`` one enabled cycle later (the input stage's registers)."""
             return delayed(value, stage_i, name)
@@ -514,44 +675,11 @@ class PEArray(wiring.Component):
         else:
             function_sel = registered_early(control[lat_ew - 1].op == ElementwiseOp.FUNCTION, "function_out")
 
-        # The PEs: every lane's own logic is one ProcessingElement; here only what depends on where the
-        # lane sits (operand broadcast, then below the tree's and the accumulators' wiring).
-        pes = [[None] * cols for _ in range(rows)]
-        bias_a = [None] * rows
-        for row in range(rows):
-            for col in range(cols):
-                tag = f"{row}_{col}"
-                pe = m.submodules[f"pe_{tag}"] = ProcessingElement(
-                    fmt=fmt, unit_classes=self._unit_classes, input_stage=stage_i, compare_stage=stage_c,
-                    adder_stage=stage_s, elementwise_latency=lat_ew,
-                    extension=self._extensions[row * cols + col] if self._extensions else None,
-                    function_bits=self.function_bits)
-                pes[row][col] = pe
-                c_port = broadcast(payload.c, payload.broadcast_c, row, col, f"c_port_{tag}")
-                m.d.comb += [
-                    pe.a.eq(broadcast(payload.a, payload.broadcast_a, row, col, f"a_beat_{tag}")),
-                    pe.b.eq(broadcast(payload.b, payload.broadcast_b, row, col, f"b_port_{tag}")),
-                    pe.c.eq(c_port),
-                    pe.enable.eq(enable),
-                    pe.hold.eq(accept & payload.hold_a),
-                    pe.use_held.eq(payload.use_held_a & ~payload.hold_a),
-                    pe.product_uses_b.eq(product_uses_b_i),
-                    pe.op.eq(op_i),
-                    pe.min_max.eq(min_max_c),
-                    pe.is_min.eq(op_c == ElementwiseOp.MIN),
-                    pe.select_or_keep_a.eq(select_c_or_keep_a),
-                    pe.function_sel.eq(function_sel),
-                ]
-                if self.function_bits:
-                    m.d.comb += pe.function.eq(function_i)
-                if col == cols - 1:
-                    # The row's bias: lane (row, C-1)'s c at stage A. Delayed here from the port rather than
-                    # from the PE's input register, so that every PE uses the same outputs and all are one
-                    # module (Amaranth drops unused outputs from a module's ports); synthesis merges the
-                    # duplicate first register.
-                    bias_a[row] = delayed(c_port, stage_a, f"bias_{row}")
-
-        # Adder wiring: tree nodes, accumulators, element-wise lanes ------------------------------------
+        # The rows: each holds its PEs, their operand broadcast, its adder tree and accumulators, and is the
+        # same module wherever it sits (ArrayRow); here only what all rows share.
+        hold = Signal()
+        use_held = Signal()
+        m.d.comb += [hold.eq(accept & payload.hold_a), use_held.eq(payload.use_held_a & ~payload.hold_a)]
         # Which value the accumulator adders read as their second operand, decided one stage before the
         # accumulator stage A and registered: every control term below is the one-cycle-early view of
         # the same term at stage A (the pipeline moves as one, so they stay aligned under stalls).
@@ -567,57 +695,56 @@ class PEArray(wiring.Component):
         b_takes_bias = registered_early(early_turn & early_first, "b_takes_bias")
         b_takes_elementwise = registered_early(~early_turn, "b_takes_elementwise")
         b_takes_slot = [registered_early(early_turn & ~early_first & ~early_forward & (early_slot == slot),
-                                  f"b_takes_slot_{slot}") for slot in range(self.accumulators)]
-        accumulator_results = []
+                                         f"b_takes_slot_{slot}") for slot in range(self.accumulators)]
+        tree_turn = Signal(max(self.depth, 1))
+        m.d.comb += tree_turn.eq(Cat(*(linear_at(stage_s + level * lat_add) for level in range(self.depth))))
+        accumulator_write = Signal()
+        m.d.comb += accumulator_write.eq(enable & linear_at(stage_a + lat_add))
+        shared = {
+            "enable": enable, "hold": hold, "use_held": use_held, "product_uses_b": product_uses_b_i, "op": op_i,
+            "min_max": min_max_c, "is_min": op_c == ElementwiseOp.MIN, "select_or_keep_a": select_c_or_keep_a,
+            "function_sel": function_sel,
+            "accumulator_turn": linear_at(stage_a), "accumulator_write": accumulator_write,
+            "write_slot": control[stage_a + lat_add].slot,   # the linear beat whose sum leaves the adder now
+            "b_takes_bias": b_takes_bias, "b_takes_elementwise": b_takes_elementwise,
+            "b_takes_slot": Cat(*b_takes_slot),
+        }
+        if self.function_bits:
+            shared["function"] = function_i
+        if self.depth:
+            shared["tree_turn"] = tree_turn
+        if b_takes_forward is not None:
+            shared["b_takes_forward"] = b_takes_forward
+        row_bits = cols * width
+        # A row's ROW element and the COLUMN/SCALAR elements reach it masked by the broadcast mode: Amaranth
+        # connects a module's inputs by net, so an unmasked field[r] would be a bit range of the columns
+        # input (r < C) and row 0's lanes would be the columns themselves, and those rows would become
+        # modules of their own, with fewer ports. The masks (an AND with the mode, used only in that mode)
+        # make every row's inputs distinct nets.
+        columns = {}
+        for name in "abc":
+            mode = getattr(payload, f"broadcast_{name}")
+            columns[name] = Mux((mode == Broadcast.COLUMN) | (mode == Broadcast.SCALAR),
+                                getattr(payload, name).as_value()[:row_bits], 0)
+        lane_results, row_results = [], []
         for row in range(rows):
-            node_result = {}   # (level, first_leaf) -> adder result value
-
-            def operand(level, first_leaf, row=row, node_result=node_result):
-                if level < 0:
-                    return pes[row][first_leaf].product
-                return node_result[(level, first_leaf)]
-
-            for level in range(self.depth):
-                span = 1 << (level + 1)
-                for first_leaf in range(0, cols, span):
-                    pe = pes[row][tree_node_column(level, first_leaf)]
-                    left = operand(level - 1, first_leaf)
-                    right = operand(level - 1, first_leaf + span // 2)
-                    if self._fault == "tree_order" and level == 0 and cols >= 4:
-                        # Deliberately broken order: pairs (p0 + p2), (p1 + p3) instead of (p0 + p1), ...
-                        base = first_leaf - first_leaf % 4
-                        offset = first_leaf % 4 // 2
-                        left = pes[row][base + offset].product
-                        right = pes[row][base + offset + 2].product
-                    tree_turn = linear_at(stage_s + level * lat_add)
-                    m.d.comb += [
-                        pe.adder_a.eq(Mux(tree_turn, left, pe.x)),
-                        pe.adder_b.eq(Mux(tree_turn, right, pe.y)),
-                    ]
-                    node_result[(level, first_leaf)] = pe.sum
-
-            tree_sum = operand(self.depth - 1, 0)
-            accumulator_pe = pes[row][cols - 1]
-            slots = Array(Signal(width, name=f"accumulator_{row}_{slot}")
-                          for slot in range(self.accumulators))
-            written = control[stage_a + lat_add]   # the linear beat whose sum leaves the adder now
-            with m.If(enable & linear_at(stage_a + lat_add)):
-                m.d.sync += slots[written.slot].eq(accumulator_pe.sum)
-            # Second operand: bias (first beat), the slot's running sum (forwarded when the same slot's
-            # previous sum leaves the adder right now), or the element-wise y. The one-hot choice is the
-            # same for every row and registered (below), so here it is an AND-OR of registers.
-            choices = [(b_takes_bias, bias_a[row]), (b_takes_elementwise, accumulator_pe.y)]
-            if b_takes_forward is not None:
-                choices.append((b_takes_forward, accumulator_pe.sum))
-            choices += [(b_takes_slot[slot], slots[slot]) for slot in range(self.accumulators)]
-            accumulator_b = Signal(width, name=f"accumulator_b_{row}")
-            m.d.comb += accumulator_b.eq(any_of(Mux(select, value, 0) for select, value in choices))
-            m.d.comb += [
-                accumulator_pe.adder_a.eq(Mux(linear_at(stage_a), tree_sum, accumulator_pe.x)),
-                accumulator_pe.adder_b.eq(accumulator_b),
-            ]
-            accumulator_results.append(delayed(accumulator_pe.sum,
-                                               lat_lin - (stage_a + lat_add), f"row_result_{row}"))
+            array_row = m.submodules[f"row_{row}"] = ArrayRow(
+                cols=cols, fmt=fmt, unit_classes=self._unit_classes, input_stage=stage_i, compare_stage=stage_c,
+                adder_stage=stage_s, accumulator_stage=stage_a, adder_latency=lat_add, linear_latency=lat_lin,
+                elementwise_latency=lat_ew, accumulators=self.accumulators, slot_bits=self.slot_bits,
+                extensions=self._extensions[row * cols:(row + 1) * cols], function_bits=self.function_bits,
+                _fault=self._fault)
+            m.d.comb += [getattr(array_row, name).eq(value) for name, value in shared.items()]
+            for name in "abc":
+                field, mode = getattr(payload, name), getattr(payload, f"broadcast_{name}")
+                m.d.comb += [
+                    getattr(array_row, f"broadcast_{name}").eq(mode),
+                    getattr(array_row, f"{name}_lanes").eq(field.as_value()[row * row_bits:(row + 1) * row_bits]),
+                    getattr(array_row, f"{name}_row").eq(Mux(mode == Broadcast.ROW, field[row], 0)),
+                    getattr(array_row, f"{name}_columns").eq(columns[name]),
+                ]
+            lane_results.append(array_row.lane_results)
+            row_results.append(array_row.row_result)
 
         # Output ----------------------------------------------------------------------------------------
         # Decoded one stage early and registered (the same terms at the output stage): o.valid, and
@@ -630,13 +757,16 @@ class PEArray(wiring.Component):
                 m.d.sync += dropped.eq(dropped + 1)
             elementwise_out = elementwise_out & (dropped != 7)
         m.d.comb += self.o.valid.eq(linear_out | elementwise_out)
-        lane_results = [pes[row][col].lane_result for row in range(rows) for col in range(cols)]
+        result = self.o.payload.result.as_value()
         with m.If(linear_out):
-            m.d.comb += self.o.payload.mode.eq(ArrayMode.LINEAR)
-            for row in range(rows):
-                m.d.comb += self.o.payload.result[row].eq(accumulator_results[row])
+            m.d.comb += [self.o.payload.mode.eq(ArrayMode.LINEAR), result[:rows * width].eq(Cat(*row_results))]
         with m.Else():
-            m.d.comb += self.o.payload.mode.eq(ArrayMode.ELEMENTWISE)
-            for lane, lane_sum in enumerate(lane_results):
-                m.d.comb += self.o.payload.result[lane].eq(lane_sum)
+            m.d.comb += [self.o.payload.mode.eq(ArrayMode.ELEMENTWISE), result.eq(Cat(*lane_results))]
         return m
+
+
+def _any_of(terms):
+    result = Const(0, 1)
+    for term in terms:
+        result = result | term
+    return result
