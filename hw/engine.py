@@ -11,7 +11,7 @@ pass programs (:func:`nonlinear_schedule`) through the engine's private scratch 
 Design notes and the measured numbers are in docs/shell.md.
 """
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -176,6 +176,110 @@ def _beat_layout(*, line_width, position_bits, width, function_bits, scratch_por
     })
 
 
+_ADDRESS_NONE, _ADDRESS_INPUT, _ADDRESS_SCRATCH = 0, 1, 2
+
+
+def _schedule_table(schedule, *, width, slot_bits, function_bits, scratch_ports):
+    """The passes of :func:`nonlinear_schedule` as a table of constants, one entry per (function, pass).
+
+    Returns ``(layout, entries, function_index_bits, pass_bits)``: entry ``function << pass_bits | pass``
+    describes that pass (``valid`` set) with the values the beat generator gives the beat: per operand its
+    source (``from_command``: the instruction's ``a`` source), broadcast, constant, where its address comes
+    from (none, the ``a`` generator, or scratch ``slot`` on read port ``port``), and where the result goes
+    (``dst_final``: the instruction's destination, else scratch ``dst_slot``). Fields a pass leaves alone
+    are zero, the beat's default.
+    """
+    operand = data.StructLayout({"source": SOURCE_BITS, "from_command": 1, "broadcast": 2, "constant": width,
+                                 "address": 2, "slot": slot_bits, "port": range(scratch_ports)})
+    layout = data.StructLayout({"valid": 1, "op": ElementwiseOp, "function": max(1, function_bits),
+                                "a": operand, "b": operand, "c": operand, "dst_final": 1, "dst_slot": slot_bits})
+    pass_bits = max(len(passes) for passes in schedule.values()).bit_length()
+    function_index_bits = max(1, max(int(function) for function in schedule).bit_length())
+    entries = [0] * (1 << (pass_bits + function_index_bits))
+    for function, passes in schedule.items():
+        for number, step in enumerate(passes):
+            fields = {"valid": 1, "op": step["op"], "function": step["function"]}
+            scratch_port = 0
+            for name in "abc":
+                described = step[name]
+                if described is None:
+                    fields[name] = {"source": CONSTANT_SOURCE}
+                    continue
+                what, value = described
+                if what == "input":
+                    fields[name] = {"from_command": 1, "address": _ADDRESS_INPUT, "broadcast": Broadcast.LANE}
+                elif what == "constant":
+                    fields[name] = {"source": CONSTANT_SOURCE, "constant": value, "broadcast": Broadcast.SCALAR}
+                else:
+                    fields[name] = {"source": SCRATCH_SOURCE, "address": _ADDRESS_SCRATCH, "slot": value,
+                                    "broadcast": Broadcast.LANE, "port": scratch_port}
+                    scratch_port += 1
+            if step["slot"] is None:
+                fields["dst_final"] = 1
+            else:
+                fields["dst_slot"] = step["slot"]
+            entries[int(function) << pass_bits | number] = layout.const(fields).as_value().value
+    return layout, [Const(entry, layout.size) for entry in entries], function_index_bits, pass_bits
+
+
+def _checked_operand_layout(line_width, position_bits):
+    """What the scoreboard needs of one operand of the issue stage's beat."""
+    return data.StructLayout({"checked": 1, "source": SOURCE_BITS, "line": line_width, "position": position_bits,
+                              "row_read": 1})
+
+
+def _destination_layout(line_width, position_bits):
+    return data.StructLayout({"source": SOURCE_BITS, "line": line_width, "position": position_bits, "partial": 1})
+
+
+class ScoreboardEntry(wiring.Component):
+    """One entry of :class:`ComputeEngine`'s scoreboard: the destination of one beat in flight, and whether
+    one of the issue stage's operands reads it.
+
+    The engine has ``in_flight_depth`` of these, one module (marca/verilog.py emits it once). Ports are
+    packed bits (the layouts of :func:`_destination_layout` and three of :func:`_checked_operand_layout`).
+
+    Ports
+    -----
+    set : In(1)
+        A beat issues into this entry: store ``destination``, mark the entry valid (over ``clear``).
+    clear : In(1)
+        This entry's beat is written back: mark the entry free.
+    destination : In(destination layout)
+        The issuing beat's destination.
+    operands : In(3 × operand layout)
+        The issue stage's operands ``a``, ``b``, ``c``.
+    hazard : Out(1)
+        The entry is valid and a checked operand reads its line (see ComputeEngine's scoreboard).
+    """
+
+    def __init__(self, *, line_width: int, position_bits: int):
+        self._destination = _destination_layout(line_width, position_bits)
+        self._operand = _checked_operand_layout(line_width, position_bits)
+        super().__init__({"set": In(1), "clear": In(1), "destination": In(self._destination.size),
+                          "operands": In(3 * self._operand.size), "hazard": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        valid = Signal()
+        stored = Signal(self._destination.size, name="stored")
+        target = self._destination(stored)
+        with m.If(self.set):
+            m.d.sync += [valid.eq(1), stored.eq(self.destination)]
+        with m.Elif(self.clear):
+            m.d.sync += valid.eq(0)
+        hazards = []
+        for number in range(3):
+            operand = self._operand(self.operands[number * self._operand.size:(number + 1) * self._operand.size])
+            # A read waits for an in-flight write to its line, except where both are R-element groups (ROW
+            # reads, LINEAR result writes) at different positions.
+            overlaps = ~target.partial | ~operand.row_read | (target.position == operand.position)
+            hazards.append(valid & operand.checked & (operand.source == target.source) &
+                           (operand.line == target.line) & overlaps)
+        m.d.comb += self.hazard.eq(Cat(*hazards).any())
+        return m
+
+
 class ComputeEngine(wiring.Component):
     """Runs compute instructions on the PE array (see the module docstring).
 
@@ -262,6 +366,7 @@ class ComputeEngine(wiring.Component):
         address_bits = line_width + lane_shift
         position_bits = max(1, lane_shift)
         scratch_ports = self.scratch_ports
+        slot_bits = max(1, (self.slots - 1).bit_length())
         layout = _beat_layout(line_width=line_width, position_bits=position_bits, width=width,
                               function_bits=self.function_bits, scratch_ports=scratch_ports)
 
@@ -350,44 +455,35 @@ class ComputeEngine(wiring.Component):
             with m.Case(KIND_NONLINEAR):
                 m.d.comb += beat_mode.eq(ArrayMode.ELEMENTWISE)
                 batch_line = index[2][:exact_log2(NONLINEAR_BATCH)]
-                # A NONLINEAR's middle loop counts its passes, so only the low bits of the index matter.
-                pass_bits = max(len(passes) for passes in self.schedule.values()).bit_length()
-                with m.Switch(command.function):
-                    for function, passes in self.schedule.items():
-                        with m.Case(function):
-                            with m.Switch(index[1][:pass_bits]):
-                                for number, step in enumerate(passes):
-                                    with m.Case(number):
-                                        m.d.comb += [beat_op.eq(step["op"]), beat_function.eq(step["function"])]
-                                        scratch_port = 0
-                                        for name in "abc":
-                                            described = step[name]
-                                            if described is None:
-                                                m.d.comb += sources[name].eq(CONSTANT_SOURCE)
-                                                continue
-                                            what, value = described
-                                            if what == "input":
-                                                m.d.comb += [sources[name].eq(command.a.source),
-                                                             addresses[name].eq(generators["a"].current),
-                                                             broadcasts[name].eq(Broadcast.LANE)]
-                                            elif what == "constant":
-                                                m.d.comb += [sources[name].eq(CONSTANT_SOURCE),
-                                                             constants[name].eq(value),
-                                                             broadcasts[name].eq(Broadcast.SCALAR)]
-                                            else:
-                                                address = scratch_address(value, batch_line)
-                                                m.d.comb += [sources[name].eq(SCRATCH_SOURCE),
-                                                             addresses[name].eq(address),
-                                                             broadcasts[name].eq(Broadcast.LANE),
-                                                             scratch_port_of[name].eq(scratch_port),
-                                                             scratch_lines[scratch_port].eq(line_of(address))]
-                                                scratch_port += 1
-                                        if step["slot"] is None:
-                                            m.d.comb += [dst_source.eq(command.dst.source),
-                                                         dst_address.eq(generators["dst"].current)]
-                                        else:
-                                            m.d.comb += [dst_source.eq(SCRATCH_SOURCE),
-                                                         dst_address.eq(scratch_address(step["slot"], batch_line))]
+                # The pass at the loop position, looked up in a table of every function's passes
+                # (_schedule_table; a NONLINEAR's middle loop counts its passes, so only the low bits of
+                # the index matter). A function or pass number that has no pass leaves the beat as
+                # the other kinds' defaults (all zero), as an unmatched case would.
+                entry_layout, table, function_bits, pass_bits = _schedule_table(
+                    self.schedule, width=width, slot_bits=slot_bits, function_bits=self.function_bits,
+                    scratch_ports=scratch_ports)
+                function = Value.cast(command.function)
+                entry = entry_layout(Signal(entry_layout.size, name="pass_entry"))
+                m.d.comb += entry.as_value().eq(Array(table)[Cat(index[1][:pass_bits], function[:function_bits])])
+                with m.If(entry.valid & (function[function_bits:] == 0)):
+                    m.d.comb += [beat_op.eq(entry.op), beat_function.eq(entry.function)]
+                    for name in "abc":
+                        described = entry[name]
+                        address = Signal(address_bits, name=f"{name}_pass_address")
+                        with m.Switch(described.address):
+                            with m.Case(_ADDRESS_INPUT):
+                                m.d.comb += address.eq(generators["a"].current)
+                            with m.Case(_ADDRESS_SCRATCH):
+                                m.d.comb += [address.eq(scratch_address(described.slot, batch_line)),
+                                             Array(scratch_lines)[described.port].eq(line_of(address))]
+                        m.d.comb += [sources[name].eq(Mux(described.from_command, command.a.source,
+                                                          described.source)),
+                                     addresses[name].eq(address), broadcasts[name].eq(described.broadcast),
+                                     constants[name].eq(described.constant),
+                                     scratch_port_of[name].eq(described.port)]
+                    m.d.comb += [dst_source.eq(Mux(entry.dst_final, command.dst.source, SCRATCH_SOURCE)),
+                                 dst_address.eq(Mux(entry.dst_final, generators["dst"].current,
+                                                    scratch_address(entry.dst_slot, batch_line)))]
             with m.Default():
                 m.d.comb += [sources[name].eq(CONSTANT_SOURCE) for name in "abc"]
 
@@ -452,28 +548,10 @@ class ComputeEngine(wiring.Component):
 
         # ==== stage 2: issue (scoreboard check of the registered head beat) ==========================
         depth = self.in_flight_depth
-        flight_valid = Signal(depth)
-        flight_source = Array(Signal(SOURCE_BITS, name=f"flight_source{i}") for i in range(depth))
-        flight_line = Array(Signal(line_width, name=f"flight_line{i}") for i in range(depth))
-        flight_position = Array(Signal(position_bits, name=f"flight_position{i}") for i in range(depth))
-        flight_partial = Signal(depth)
         head_entry = Signal(range(depth))       # oldest beat in flight (the next write-back)
         tail = Signal(range(depth))
         count = Signal(range(depth + 1))
-
-        # A read waits for an in-flight write to its line, except where both are R-element groups (ROW
-        # reads, LINEAR result writes) at different positions: LINEAR's partial sums of neighbouring row
-        # tiles share a line and must not wait for each other.
-        hazard = Signal()
-        hazard_terms = []
-        for name in "abc":
-            operand = head[name]
-            for entry in range(depth):
-                overlaps = ~flight_partial[entry] | ~operand.row_read | (flight_position[entry] == operand.position)
-                hazard_terms.append(flight_valid[entry] & operand.checked & (operand.source == flight_source[entry]) &
-                                    (operand.line == flight_line[entry]) & overlaps)
-        if self._fault != "no_scoreboard":       # the deliberately broken variant ignores dependencies
-            m.d.comb += hazard.eq(Cat(*hazard_terms).any())
+        hazard = Signal()                       # the scoreboard's answer (ScoreboardEntry, below)
 
         queue_depth = 6
         m.submodules.operand_queue = queue = SyncFIFOBuffered(width=self.array_layouts.operands.size,
@@ -568,8 +646,7 @@ class ComputeEngine(wiring.Component):
         # The scoreboard table answers "is this line being written?"; the write-back takes its target
         # from a queue of the same destinations with a registered output, so no 1-of-N table read sits
         # between the array's result and the buffer write ports.
-        destination = data.StructLayout({"source": SOURCE_BITS, "line": line_width, "position": position_bits,
-                                         "partial": 1})
+        destination = _destination_layout(line_width, position_bits)
         m.submodules.destination_queue = destinations = SyncFIFOBuffered(width=destination.size, depth=depth)
         pop = Signal()
         issued_destination = Signal(destination)
@@ -579,17 +656,22 @@ class ComputeEngine(wiring.Component):
                      destinations.w_en.eq(issue), destinations.w_data.eq(issued_destination.as_value()),
                      destinations.r_en.eq(pop)]
         with m.If(issue):
-            m.d.sync += [flight_source[tail].eq(head.dst_source), flight_line[tail].eq(head.dst_line),
-                         flight_position[tail].eq(head.dst_position),
-                         flight_partial.bit_select(tail, 1).eq(head.dst_partial),
-                         tail.eq(Mux(tail == depth - 1, 0, tail + 1))]
+            m.d.sync += tail.eq(Mux(tail == depth - 1, 0, tail + 1))
+        # The table: one ScoreboardEntry per beat in flight, written at `tail` when a beat issues, freed
+        # at `head_entry` when its result is written back.
+        operands = Cat(*(Cat(head[name].checked, head[name].source, head[name].line, head[name].position,
+                             head[name].row_read) for name in "abc"))     # _checked_operand_layout's order
+        entry_hazards = []
         for entry in range(depth):
-            set_entry = issue & (tail == entry)
-            clear_entry = pop & (head_entry == entry)
-            with m.If(set_entry):
-                m.d.sync += flight_valid[entry].eq(1)
-            with m.Elif(clear_entry):
-                m.d.sync += flight_valid[entry].eq(0)
+            scoreboard_entry = m.submodules[f"scoreboard_{entry}"] = ScoreboardEntry(
+                line_width=line_width, position_bits=position_bits)
+            m.d.comb += [scoreboard_entry.set.eq(issue & (tail == entry)),
+                         scoreboard_entry.clear.eq(pop & (head_entry == entry)),
+                         scoreboard_entry.destination.eq(issued_destination.as_value()),
+                         scoreboard_entry.operands.eq(operands)]
+            entry_hazards.append(scoreboard_entry.hazard)
+        if self._fault != "no_scoreboard":       # the deliberately broken variant ignores dependencies
+            m.d.comb += hazard.eq(Cat(*entry_hazards).any())
         with m.If(pop):
             m.d.sync += head_entry.eq(Mux(head_entry == depth - 1, 0, head_entry + 1))
         # Both outcomes of `issue` (the latest signal here) are ready before it arrives.
