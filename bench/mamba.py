@@ -143,7 +143,7 @@ def batched_rtl_check(prepared_batches: list, rtl: dict) -> list:
     for prepared, hidden, conv, ssm in prepared_batches:
         compiled = prepared.prefill
         step = rtl[prepared.case.name]["prefill"][0]
-        golden = mamba._compare_step(f"batched decode B={compiled.batch}", compiled.config, step,
+        golden, _ = mamba._compare_step(f"batched decode B={compiled.batch}", compiled.config, step,
                                      prepared.prefill_image, compiled.program_address)
         if not _separate_steps_agree(prepared, hidden, conv, ssm, golden):
             raise AssertionError(f"batch {compiled.batch}: the batched step differs from separate steps")

@@ -89,6 +89,10 @@ class CompiledMixer:
     ``k·C..``). The program reads the states at its start and writes them back in place at its end.
     ``batch`` > 1 (batched decode, ``L = batch``): ``conv_state`` / ``ssm_state`` are sequence 0's places
     and sequence ``b``'s follow at :meth:`state_places`; hidden and output row ``b`` is sequence ``b``'s.
+    ``resident_instructions`` / ``resident_program_address`` (``resident=True``): a second program in the
+    same image, the same step without the LOADs of the weights, per-channel parameters and ``A``: run it
+    after a run of the first (or of itself) with no reset and no other program between (docs/isa.md,
+    "Buffers between programs").
     """
 
     config: MarcaConfig
@@ -106,6 +110,8 @@ class CompiledMixer:
     sections: list
     regions: dict
     batch: int = 1
+    resident_instructions: list | None = None
+    resident_program_address: int | None = None
 
     def state_places(self, b: int) -> tuple[TensorPlace, TensorPlace]:
         """(conv_state, ssm_state) places of sequence ``b``."""
@@ -176,7 +182,8 @@ class CompiledMixer:
 
 
 def compile_mixer(weights: dict, config: MarcaConfig, *, mode: str = "prefill", length: int | None = None,
-                  options: CompileOptions = CompileOptions(), batch: int = 1) -> CompiledMixer:
+                  options: CompileOptions = CompileOptions(), batch: int = 1,
+                  resident: bool = False) -> CompiledMixer:
     """Compile a Mamba-1 mixer.
 
     Parameters
@@ -191,6 +198,9 @@ def compile_mixer(weights: dict, config: MarcaConfig, *, mode: str = "prefill", 
         Decode only: sequences per step (one token each, each with its own states). Every decode step,
         ``batch`` 1 included, is lowered the batched way (per-sequence conv windows, x_proj's parts fused
         where they can be, weights loaded one use ahead: ``plan_mixer(sequences=True)``).
+    resident : bool
+        Decode only: also emit the step that finds the weights already on chip (``resident_instructions``);
+        a :class:`CompileError` when the plan cannot keep them all there.
     """
     if not isinstance(config, MarcaConfig):
         raise ValueError(f"config must be a MarcaConfig, not {config!r}")
@@ -200,6 +210,8 @@ def compile_mixer(weights: dict, config: MarcaConfig, *, mode: str = "prefill", 
         raise ValueError(f"batch must be an integer from 1 to 65535, not {batch!r}")
     if batch > 1 and mode != "decode":
         raise ValueError(f"batch {batch} needs mode 'decode' (a prefill runs one sequence)")
+    if not isinstance(resident, bool) or resident and mode != "decode":
+        raise ValueError(f"resident must be a bool, and True only in mode 'decode', not {resident!r}")
     if mode == "decode":
         if length not in (None, 1, batch):
             raise ValueError(f"a decode step has length 1 per sequence, not {length!r}")
@@ -225,12 +237,19 @@ def compile_mixer(weights: dict, config: MarcaConfig, *, mode: str = "prefill", 
             staging[name] = TensorPlace(image.allocate(f"staging {name}", plan.block_tokens * row * cb),
                                         plan.block_tokens, row, row * cb, "compute", "[block tokens, d_inner]")
     spill = None if options.inter_operation else image.allocate("spill", spill_bytes(config))
-    emitter = Emitter(config, inter_operation=options.inter_operation, spill_address=spill)
-    emitter.load_lines(zero, 1, Buffer.WEIGHT, 0)
-    lower_mixer(emitter, layout, plan, config, options, length=length, hidden=hidden, output=output,
-                staging_memory=staging, zero=(Buffer.WEIGHT, 0))
-    program, sections, address = finish_program(emitter, image, config)
-    return CompiledMixer(config=config, dims=dims, options=options, length=length, instructions=program,
+
+    def program(name, loaded):
+        emitter = Emitter(config, inter_operation=options.inter_operation, spill_address=spill)
+        emitter.load_lines(zero, 1, Buffer.WEIGHT, 0)
+        lower_mixer(emitter, layout, plan, config, options, length=length, hidden=hidden, output=output,
+                    staging_memory=staging, zero=(Buffer.WEIGHT, 0), loaded=loaded)
+        return finish_program(emitter, image, config, name)
+
+    instructions, sections, address = program("program", False)
+    resident_instructions, _, resident_address = program("program (weights resident)", True) if resident \
+        else (None, None, None)
+    return CompiledMixer(config=config, dims=dims, options=options, length=length, instructions=instructions,
                          memory=bytes(image.data), program_address=address, hidden=hidden, output=output,
                          conv_state=layout.conv_state, ssm_state=layout.ssm_state, plan=plan, sections=sections,
-                         regions=dict(image.regions), batch=batch)
+                         regions=dict(image.regions), batch=batch, resident_instructions=resident_instructions,
+                         resident_program_address=resident_address)

@@ -32,7 +32,8 @@ from .layout import MemoryImage, TensorPlace, ceil_div, largest, line_vector, ti
 from .linear import InMemory, Matrix, OnChip, WeightArea, emit_linear
 from .options import CompileError, CompileOptions
 
-__all__ = ["MixerWeights", "MixerPlan", "layout_mixer", "plan_mixer", "lower_mixer", "MIXER_MATRICES"]
+__all__ = ["MixerWeights", "MixerPlan", "layout_mixer", "plan_mixer", "lower_mixer", "resident_weights",
+           "MIXER_MATRICES"]
 
 #: The mixer's matrices as the compiler splits them (in_proj into its x and z halves, x_proj into dt/B/C).
 MIXER_MATRICES = ("in_x", "in_z", "x_dt", "x_B", "x_C", "dt", "out")
@@ -365,16 +366,34 @@ def _batched_cost(plan: MixerPlan, layout: MixerWeights, config: MarcaConfig, le
 
 def lower_mixer(emitter: Emitter, layout: MixerWeights, plan: MixerPlan, config: MarcaConfig,
                 options: CompileOptions, *, length: int, hidden: TensorPlace, output: TensorPlace,
-                staging_memory: dict, zero: tuple) -> None:
+                staging_memory: dict, zero: tuple, loaded: bool = False) -> None:
     """Emit the mixer's program: ``length`` tokens from ``hidden`` rows to ``output`` rows, states read
     from and written back to ``layout``'s state places. ``staging_memory``: memory places ``XC`` and ``Y``
     (``[block_tokens, d_inner padded]`` compute rows) for the channel-grouped dataflow; ``zero``: (buffer,
-    address) of a +0 element."""
-    _MixerLowering(emitter, layout, plan, config, options, length, hidden, output, staging_memory, zero).run()
+    address) of a +0 element.
+
+    ``loaded`` (a decode step whose plan keeps them all on chip, :func:`resident_weights`): the matrices,
+    the per-channel parameters and ``A`` are already where ``plan`` puts them, left there by an earlier
+    program of the same plan (buffers keep their contents between programs, docs/isa.md): no LOAD of
+    them."""
+    if loaded and not resident_weights(plan):
+        raise CompileError("resident weights need a decode step whose plan keeps every matrix, the "
+                           "per-channel parameters and A on chip (weights_resident, parameters_resident, "
+                           f"scan_resident); this plan has {plan.describe()}")
+    _MixerLowering(emitter, layout, plan, config, options, length, hidden, output, staging_memory, zero,
+                   loaded).run()
+
+
+def resident_weights(plan: MixerPlan) -> bool:
+    """Whether a program of ``plan`` can find its weights left on chip by an earlier one: a decode step
+    (the batched lowering) that keeps every matrix, the per-channel parameters and ``A`` on chip."""
+    return plan.sequences and plan.weights_resident and plan.parameters_resident and plan.scan_resident
 
 
 class _MixerLowering:
-    def __init__(self, emitter, layout, plan, config, options, length, hidden, output, staging_memory, zero):
+    def __init__(self, emitter, layout, plan, config, options, length, hidden, output, staging_memory, zero,
+                 loaded=False):
+        self.loaded = loaded
         self.em, self.layout, self.plan, self.config, self.options = emitter, layout, plan, config, options
         self.length, self.hidden, self.output, self.staging_memory, self.zero = (length, hidden, output,
                                                                                  staging_memory, zero)
@@ -483,6 +502,8 @@ class _MixerLowering:
                 matrix.resident = offset
                 self.pending[name] = (matrix.memory, matrix.lines, Buffer.WEIGHT, offset)
                 offset += matrix.lines * P
+        if self.loaded:     # an earlier program of this plan left them all where they belong
+            self.pending = {}
         for t0 in range(0, self.length, plan.block_tokens):
             self.block(t0, min(plan.block_tokens, self.length - t0))
 

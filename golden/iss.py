@@ -685,12 +685,18 @@ class Machine(_Machine):
         self._fetched_span = [None, None]
         self.restart()
 
-    def restart(self) -> None:
+    def restart(self, *, keep_buffers: bool = False) -> None:
         """The state at a program's start: buffers filled, written flags and barrier bookkeeping cleared,
         counters zero. The memory image stays, and so do the cached plans (a host that keeps one machine
         for a sequence of programs, :class:`marca.compiler.model.ModelSession`, plans each instruction
-        once); a run after ``restart()`` is the run of a new machine on the same image."""
-        for buffer, values in self.values.items():
+        once); a run after ``restart()`` is the run of a new machine on the same image (the hardware after
+        a reset).
+
+        ``keep_buffers``: the next program starts where the last one stopped, without a reset (the ISA:
+        buffers keep their contents from one program to the next): the buffers and their written flags
+        stay, so the next program may read what earlier ones left (resident weights); barrier bookkeeping
+        and counters start afresh (HALT waited for both streams)."""
+        for buffer, values in () if keep_buffers else self.values.items():
             values.fill_(self._fill_value)          # in place: the cached views stay valid
             self._written_bytes[buffer][:] = bytes(len(self._written_bytes[buffer]))
         # Barrier bookkeeping: stamps[(stream, kind)][buffer][e] is the epoch in which the stream last

@@ -177,13 +177,15 @@ class _ProgressLine:
 
 
 def run_demo(config, *, d_model: int = 32, d_state: int = 16, tokens: int = 16, seed: int = 1,
-             decode: bool = True, pause: float = 0.0, progress: bool = True, name: str = "demo") -> dict:
-    """Compile, simulate and check one mixer; return the report (see :func:`print_report`)."""
+             decode: bool = True, pause: float = 0.0, progress: bool = True, name: str = "demo",
+             resident: bool = True) -> dict:
+    """Compile, simulate and check one mixer; return the report (see :func:`print_report`). ``resident``:
+    the decode steps after the first find the weights on chip (where the plan keeps them there)."""
     from marca.tb import mamba
     timings = {}
     started = time.perf_counter()
     case = mamba.MixerCase(name="mixer", config=config, d_model=d_model, d_state=d_state, length=tokens,
-                           seed=seed, decode=decode)
+                           seed=seed, decode=decode, resident=resident)
     prepared = mamba.prepare(case)
     timings["compile_seconds"] = time.perf_counter() - started
     dims = prepared.prefill.dims
@@ -192,6 +194,8 @@ def run_demo(config, *, d_model: int = 32, d_state: int = 16, tokens: int = 16, 
               f"(token block {prepared.prefill.block_tokens}, weights "
               f"{'resident' if prepared.prefill.weights_resident else 'streamed'})"
               + (f", decode step {len(prepared.decode.instructions)} instructions" if decode else "")
+              + (f" ({len(prepared.decode.resident_instructions)} with the weights resident)"
+                 if decode and prepared.decode.resident_instructions else "")
               + f"; memory image {len(prepared.prefill_image) / 1024:.1f} KiB", flush=True)
         print("building the accelerator in Verilator (cached after the first time; a few minutes) ...",
               flush=True)
@@ -220,11 +224,18 @@ def run_demo(config, *, d_model: int = 32, d_state: int = 16, tokens: int = 16, 
     report["prefill"]["instructions"] = len(prepared.prefill.instructions)
     report["prefill"]["block_tokens"] = prepared.prefill.block_tokens
     report["prefill"]["weights_resident"] = prepared.prefill.weights_resident
-    if decode:
-        last = rtl["mixer"]["decode"][-1].counters
-        report["decode"]["cycles_per_token"] = last["cycles"]
-        report["decode"]["utilization"] = mamba.utilization(prepared.decode, last)
+    if decode:      # the first step loads the weights; with resident weights the later ones do not
+        steps = rtl["mixer"]["decode"]
+        resident_steps = bool(prepared.decode.resident_instructions) and len(steps) > 1
+        first = steps[0 if resident_steps else -1].counters
+        report["decode"]["cycles_per_token"] = first["cycles"]
+        report["decode"]["utilization"] = mamba.utilization(prepared.decode, first)
         report["decode"]["instructions"] = len(prepared.decode.instructions)
+        if resident_steps:
+            last = steps[-1].counters
+            report["decode_resident"] = {"cycles_per_token": last["cycles"],
+                                         "utilization": mamba.utilization(prepared.decode, last),
+                                         "instructions": len(prepared.decode.resident_instructions)}
     report["bit_exact_with_iss"] = True
     report["timings"] = {key: round(value, 1) for key, value in timings.items()}
     return report
@@ -249,31 +260,33 @@ def print_report(report: dict, stream=sys.stdout) -> None:
         f"relative error {prefill['relative_error']:.2e} ({prefill['relative_error_vs_rounded_reference']:.2e} against "
         f"the reference rounded to {config['storage_format']} like the output), scan state relative error "
         f"{prefill['state_relative_error']:.2e}")
-    columns = [("prefill", prefill)] + ([("decode step", decode)] if decode else [])
+    columns = [("prefill", prefill)] + ([("decode step", decode)] if decode else []) \
+        + ([("weights resident", report["decode_resident"])] if report.get("decode_resident") else [])
     say()
-    say(f"{'':<34}" + "".join(f"{title:>16}" for title, _ in columns))
+    say(f"{'':<34}" + "".join(f"{title:>18}" for title, _ in columns))
     rows = [("tokens", lambda r, t: report["length"] if t == "prefill" else 1),
             ("cycles", lambda r, t: r["utilization"]["cycles"]),
             ("cycles per token", lambda r, t: round(r["cycles_per_token"])),
             ("ideal cycles (one beat per cycle)", lambda r, t: r["utilization"]["ideal_cycles"]),
             ("fraction of ideal", lambda r, t: r["utilization"]["fraction_of_ideal"]),
+            ("DRAM bound (bytes / bus width)", lambda r, t: round(r["utilization"]["dram_bound_cycles"])),
+            ("fraction of the DRAM bound", lambda r, t: r["utilization"]["fraction_of_dram_bound"]),
             ("useful PE utilization", lambda r, t: r["utilization"]["useful_utilization"]),
             ("DRAM bytes read", lambda r, t: r["utilization"]["dma_bytes_read"]),
             ("DRAM bytes written", lambda r, t: r["utilization"]["dma_bytes_written"]),
             ("instruction bytes fetched", lambda r, t: r["utilization"]["fetch_bytes"])]
     for label, get in rows:
-        say(f"{label:<34}" + "".join(f"{_format(get(r, t)):>16}" for t, r in
-                                     (("prefill", prefill), ("decode", decode))[:len(columns)]))
+        say(f"{label:<34}" + "".join(f"{_format(get(r, t)):>18}" for t, r in columns))
     say()
     say("PE utilization per operation class (share of all cycles the array spent on the class's beats;")
     say("padding efficiency = useful lane operations / issued lane operations):")
-    say(f"{'class':<14}" + "".join(f"{title + ' beats':>18}{'share':>8}{'padding':>9}" for title, _ in columns))
+    say(f"{'class':<14}" + "".join(f"{title + ' beats':>24}{'share':>8}{'padding':>9}" for title, _ in columns))
     for kind in ("linear", "element-wise", "nonlinear", "scan"):
         cells = ""
         for _, r in columns:
             entry = r["utilization"]["classes"][kind]
             padding = entry["padding_efficiency"]
-            cells += f"{entry['beats']:>18,}{entry['share_of_cycles']:>8.1%}" \
+            cells += f"{entry['beats']:>24,}{entry['share_of_cycles']:>8.1%}" \
                      f"{(f'{padding:.0%}' if padding is not None else '-'):>9}"
         say(f"{kind:<14}{cells}")
     say()
@@ -281,10 +294,10 @@ def print_report(report: dict, stream=sys.stdout) -> None:
     say("instructions waiting for results in the pipeline; compute idle = barriers waiting for the DMA, fetch):")
     for name, title in (("array_beats", "array beats"), ("compute_busy_array_idle", "compute busy, array idle"),
                         ("compute_idle", "compute idle")):
-        say(f"  {title:<32}" + "".join(f"{r['utilization']['cycle_breakdown'][name]:>14,}"
+        say(f"  {title:<32}" + "".join(f"{r['utilization']['cycle_breakdown'][name]:>11,}"
                                        f"{r['utilization']['cycle_breakdown'][name] / r['utilization']['cycles']:>7.1%}"
                                        for _, r in columns))
-    say(f"  {'DMA read busy':<32}" + "".join(f"{'':>14}{r['utilization']['dma_read_busy_fraction']:>7.1%}"
+    say(f"  {'DMA read busy':<32}" + "".join(f"{'':>11}{r['utilization']['dma_read_busy_fraction']:>7.1%}"
                                              for _, r in columns))
 
 
@@ -300,6 +313,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed of the weights and tokens")
     parser.add_argument("--out", default="build/demo", help="folder for demo.json")
     parser.add_argument("--no-decode", action="store_true", help="skip the chain of decode steps")
+    parser.add_argument("--no-resident", action="store_true",
+                        help="mixer demo: every decode step loads the weights (default: the steps after the "
+                             "first find them on chip, where they fit)")
     parser.add_argument("--pause", type=float, default=0.0,
                         help="probability of a random pause on each AXI channel each cycle (stress)")
     parser.add_argument("--mixer", action="store_true", help="the one-mixer demo instead of the model")
@@ -337,7 +353,8 @@ def main(argv=None) -> int:
           f"{config.scratch_buffer_kib} KiB", flush=True)
     try:
         report = run_demo(config, d_model=args.d_model, d_state=args.d_state, tokens=args.tokens,
-                          seed=args.seed, decode=not args.no_decode, pause=args.pause)
+                          seed=args.seed, decode=not args.no_decode, pause=args.pause,
+                          resident=not args.no_resident)
     except Exception as error:       # CompileError: sizes that do not fit the configuration's buffers
         from marca.compiler import CompileError
         if isinstance(error, CompileError):

@@ -122,7 +122,8 @@ async def mixer_jobs(dut):
                 progress_line({"job": job["name"], "step": step_number, "retired": retired, "cycles": cycles})
 
             status, code, pc, counters, image = await _run_with_progress(
-                tb, bytes(memory), job["program_address"], poll_cycles=params.get("poll_cycles", 2000),
+                tb, bytes(memory), step.get("program_address", job["program_address"]),
+                poll_cycles=params.get("poll_cycles", 2000),
                 report=report, timeout_cycles=params.get("timeout_cycles", 20_000_000))
             wall = time.perf_counter() - started
             out_file = Path(step["out"])
@@ -146,7 +147,9 @@ async def mixer_jobs(dut):
 class MixerCase:
     """One end-to-end case: a mixer of ``d_model`` / ``d_state`` with random weights (``seed``), a prefill
     of ``length`` tokens from zero states, and with ``decode`` also ``length`` chained decode steps over the
-    same tokens. ``options`` are the compiler's (buffer-management switches)."""
+    same tokens. ``options`` are the compiler's (buffer-management switches); ``resident``: the decode
+    chain's steps after the first find the weights on chip (``compile_mixer(resident=True)``) where the
+    plan keeps them there (else every step loads them)."""
 
     name: str
     config: "MarcaConfig"
@@ -156,6 +159,7 @@ class MixerCase:
     seed: int = 1
     decode: bool = True
     options: "CompileOptions | None" = None
+    resident: bool = False
 
     def __post_init__(self):
         from marca.compiler import CompileOptions
@@ -206,7 +210,7 @@ def _hidden_patch(compiled, hidden_rows) -> tuple[int, bytes]:
 def prepare(case: MixerCase) -> PreparedCase:
     """Compile ``case`` (prefill and, with ``case.decode``, a decode step) and write its input images."""
     import torch
-    from marca.compiler import CompileOptions, compile_mixer
+    from marca.compiler import CompileError, CompileOptions, compile_mixer
     from marca.reference import mamba as reference
     dims = reference.MambaDims(d_model=case.d_model, d_state=case.d_state)
     weights = reference.random_mixer_weights(dims, seed=case.seed, dtype=torch.float64)
@@ -216,7 +220,10 @@ def prepare(case: MixerCase) -> PreparedCase:
     prefill = compile_mixer(weights, case.config, mode="prefill", length=case.length, options=options)
     prepared = PreparedCase(case, weights, hidden, prefill, bytes(prefill.write_inputs(None, hidden)))
     if case.decode:
-        decode = compile_mixer(weights, case.config, mode="decode", options=options)
+        try:
+            decode = compile_mixer(weights, case.config, mode="decode", options=options, resident=case.resident)
+        except CompileError:        # the weights do not stay on chip: every step loads them
+            decode = compile_mixer(weights, case.config, mode="decode", options=options)
         prepared.decode = decode
         prepared.decode_first_image = bytes(decode.write_inputs(None, hidden[0:1]))
         prepared.decode_patches = [_hidden_patch(decode, hidden[k:k + 1]) for k in range(1, case.length)]
@@ -262,11 +269,13 @@ def run_on_rtl(config: "MarcaConfig", prepared: list[PreparedCase], *, name: str
         memory_size = max(memory_size, len(item.prefill_image))
         if item.decode is not None:
             (work / f"{key}.decode.bin").write_bytes(item.decode_first_image)
-            steps = [{"patches": [], "out": str(work / f"{key}.decode.out0.bin")}]
+            steps = [{"patches": [], "out": str(work / f"{key}.decode.out0.bin"),
+                      "program_address": item.decode.program_address}]
             for k, (address, data) in enumerate(item.decode_patches, start=1):
                 patch = work / f"{key}.decode.in{k}.bin"
                 patch.write_bytes(data)
-                steps.append({"patches": [[address, str(patch)]], "out": str(work / f"{key}.decode.out{k}.bin")})
+                steps.append({"patches": [[address, str(patch)]], "out": str(work / f"{key}.decode.out{k}.bin"),
+                              "program_address": decode_program_address(item.decode, k)})
             jobs.append({"name": f"{key}/decode", "memory": str(work / f"{key}.decode.bin"),
                          "program_address": item.decode.program_address, "steps": steps})
             memory_size = max(memory_size, len(item.decode_first_image))
@@ -322,17 +331,25 @@ def _follow(path: Path, callback, stop: threading.Event):
 # Host side: golden comparison, accuracy, utilization
 # ------------------------------------------------------------------------------------------------------
 
-def _iss(config, memory: bytes, program_address: int):
-    from marca.golden.iss import run_program
-    result, machine = run_program(config, memory, program_address)
-    return result, machine.memory_bytes()
+def _iss(config, memory: bytes, program_address: int, machine=None):
+    """Run ``memory`` on a new ISS machine, or with ``machine`` on that one without a reset (its buffers as
+    the last program left them, the memory image replaced by ``memory``: the RTL between two runs)."""
+    from marca.golden.iss import Machine
+    if machine is None:
+        machine = Machine(config, memory)
+    else:
+        machine.write_memory(0, memory)
+        machine.restart(keep_buffers=True)
+    result = machine.run(program_address)
+    return result, machine.memory_bytes(), machine
 
 
-def _compare_step(where: str, config, rtl: RtlStep, memory_in: bytes, program_address: int) -> bytes:
-    """Run ``memory_in`` on the ISS; assert the RTL step equals it (image, error, counters). Returns the
-    ISS image."""
+def _compare_step(where: str, config, rtl: RtlStep, memory_in: bytes, program_address: int, *,
+                  machine=None) -> tuple[bytes, object]:
+    """Run ``memory_in`` on the ISS (on ``machine`` without a reset, if given); assert the RTL step equals it
+    (image, error, counters). Returns the ISS image and machine."""
     from marca.golden.iss import COUNTER_NAMES
-    expected, golden = _iss(config, memory_in, program_address)
+    expected, golden, machine = _iss(config, memory_in, program_address, machine)
     if rtl.error != expected.error:
         raise AssertionError(f"{where}: RTL error {rtl.error.name}, ISS {expected.error.name} {expected.message}")
     if expected.error != ErrorCode.NONE:
@@ -347,7 +364,13 @@ def _compare_step(where: str, config, rtl: RtlStep, memory_in: bytes, program_ad
     for name in COUNTER_NAMES:
         if rtl.counters[name] != expected.counters[name]:
             raise AssertionError(f"{where}: counter {name} = {rtl.counters[name]}, ISS {expected.counters[name]}")
-    return golden
+    return golden, machine
+
+
+def decode_program_address(decode, k: int) -> int:
+    """The program of decode step ``k``: with resident weights, the loading step first, then the step
+    that finds them on chip."""
+    return decode.resident_program_address if k and decode.resident_instructions else decode.program_address
 
 
 def _region_bytes(compiled, place, image: bytes, rows=None) -> bytes:
@@ -405,14 +428,17 @@ def evaluate(prepared: PreparedCase, rtl: dict) -> dict:
         if len(steps) != case.length:
             raise AssertionError(f"{case.name}: {len(steps)} decode steps ran, {case.length} expected")
         memory_in = prepared.decode_first_image
-        outputs = []
+        outputs, machine = [], None
         for k, step in enumerate(steps):
             if k:
                 address, data = prepared.decode_patches[k - 1]
                 memory_in = bytearray(steps[k - 1].image)
                 memory_in[address:address + len(data)] = data
                 memory_in = bytes(memory_in)
-            _compare_step(f"{case.name} decode step {k}", config, step, memory_in, decode.program_address)
+            # resident weights: the ISS keeps its buffers from step to step, as the RTL does
+            _, machine = _compare_step(f"{case.name} decode step {k}", config, step, memory_in,
+                                       decode_program_address(decode, k),
+                                       machine=machine if decode.resident_instructions else None)
             outputs.append(_region_bytes(decode, decode.output, step.image))
         for k, row in enumerate(outputs):
             if row != _region_bytes(prepared.prefill, prepared.prefill.output, prefill_rtl.image, [k]):
@@ -520,13 +546,17 @@ def utilization(compiled, counters: dict) -> dict:
     if total != counted:
         raise AssertionError(f"classified beats {total} != counted beats {counted}")
     cycles = counters["cycles"]
+    # the DRAM bound: the bytes the run moved at one bus beat per cycle (AXI reads and writes are separate)
+    dram_bound = max(counters["dma_bytes_read"] + counters["fetch_bytes"], counters["dma_bytes_written"]) \
+        / (config.axi_data_width // 8)
     useful = useful_operations(config, compiled.dims, compiled.length)
     classes = {kind: {"beats": beats[kind], "share_of_cycles": beats[kind] / cycles,
                       "useful_operations": useful[kind],
                       "padding_efficiency": useful[kind] / (beats[kind] * lanes) if beats[kind] else None}
                for kind in OPERATION_CLASSES}
     return {"cycles": cycles, "lanes": lanes, "classes": classes, "ideal_cycles": total,
-            "fraction_of_ideal": total / cycles,
+            "fraction_of_ideal": total / cycles, "dram_bound_cycles": dram_bound,
+            "fraction_of_dram_bound": dram_bound / cycles,
             "useful_utilization": sum(useful.values()) / (cycles * lanes),
             "array_busy_fraction": (counters["array_linear_cycles"] + counters["array_elementwise_cycles"])
             / cycles,

@@ -410,3 +410,72 @@ def test_decode_step_is_the_batched_lowering_of_one_sequence():
         compile_mixer(weights, FP32_4x4, mode="decode", batch=0)
     with pytest.raises(ValueError, match="batch"):
         compile_mixer(weights, FP32_4x4, mode="prefill", length=4, batch=2)
+
+
+# Resident weights: a decode step that finds them left on chip by the step before ------------------------
+
+def resident_chain(compiled, steps, conv, ssm, *, keep_buffers=True):
+    """Run ``compiled``'s loading step and then its resident step ``len(steps) - 1`` times on one ISS
+    machine (buffers kept between programs, inputs patched in by the host); the outputs and final states."""
+    from marca.compiler.mamba import write_place
+    config = compiled.config
+    machine = iss.Machine(config, compiled.write_inputs(None, steps[0], conv, ssm))
+    outputs = []
+    for k, hidden in enumerate(steps):
+        if k:
+            image = bytearray(machine.memory_bytes())
+            write_place(config, image, compiled.hidden, hidden)
+            place = compiled.hidden
+            machine.write_memory(place.address, image[place.address:place.address + place.rows * place.row_stride])
+            machine.restart(keep_buffers=keep_buffers)
+        address = compiled.resident_program_address if k else compiled.program_address
+        result = machine.run(address)
+        assert result.error == isa.ErrorCode.NONE, result
+        out, conv_after, ssm_after = compiled.read_outputs(machine.memory_bytes())
+        outputs.append(out)
+    return outputs, conv_after, ssm_after
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_resident_weights_decode_equals_loading_decode(batch):
+    """Three chained decode steps, the last two finding the weights on chip: outputs and states bit for bit
+    those of three loading steps; the resident step reads no weight, parameter or A byte."""
+    weights = mixer(16, 4, seed=40)
+    hidden, conv, ssm = batch_inputs(batch, 16, 4, seed=41)
+    steps = [hidden + k for k in range(3)]
+    conv, ssm = (conv, ssm) if batch > 1 else (conv[0], ssm[0])
+    compiled = compile_mixer(weights, FP32_4x4, mode="decode", batch=batch, resident=True)
+    outputs, conv_after, ssm_after = resident_chain(compiled, steps, conv, ssm)
+    expected_conv, expected_ssm = conv, ssm
+    for k, rows in enumerate(steps):
+        run = compiled.run(rows, expected_conv, expected_ssm)
+        assert torch.equal(outputs[k], run.out), f"step {k}"
+        expected_conv, expected_ssm = run.conv_state, run.ssm_state
+    assert torch.equal(conv_after, expected_conv) and torch.equal(ssm_after, expected_ssm)
+    loaded = program_bytes_read(compiled.instructions)
+    resident = program_bytes_read(compiled.resident_instructions)
+    weights_bytes = sum(region.size for name, region in compiled.regions.items()
+                        if name.startswith(("matrix ", "parameters", "A tiles")))
+    assert loaded - resident == weights_bytes
+
+
+def program_bytes_read(instructions):
+    from marca.compiler.program import program_counters
+    return program_counters(instructions, FP32_4x4)["dma_bytes_read"]
+
+
+def test_resident_step_after_a_reset_reads_undefined_buffers():
+    """Broken use: the resident step on a machine whose buffers were reset reads never-written weights."""
+    weights = mixer(16, 4, seed=40)
+    hidden, conv, ssm = batch_inputs(1, 16, 4, seed=41)
+    compiled = compile_mixer(weights, FP32_4x4, mode="decode", resident=True)
+    with pytest.raises(iss.ProgramError, match="nothing has written"):
+        resident_chain(compiled, [hidden, hidden], conv[0], ssm[0], keep_buffers=False)
+
+
+def test_resident_weights_need_them_on_chip():
+    weights = mixer(16, 4, seed=40)
+    with pytest.raises(CompileError, match="resident weights need"):
+        compile_mixer(weights, FP32_4x4, mode="decode", resident=True, options=CompileOptions(max_weight_lines=8))
+    with pytest.raises(ValueError, match="resident"):
+        compile_mixer(weights, FP32_4x4, mode="prefill", length=2, resident=True)

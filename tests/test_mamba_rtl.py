@@ -80,12 +80,14 @@ def test_mamba_mixer_on_rtl(name):
 # Fast tier: the scoreboard can fail
 # ------------------------------------------------------------------------------------------------------
 
-def _iss_as_rtl(prepared):
-    """What a perfect RTL would leave: the ISS's runs in the shape :func:`mamba.run_on_rtl` returns."""
+def _iss_as_rtl(prepared, *, forget_buffers=False):
+    """What a perfect RTL would leave: the ISS's runs in the shape :func:`mamba.run_on_rtl` returns.
+    ``forget_buffers``: a broken machine whose buffers read zero at the start of every run."""
     from marca.golden.iss import run_program
 
     def step(memory, address):
-        result, machine = run_program(prepared.case.config, memory, address)
+        options = dict(buffer_fill=0, check_undefined=False) if forget_buffers else {}
+        result, machine = run_program(prepared.case.config, memory, address, **options)
         counters = dict(dict.fromkeys(COUNTERS, 0), **result.counters, cycles=1)     # the RTL's own: 0
         return mamba.RtlStep(machine.memory_bytes(), result.error, 0, 0b010, counters, 0.0)
 
@@ -96,8 +98,19 @@ def _iss_as_rtl(prepared):
             address, data = prepared.decode_patches[k - 1]
             memory = bytearray(decode[-1].image)
             memory[address:address + len(data)] = data
-        decode.append(step(bytes(memory), prepared.decode.program_address))
+        decode.append(step(bytes(memory), mamba.decode_program_address(prepared.decode, k)))
     return {prepared.case.name: {"prefill": prefill, "decode": decode}}
+
+
+def test_scoreboard_catches_a_machine_that_forgets_resident_weights():
+    """Resident weights: a machine that clears its buffers between runs computes the later steps from zero
+    weights; the scoreboard (whose ISS keeps its buffers) must catch it at step 1."""
+    from marca.demo import DEMO_CONFIG
+    prepared = mamba.prepare(mamba.MixerCase(name="forgets", config=DEMO_CONFIG, d_model=16, d_state=16, length=2,
+                                             resident=True))
+    assert prepared.decode.resident_instructions is not None
+    with pytest.raises(AssertionError, match="decode step 1: final memory differs"):
+        mamba.evaluate(prepared, _iss_as_rtl(prepared, forget_buffers=True))
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +192,21 @@ def test_batched_decode_on_rtl():
     rtl = mamba.run_on_rtl(DEMO_CONFIG, [prepared[0]], name="test-mamba-batched", pause=0.1, seed=7)
     rows = bench.batched_rtl_check([prepared], rtl)       # raises on any difference
     assert rows[0]["equals_separate_steps"] and rows[0]["cycles"] > 0
+
+
+@pytest.mark.verilator
+def test_resident_weights_decode_chain_on_rtl():
+    """Resident weights on the demo configuration's RTL with random AXI pauses: the first decode step loads
+    the weights, the next ones run the program without their LOADs and find them in the buffers the step
+    before left (no reset between runs). Every step's image and counters equal the ISS's (one ISS machine
+    keeping its buffers between the steps), and the chain equals the prefill bit for bit."""
+    from marca.demo import DEMO_CONFIG
+    case = mamba.MixerCase(name="resident", config=DEMO_CONFIG, d_model=16, d_state=16, length=3, seed=8,
+                           resident=True)
+    prepared = mamba.prepare(case)
+    assert prepared.decode.resident_instructions is not None
+    rtl = mamba.run_on_rtl(DEMO_CONFIG, [prepared], name="test-mamba-resident", pause=0.1, seed=7)
+    report = mamba.evaluate(prepared, rtl)       # raises on any difference
+    assert report["decode"]["equals_prefill_bit_for_bit"]
+    read = [step.counters["dma_bytes_read"] for step in rtl["resident"]["decode"]]
+    assert read[1] == read[2] < read[0]
