@@ -280,6 +280,52 @@ class ScoreboardEntry(wiring.Component):
         return m
 
 
+class GranuleAlign(wiring.Component):
+    """Moves an operand's granule to element 0 of the array's operand field (one per operand, one module).
+
+    A line of ``lanes`` elements holds granules of 1, ``R``, ``C`` or ``R·C`` elements; the one an operand
+    reads starts at ``position`` (a multiple of its size) and the array reads it from element 0. Element
+    ``e`` is read by the broadcasts whose granule exceeds ``e``, so it comes from a position that is a
+    multiple of the smallest such granule; elements past the granule are not read by the array and are
+    left as they fall. Combinational.
+
+    Ports
+    -----
+    line : In(lanes · width)
+        The operand's line.
+    position : In(max(1, log2(lanes)))
+        The granule's first element in the line.
+    field : Out(lanes · width)
+        The array's operand field.
+    """
+
+    def __init__(self, *, lanes: int, width: int, granules):
+        self._lanes, self._width, self._granules = lanes, width, sorted(granules)
+        super().__init__({"line": In(lanes * width), "position": In(max(1, exact_log2(lanes))),
+                          "field": Out(lanes * width)})
+
+    def elaborate(self, platform):
+        m = Module()
+        lanes, width = self._lanes, self._width
+        elements = [self.line[e * width:(e + 1) * width] for e in range(lanes)]
+        field_elements = []
+        for e in range(lanes):
+            granule = min(g for g in self._granules if g > e)
+            if granule == lanes:          # LANE only, which starts at element 0
+                field_elements.append(elements[e])
+                continue
+            block = self.position[exact_log2(granule):exact_log2(lanes)]
+            candidates = [elements[start + e] for start in range(0, lanes, granule)]
+            element = Signal(width, name=f"field{e}")
+            with m.Switch(block):
+                for number, candidate in enumerate(candidates):
+                    with m.Case(number):
+                        m.d.comb += element.eq(candidate)
+            field_elements.append(element)
+        m.d.comb += self.field.eq(Cat(*field_elements))
+        return m
+
+
 class ComputeEngine(wiring.Component):
     """Runs compute instructions on the PE array (see the module docstring).
 
@@ -377,7 +423,7 @@ class ComputeEngine(wiring.Component):
             return address[:lane_shift] if lane_shift else Const(0, 1)
 
         # ==== stage 1: beat generator ==================================================================
-        command = Signal(compute_command_layout())
+        command = _view(compute_command_layout(), "command")
         active = Signal()           # beats of `command` are left to generate
         m.d.comb += [self.command.ready.eq(~active), self.active.eq(active)]
         accept = self.command.valid & ~active
@@ -487,7 +533,7 @@ class ComputeEngine(wiring.Component):
             with m.Default():
                 m.d.comb += [sources[name].eq(CONSTANT_SOURCE) for name in "abc"]
 
-        generated = Signal(layout)
+        generated = _view(layout, "generated")
         m.d.comb += [generated.kind.eq(kind), generated.op.eq(beat_op), generated.function.eq(beat_function),
                      generated.mode.eq(beat_mode),
                      generated.nonlinear_line.eq((kind == KIND_NONLINEAR) & last_middle),
@@ -506,9 +552,9 @@ class ComputeEngine(wiring.Component):
         # ==== skid buffer: `head` is the beat the issue stage looks at, `skid` the one behind it ========
         # The generator only looks at `skid_valid` (a flip-flop), so the scoreboard check never reaches
         # the loops; a beat that could not move to `head` waits in `skid` and the generator pauses.
-        head = Signal(layout)
+        head = _view(layout, "head")
         head_valid = Signal()
-        skid = Signal(layout)
+        skid = _view(layout, "skid")
         skid_valid = Signal()
         push = Signal()
         issue = Signal()
@@ -591,13 +637,13 @@ class ComputeEngine(wiring.Component):
                          scratch_reads[port].en.eq(1)]
 
         # ==== stage 3: fetch (read data arrives and is selected by source) ===========================
-        fetched = Signal(layout)
+        fetched = _view(layout, "fetched")
         m.d.sync += fetch_valid.eq(issue)
         with m.If(issue):
             m.d.sync += fetched.eq(head)
         # Stage 4: the selected lines are registered, so a block-RAM read ends at a flip-flop; the
         # granule move below then feeds the operand queue from flip-flops.
-        staged = Signal(layout)
+        staged = _view(layout, "staged")
         staged_lines = {name: Signal(line_bits, name=f"{name}_staged_line") for name in "abc"}
         m.d.sync += [staged_valid.eq(fetch_valid), staged.eq(fetched)]
         for position, name in enumerate("abc"):
@@ -608,7 +654,7 @@ class ComputeEngine(wiring.Component):
             choices += [(described.source == CONSTANT_SOURCE, described.constant)]
             m.d.sync += staged_lines[name].eq(_or_all(Mux(selected, choice, 0) for selected, choice in choices))
 
-        payload = Signal(self.array_layouts.operands)
+        payload = _view(self.array_layouts.operands, "payload")
         m.d.comb += [payload.mode.eq(staged.mode), payload.op.eq(staged.op),
                      payload.first.eq(1), payload.last.eq(1)]
         if self.function_bits:
@@ -616,27 +662,10 @@ class ComputeEngine(wiring.Component):
         granules = sorted({1, rows, cols, lanes})
         for name in "abc":
             described = staged[name]
-            line = staged_lines[name]
-            # The granule starts at `position` (a multiple of the granule) in its line: move it to
-            # element 0. Element e is read by the broadcasts whose granule exceeds e, so it comes from
-            # a position that is a multiple of the smallest such granule; elements past the granule are
-            # not read by the array and are left as they fall.
-            elements = [line[e * width:(e + 1) * width] for e in range(lanes)]
-            field_elements = []
-            for e in range(lanes):
-                granule = min(g for g in granules if g > e)
-                if granule == lanes:          # LANE only, which starts at element 0
-                    field_elements.append(elements[e])
-                    continue
-                block = described.position[exact_log2(granule):lane_shift]
-                candidates = [elements[start + e] for start in range(0, lanes, granule)]
-                element = Signal(width, name=f"{name}_field{e}")
-                with m.Switch(block):
-                    for number, candidate in enumerate(candidates):
-                        with m.Case(number):
-                            m.d.comb += element.eq(candidate)
-                field_elements.append(element)
-            m.d.comb += [getattr(payload, name).as_value().eq(Cat(*field_elements)),
+            # The granule starts at `position` (a multiple of the granule) in its line: moved to element 0.
+            align = m.submodules[f"{name}_align"] = GranuleAlign(lanes=lanes, width=width, granules=granules)
+            m.d.comb += [align.line.eq(staged_lines[name]), align.position.eq(described.position),
+                         getattr(payload, name).as_value().eq(align.field),
                          getattr(payload, f"broadcast_{name}").eq(described.broadcast)]
         m.d.comb += [queue.w_en.eq(staged_valid), queue.w_data.eq(payload.as_value())]
         m.d.comb += [self.array_in.valid.eq(queue.r_rdy), self.array_in.payload.eq(queue.r_data),
@@ -649,7 +678,7 @@ class ComputeEngine(wiring.Component):
         destination = _destination_layout(line_width, position_bits)
         m.submodules.destination_queue = destinations = SyncFIFOBuffered(width=destination.size, depth=depth)
         pop = Signal()
-        issued_destination = Signal(destination)
+        issued_destination = _view(destination, "issued_destination")
         m.d.comb += [issued_destination.source.eq(head.dst_source), issued_destination.line.eq(head.dst_line),
                      issued_destination.position.eq(head.dst_position),
                      issued_destination.partial.eq(head.dst_partial),
@@ -727,3 +756,9 @@ def _or_all(values):
     for value in values[1:]:
         result = result | value
     return result
+
+
+def _view(layout, name):
+    """A register or net of ``layout`` as a view of a plain signal: the beat descriptions are copied from
+    stage to stage, and a ``Signal(layout)`` would put a named wire per field, per copy, in the Verilog."""
+    return layout(Signal(layout.size, name=name))

@@ -599,7 +599,9 @@ class PEArray(wiring.Component):
         # Control pipeline -------------------------------------------------------------------------------
         last_stage = max(lat_lin, lat_ew)
         control_layout = _control_layout(self.slot_bits)
-        control = [Signal(control_layout, name="control_0")]
+        # Plain signals viewed through the layout: a Signal(control_layout) per stage would put a named wire
+        # per field and stage in the Verilog.
+        control = [control_layout(Signal(control_layout.size, name="control_0"))]
         if self.slot_bits:
             m.d.comb += control[0].slot.eq(payload.slot)
         m.d.comb += [
@@ -610,7 +612,7 @@ class PEArray(wiring.Component):
             control[0].last.eq(payload.last),
         ]
         for stage in range(1, last_stage + 1):
-            register = Signal(control_layout, name=f"control_{stage}")
+            register = control_layout(Signal(control_layout.size, name=f"control_{stage}"))
             with m.If(enable):
                 m.d.sync += register.eq(control[stage - 1])
             control.append(register)
