@@ -41,11 +41,23 @@ def test_each_distinct_module_is_defined_once(tiny_verilog):
     assert len(modules) == len(set(modules))
     # No module is named by its place in the hierarchy ("\marca_accelerator.array.adder_0_0") any more.
     assert [name for name in modules if "." in name] == []
-    # The tiny preset's 2x2 array: four PEs, one definition, which holds the one adder definition.
+    def instances(module, name):
+        return len(re.findall(rf"^  {module} {name}", text, flags=re.MULTILINE))
+
+    # The tiny preset's 2x2 array: two rows, one definition, which instantiates the two PEs of a row, one
+    # definition, which holds the one adder definition.
+    assert modules.count("marca_array_row_fp16") == 1
+    assert instances("marca_array_row_fp16", "row_") == 2
     assert modules.count("marca_processing_element_fp16") == 1
-    assert len(re.findall(r"^  marca_processing_element_fp16 pe_", text, flags=re.MULTILINE)) == 4
+    assert instances("marca_processing_element_fp16", "pe_") == 2
     assert modules.count("marca_float_adder_fp16") == 1
-    assert len(re.findall(r"^  marca_float_adder_fp16 ", text, flags=re.MULTILINE)) == 1
+    assert instances("marca_float_adder_fp16", "") == 1
+    # The compute engine's repeated parts: one scoreboard entry per beat in flight, one granule move per
+    # operand, each one definition.
+    assert modules.count("marca_scoreboard_entry") == 1
+    assert instances("marca_scoreboard_entry", "scoreboard_") > 1
+    assert modules.count("marca_granule_align") == 1
+    assert instances("marca_granule_align", "") == 3
 
 
 class _Adders(wiring.Component):
@@ -99,7 +111,7 @@ def test_a_wrong_merge_is_caught(tiny_rtlil, monkeypatch):
     monkeypatch.setattr(verilog, "_structure", ports_only)
     merged, report = verilog.deduplicate_rtlil(tiny_rtlil)
     differences = verilog.flattened_differences(tiny_rtlil, merged, "marca_accelerator")
-    assert any("array.pe_0_0.adder." in item for item in differences)
+    assert any("array.row_0.pe_0.adder." in item for item in differences)
 
 
 @pytest.mark.verilator
