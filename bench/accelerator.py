@@ -16,6 +16,9 @@ own ``cycles`` counter (start to done, loads and stores included).
 
 The configuration (``BENCH_CONFIG``) is a 4 x 4 BF16 array with a 256-bit bus: one beat carries one line of
 16 BF16 weights, so the bus can feed the array at the rate it consumes weights ("bandwidth allows").
+``BUS_BOUND_CONFIG`` is the same with a 64-bit bus: a line takes four beats, so the streamed GEMV is bound
+by the bus, and its figure of merit is the bus utilization = (DMA bytes read + instruction bytes) /
+(cycles x bus bytes per beat), with the testbench memory's latency (AXI model, no pauses).
 """
 
 import dataclasses
@@ -39,11 +42,12 @@ from marca.isa import (
 )
 from marca.ops import Broadcast, ElementwiseOp
 
-__all__ = ["BENCH_CONFIG", "programs", "run"]
+__all__ = ["BENCH_CONFIG", "BUS_BOUND_CONFIG", "programs", "run"]
 
 BENCH_CONFIG = dataclasses.replace(
     FPGA_MEDIUM, name="bench-4x4-bus256", axi_data_width=256, weight_buffer_kib=32, activation_buffer_kib=16,
     state_buffer_kib=4, scratch_buffer_kib=16)
+BUS_BOUND_CONFIG = dataclasses.replace(BENCH_CONFIG, name="bench-4x4-bus64", axi_data_width=64)
 
 
 def _random_storage(config: MarcaConfig, count: int, seed: int, scale: float = 1.0) -> bytes:
@@ -182,34 +186,39 @@ def run(out_dir: pathlib.Path) -> dict:
     from marca.hw.accelerator import Accelerator
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = BENCH_CONFIG
     started = time.time()
-    build_dir = sim.build(sim.emit_verilog(Accelerator(config), "accelerator"), "accelerator",
-                          label=f"accelerator-{config.name}")
-    raw = (out_dir / "accelerator-raw.json").resolve()      # the simulator runs in another folder
-    sim.run(build_dir, "accelerator", "marca.tb.accelerator", testcase="benchmark", name="bench",
-            params={"config": config.to_dict(), "out": str(raw)})
-    measured = json.loads(raw.read_text())
-    lanes = config.lanes
-    results = {"config": config.to_dict(), "programs": {}}
-    for name, (_, _, useful) in programs(config).items():
-        counters = measured[name]
-        cycles = counters["cycles"]
-        results["programs"][name] = {
-            "cycles": cycles, "useful_pe_operations": useful,
-            "pe_utilization": useful / (cycles * lanes),
-            "array_busy_fraction": (counters["array_linear_cycles"] + counters["array_elementwise_cycles"]) / cycles,
-            "counters": counters,
-        }
+    results = {"config": BENCH_CONFIG.to_dict(), "programs": {}, "bus_bound": {}}
+    for config, key in ((BENCH_CONFIG, "programs"), (BUS_BOUND_CONFIG, "bus_bound")):
+        build_dir = sim.build(sim.emit_verilog(Accelerator(config), "accelerator"), "accelerator",
+                              label=f"accelerator-{config.name}")
+        raw = (out_dir / f"accelerator-raw-{config.name}.json").resolve()   # the simulator runs elsewhere
+        sim.run(build_dir, "accelerator", "marca.tb.accelerator", testcase="benchmark", name="bench",
+                params={"config": config.to_dict(), "out": str(raw)})
+        measured = json.loads(raw.read_text())
+        lanes, bus = config.lanes, config.axi_data_width // 8
+        if key == "bus_bound":
+            results["bus_bound_config"] = config.to_dict()
+        for name, (_, _, useful) in programs(config).items():
+            counters = measured[name]
+            cycles = counters["cycles"]
+            results[key][name] = {
+                "cycles": cycles, "useful_pe_operations": useful,
+                "pe_utilization": useful / (cycles * lanes),
+                "array_busy_fraction": (counters["array_linear_cycles"] + counters["array_elementwise_cycles"])
+                / cycles,
+                "bus_read_utilization": (counters["dma_bytes_read"] + counters["fetch_bytes"]) / (cycles * bus),
+                "counters": counters,
+            }
+        print(f"accelerator benchmark ({config.name}: {config.array_rows}x{config.array_cols} "
+              f"{config.compute_format.name}, {config.axi_data_width}-bit bus), bit-exact with the ISS")
+        print(f"{'program':<20} {'cycles':>8} {'PE util':>8} {'bus rd':>7} {'DMA rd B':>9} {'DMA wr B':>9} "
+              f"{'stall hz':>8} {'stall dp':>8}")
+        for name, entry in results[key].items():
+            c = entry["counters"]
+            print(f"{name:<20} {entry['cycles']:>8} {entry['pe_utilization']:>8.1%} "
+                  f"{entry['bus_read_utilization']:>7.1%} {c['dma_bytes_read']:>9} {c['dma_bytes_written']:>9} "
+                  f"{c['stall_hazard_cycles']:>8} {c['stall_dispatch_cycles']:>8}")
     results["wall_seconds"] = round(time.time() - started, 1)
-    print(f"accelerator benchmark ({config.name}: {config.array_rows}x{config.array_cols} "
-          f"{config.compute_format.name}, {config.axi_data_width}-bit bus), bit-exact with the ISS")
-    print(f"{'program':<20} {'cycles':>8} {'PE util':>8} {'DMA rd B':>9} {'DMA wr B':>9} {'stall hz':>8} "
-          f"{'stall dp':>8}")
-    for name, entry in results["programs"].items():
-        c = entry["counters"]
-        print(f"{name:<20} {entry['cycles']:>8} {entry['pe_utilization']:>8.1%} {c['dma_bytes_read']:>9} "
-              f"{c['dma_bytes_written']:>9} {c['stall_hazard_cycles']:>8} {c['stall_dispatch_cycles']:>8}")
     (out_dir / "accelerator.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
