@@ -42,7 +42,7 @@ BATCHES = (1, 4, 16)
 #: Batch sizes of the cycle model's curve (seconds each).
 MODEL_BATCHES = (1, 2, 4, 8, 16)
 #: The streamed-weights case: the demo configuration with a 64-bit bus and a mixer 4x the demo's width.
-STREAMED = {"axi_data_width": 64, "d_model": 128, "batches": (1, 2, 4, 8, 16, 32)}
+STREAMED = {"axi_data_width": 64, "d_model": 128, "batches": (1, 2, 4, 8, 16, 32), "rtl_batches": (1, 4)}
 
 
 def _variants():
@@ -50,11 +50,13 @@ def _variants():
     return SWITCH_VARIANTS
 
 
-def batched_case(config, batch: int, *, seed: int = SIZES["seed"], d_model: int = SIZES["d_model"]):
+def batched_case(config, batch: int, *, seed: int = SIZES["seed"], d_model: int = SIZES["d_model"],
+                 resident: bool = False):
     """A batched decode step of the demo's mixer: ``(PreparedCase, hidden, conv, ssm)`` with random tokens
-    and states for ``batch`` sequences (``batch`` 1: the plain decode step)."""
+    and states for ``batch`` sequences (``batch`` 1: the plain decode step). ``resident``: also the step
+    that finds the weights on chip, where the plan keeps them there."""
     import torch
-    from marca.compiler import compile_mixer
+    from marca.compiler import CompileError, compile_mixer
     from marca.reference import mamba as reference
     from marca.tb import mamba
     dims = reference.MambaDims(d_model=d_model, d_state=SIZES["d_state"])
@@ -63,7 +65,10 @@ def batched_case(config, batch: int, *, seed: int = SIZES["seed"], d_model: int 
     hidden = torch.randn(batch, dims.d_model, generator=generator, dtype=torch.float64)
     conv = torch.randn(batch, dims.d_inner, dims.d_conv, generator=generator, dtype=torch.float64) * 0.5
     ssm = torch.randn(batch, dims.d_inner, dims.d_state, generator=generator, dtype=torch.float64)
-    compiled = compile_mixer(weights, config, mode="decode", batch=batch)
+    try:
+        compiled = compile_mixer(weights, config, mode="decode", batch=batch, resident=resident)
+    except CompileError:        # the weights stream: no resident step
+        compiled = compile_mixer(weights, config, mode="decode", batch=batch)
     image = compiled.write_inputs(None, hidden, *((conv, ssm) if batch > 1 else (conv[0], ssm[0])))
     case = mamba.MixerCase(name=f"batch{batch}", config=config, d_model=dims.d_model, d_state=dims.d_state,
                            length=batch, seed=seed, decode=False)
@@ -87,18 +92,20 @@ def _separate_steps_agree(prepared, hidden, conv, ssm, batched_image: bytes) -> 
     return True
 
 
-def batched_figures(config, compiled, counters: dict) -> dict:
-    """Per-token figures of one batched step from its counters (RTL or cycle model)."""
+def batched_figures(config, compiled, counters: dict, resident: bool = False) -> dict:
+    """Per-token figures of one batched step from its counters (RTL or cycle model); ``resident``: of the
+    step that finds the weights on chip."""
     from marca.compiler.program import program_counters
     B = compiled.batch
-    static = program_counters(compiled.instructions, config)
+    static = program_counters(compiled.resident_instructions if resident else compiled.instructions, config)
     beats = static["linear_beats"] + static["elementwise_beats"] + static["nonlinear_beats"]
     cycles = counters["cycles"]
     bus = config.axi_data_width // 8
     read = static["dma_bytes_read"] + static["fetch_bytes"]
     written = static["dma_bytes_written"]
     bound = max(read, written) / bus
-    return {"batch": B, "instructions": len(compiled.instructions),
+    return {"batch": B, "weights": "resident" if resident else "loaded" if compiled.weights_resident else "streamed",
+            "instructions": static["instructions"],
             "block_tokens": compiled.plan.block_tokens, "scan_tiles": compiled.plan.scan_tiles,
             "cycles": cycles, "cycles_per_token": cycles / B,
             "array_beats": beats, "array_beats_per_token": beats / B, "fraction_of_ideal": beats / cycles,
@@ -111,15 +118,43 @@ def batched_figures(config, compiled, counters: dict) -> dict:
 
 
 def batched_model(config, batches=MODEL_BATCHES, d_model: int = SIZES["d_model"]) -> list:
-    """The batched decode curve from the cycle model (``marca.perf``, testbench memory)."""
+    """The batched decode curve from the cycle model (``marca.perf``, testbench memory): per batch size the
+    step that loads (or streams) the weights and, where they stay on chip, the step that finds them."""
     from marca import perf
     rows = []
     for B in batches:
-        prepared = batched_case(config, B, d_model=d_model)[0]
-        report = perf.estimate(config, prepared.prefill.instructions)
-        rows.append({**batched_figures(config, prepared.prefill, report.counters),
-                     "weights_resident": prepared.prefill.plan.weights_resident})
+        compiled = batched_case(config, B, d_model=d_model, resident=True)[0].prefill
+        for resident in (False, True) if compiled.resident_instructions else (False,):
+            instructions = compiled.resident_instructions if resident else compiled.instructions
+            report = perf.estimate(config, instructions)
+            rows.append({**batched_figures(config, compiled, report.counters, resident),
+                         "critical_path": critical_path(config, instructions, report)})
     return rows
+
+
+def critical_path(config, instructions, report) -> dict:
+    """Where a step's cycles go on the array's timeline (the cycle model's, ``report.timeline``), per
+    operation class: ``beats``; ``inside``: cycles between an instruction's first and last beat beyond its
+    beats (a beat waiting for an earlier beat's result in the pipeline: a row tile's chunks in order, a
+    nonlinear pass over few lines waiting for the pass before); ``between``: cycles from the previous
+    instruction's last beat to this one's first (its operands still in the pipeline, dispatch, a barrier
+    waiting for the DMA). With one sequence every instruction depends on the one before, so ``inside`` and
+    ``between`` are the pipeline latency on the step's critical path."""
+    from marca.tb import mamba
+    rows = {kind: {"instructions": 0, "beats": 0, "inside": 0, "between": 0}
+            for kind in mamba.OPERATION_CLASSES}
+    previous = None
+    for index, first, last, count in report.timeline:
+        row = rows[mamba.classify(instructions[index])]
+        row["instructions"] += 1
+        row["beats"] += count
+        row["inside"] += last - first + 1 - count
+        if previous is not None:
+            row["between"] += max(0, first - previous - 1)
+        previous = last
+    start, end = report.timeline[0][1], report.timeline[-1][2]
+    return {"classes": rows, "cycles": report.cycles, "before_first_beat": start,
+            "after_last_beat": report.cycles - end - 1}
 
 
 def streamed_config(config):
@@ -135,6 +170,16 @@ def batched_streamed(config) -> dict:
             "rows": batched_model(narrow, STREAMED["batches"], STREAMED["d_model"])}
 
 
+def streamed_rtl(config) -> list:
+    """The streamed-weights case on its own RTL build (``STREAMED["rtl_batches"]``), checked against the
+    ISS."""
+    from marca.tb import mamba
+    narrow = streamed_config(config)
+    prepared = [batched_case(narrow, B, d_model=STREAMED["d_model"]) for B in STREAMED["rtl_batches"]]
+    runs = mamba.run_on_rtl(narrow, [item[0] for item in prepared], name="bench-mamba-streamed")
+    return batched_rtl_check(prepared, runs)
+
+
 def batched_rtl_check(prepared_batches: list, rtl: dict) -> list:
     """Check each batched RTL run against the ISS (image, counters) and the ISS's batched step against
     separate steps; the RTL figures."""
@@ -142,13 +187,18 @@ def batched_rtl_check(prepared_batches: list, rtl: dict) -> list:
     rows = []
     for prepared, hidden, conv, ssm in prepared_batches:
         compiled = prepared.prefill
-        step = rtl[prepared.case.name]["prefill"][0]
-        golden, _ = mamba._compare_step(f"batched decode B={compiled.batch}", compiled.config, step,
-                                     prepared.prefill_image, compiled.program_address)
+        steps = rtl[prepared.case.name]["prefill"]
+        golden, machine = mamba._compare_step(f"batched decode B={compiled.batch}", compiled.config, steps[0],
+                                              prepared.prefill_image, compiled.program_address)
         if not _separate_steps_agree(prepared, hidden, conv, ssm, golden):
             raise AssertionError(f"batch {compiled.batch}: the batched step differs from separate steps")
-        rows.append({**batched_figures(compiled.config, compiled, step.counters), "counters": step.counters,
-                     "equals_separate_steps": True})
+        rows.append({**batched_figures(compiled.config, compiled, steps[0].counters), "counters": steps[0].counters,
+                     "equals_iss": True, "equals_separate_steps": True})
+        if compiled.resident_instructions:      # the second run: the weights found on chip, ISS without reset
+            mamba._compare_step(f"batched decode B={compiled.batch}, weights resident", compiled.config,
+                                steps[1], steps[0].image, compiled.resident_program_address, machine=machine)
+            rows.append({**batched_figures(compiled.config, compiled, steps[1].counters, True),
+                         "counters": steps[1].counters, "equals_iss": True})
     return rows
 
 
@@ -163,9 +213,10 @@ def run_batched(out_dir: pathlib.Path, *, rtl: bool = True) -> dict:
     results = {"config": config.to_dict(), "sizes": SIZES, "batched_model": batched_model(config),
                "batched_streamed": batched_streamed(config)}
     if rtl:
-        prepared = [batched_case(config, B) for B in BATCHES]
+        prepared = [batched_case(config, B, resident=True) for B in BATCHES]
         runs = mamba.run_on_rtl(config, [item[0] for item in prepared], name="bench-mamba-batched")
         results["batched_rtl"] = batched_rtl_check(prepared, runs)
+        results["batched_streamed"]["rtl"] = streamed_rtl(config)
     results["wall_seconds"] = round(time.time() - started, 1)
     print(batched_table(results))
     (out_dir / "mamba_batched.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -174,13 +225,13 @@ def run_batched(out_dir: pathlib.Path, *, rtl: bool = True) -> dict:
 
 def batched_table(results: dict) -> str:
     """The batched-decode table (docs/mamba.md)."""
-    lines = ["| B | source | cycles / step | cycles / token | array beats / token | fraction of ideal | "
+    lines = ["| B | weights | source | cycles / step | cycles / token | array beats / token | fraction of ideal | "
              "DRAM bytes read / token | DRAM bound (cycles / step) | fraction of DRAM bound | tokens/s at "
              f"{results['config']['fpga_clock_mhz']:g} MHz | compute busy, array idle | compute idle |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for source, key in (("RTL", "batched_rtl"), ("cycle model", "batched_model")):
         for row in results.get(key, []):
-            lines.append(f"| {row['batch']} | {source} | {row['cycles']:,} | "
+            lines.append(f"| {row['batch']} | {row['weights']} | {source} | {row['cycles']:,} | "
                          f"{row['cycles_per_token']:,.0f} | "
                          f"{row['array_beats_per_token']:,.0f} | {row['fraction_of_ideal']:.1%} | "
                          f"{row['dram_read_bytes_per_token']:,.0f} | {row['dram_bound_cycles']:,.0f} | "
@@ -191,11 +242,12 @@ def batched_table(results: dict) -> str:
         lines += ["", f"Streamed weights (cycle model): `{streamed['config']['name']}` "
                   f"({streamed['config']['axi_data_width']}-bit bus), d_model {streamed['d_model']}, "
                   f"d_state {results['sizes']['d_state']}:", "",
-                  "| B | sequences per block | cycles / token | array beats / token | DRAM bound / token | "
+                  "| B | source | sequences per block | cycles / token | array beats / token | DRAM bound / token | "
                   "fraction of ideal | fraction of DRAM bound | tokens/s | compute idle |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for row in streamed["rows"]:
-            lines.append(f"| {row['batch']} | {row['block_tokens']} | {row['cycles_per_token']:,.0f} | "
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for source, row in [("RTL", row) for row in streamed.get("rtl", [])] + \
+                [("cycle model", row) for row in streamed["rows"]]:
+            lines.append(f"| {row['batch']} | {source} | {row['block_tokens']} | {row['cycles_per_token']:,.0f} | "
                          f"{row['array_beats_per_token']:,.0f} | "
                          f"{row['dram_bound_cycles'] / row['batch']:,.0f} | "
                          f"{row['fraction_of_ideal']:.1%} | {row['fraction_of_dram_bound']:.1%} | "
@@ -217,7 +269,7 @@ def run(out_dir: pathlib.Path) -> dict:
                                      d_state=SIZES["d_state"], length=SIZES["tokens"], seed=SIZES["seed"],
                                      decode=variant == "both on", options=options))
     prepared = [mamba.prepare(case) for case in cases]
-    batches = [batched_case(config, B) for B in BATCHES]
+    batches = [batched_case(config, B, resident=True) for B in BATCHES]
     rtl = mamba.run_on_rtl(config, prepared + [item[0] for item in batches], name="bench-mamba")
     results = {"config": config.to_dict(), "sizes": SIZES, "variants": {}}
     reference_output = None
@@ -247,6 +299,7 @@ def run(out_dir: pathlib.Path) -> dict:
     results["batched_rtl"] = batched_rtl_check(batches, rtl)
     results["batched_model"] = batched_model(config)
     results["batched_streamed"] = batched_streamed(config)
+    results["batched_streamed"]["rtl"] = streamed_rtl(config)
     results["wall_seconds"] = round(time.time() - started, 1)
     print(tables(results))
     print(batched_table(results))

@@ -20,7 +20,7 @@ from marca.isa import Buffer, LinearInit
 from .emit import Emitter
 from .options import CompileError
 
-__all__ = ["Matrix", "OnChip", "InMemory", "WeightArea", "emit_linear"]
+__all__ = ["Matrix", "OnChip", "InMemory", "WeightArea", "emit_linear", "prefetch_weights"]
 
 
 @dataclass
@@ -74,10 +74,45 @@ class WeightArea:
         self.half_lines = lines // self.halves
         self.half = 0
         self.staging = staging        # (buffer, element address, lines) or None
+        self.prefetched = None        # (matrix name, first row tile, tiles, first chunk, chunks, address)
 
     def next_half(self) -> int:
         self.half = 1 - self.half if self.halves == 2 else 0
         return self.address + self.half * self.half_lines * self.config.lanes
+
+
+def _first_group(area: WeightArea, matrix: Matrix, rows, chunks) -> tuple:
+    """(first row tile, tiles, first chunk, chunks) of the first weight group :func:`emit_linear` streams for
+    these row tiles and chunks: as many whole row tiles (their chunks ``chunks``) as half the area holds, or
+    one row tile's first half-area of chunks."""
+    (j_lo, j_hi), (k_lo, k_hi) = rows, chunks
+    half = area.half_lines
+    if k_hi - k_lo <= half:
+        return j_lo, min(j_hi - j_lo, half // (k_hi - k_lo)), k_lo, k_hi - k_lo
+    return j_lo, 1, k_lo, min(half, k_hi - k_lo)
+
+
+def _load_group(emitter, area, matrix, group, address) -> None:
+    j0, count, k0, k_count = group
+    line_bytes = area.config.lanes * area.config.storage_bytes
+    emitter.dma(isa.Load, memory_address=matrix.memory + (j0 * matrix.K + k0) * line_bytes, rows=count,
+                row_elements=k_count * area.config.lanes, memory_row_stride=matrix.K * line_bytes,
+                buffer=Buffer.WEIGHT, address=address, buffer_row_stride=k_count * area.config.lanes,
+                compute=False)
+
+
+def prefetch_weights(emitter: Emitter, area: WeightArea, matrix: Matrix, *, rows: tuple[int, int] | None = None,
+                     chunks: tuple[int, int] | None = None) -> None:
+    """LOAD now the first weight group that ``emit_linear(matrix, rows=rows, chunks=chunks)`` (from an
+    on-chip source) will stream, into the next half of the area, so the DMA streams it under the work in
+    between; that call then starts from it. Nothing for a matrix kept in the weight buffer."""
+    if matrix.resident is not None:
+        return
+    rows, chunks = rows or (0, matrix.J), chunks or (0, matrix.K)
+    group = _first_group(area, matrix, rows, chunks)
+    address = area.next_half()
+    _load_group(emitter, area, matrix, group, address)
+    area.prefetched = (matrix.name, *group, address)
 
 
 def _shift(operand, t: int):
@@ -150,21 +185,23 @@ def _weights(emitter, area, matrix, tokens, vector, output, rows, chunks, bias, 
             for j in range(j_lo, j_hi):
                 linear(matrix.resident + (j * K + k_lo) * P, j, 1, k_lo, k_count, accumulate)
         return
-    line_bytes = P * config.storage_bytes
     half = area.half_lines
+    prefetched, area.prefetched = area.prefetched, None
+
+    def load(group):
+        if prefetched and prefetched[:5] == (matrix.name, *group):
+            return prefetched[5]
+        address = area.next_half()
+        _load_group(emitter, area, matrix, group, address)
+        return address
+
     if k_count <= half:
-        group = min(j_hi - j_lo, half // k_count)
-        for j0 in range(j_lo, j_hi, group):
-            count = min(group, j_hi - j0)
-            address = area.next_half()
-            emitter.dma(isa.Load, memory_address=matrix.memory + (j0 * K + k_lo) * line_bytes, rows=count,
-                        row_elements=k_count * P, memory_row_stride=K * line_bytes, buffer=Buffer.WEIGHT,
-                        address=address, buffer_row_stride=k_count * P, compute=False)
-            linear(address, j0, count, k_lo, k_count, accumulate)
+        step = _first_group(area, matrix, rows, chunks)[1]
+        for j0 in range(j_lo, j_hi, step):
+            count = min(step, j_hi - j0)
+            linear(load((j0, count, k_lo, k_count)), j0, count, k_lo, k_count, accumulate)
     else:    # one row tile's chunks do not fit a half: split them, accumulating through the bias path
         for j in range(j_lo, j_hi):
             for k0 in range(k_lo, k_hi, half):
                 count = min(half, k_hi - k0)
-                address = area.next_half()
-                emitter.load_lines(matrix.memory + (j * K + k0) * line_bytes, count, Buffer.WEIGHT, address)
-                linear(address, j, 1, k0, count, accumulate or k0 > k_lo)
+                linear(load((j, 1, k0, count)), j, 1, k0, count, accumulate or k0 > k_lo)

@@ -29,7 +29,7 @@ from marca.reference.mamba import MambaDims
 
 from .emit import Allocator, Emitter
 from .layout import MemoryImage, TensorPlace, ceil_div, largest, line_vector, tile_matrix
-from .linear import InMemory, Matrix, OnChip, WeightArea, emit_linear
+from .linear import InMemory, Matrix, OnChip, WeightArea, emit_linear, prefetch_weights
 from .options import CompileError, CompileOptions
 
 __all__ = ["MixerWeights", "MixerPlan", "layout_mixer", "plan_mixer", "lower_mixer", "resident_weights",
@@ -257,6 +257,10 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
             for name, what in (("h", "scan states h"), ("dA", "decay tiles"), ("dBx", "drive tiles")):
                 regions[name] = trial.take(f"the {what} of one scan group for {T} sequences", T * S * Kn,
                                            _SCAN_ORDER)
+            if not (G >= Di_l and S >= Jd):     # several scan groups: a second h and A, loaded under the scan
+                regions["A2"] = trial.take("the scan's A tiles of the next scan group", S * Kn, _SCAN_ORDER)
+                regions["h2"] = trial.take(f"the scan states h of the next scan group for {T} sequences",
+                                           T * S * Kn, _SCAN_ORDER)
         else:
             regions["h"] = trial.take("the scan state h of one scan group", S * Kn, [Buffer.STATE])
             regions["A"] = trial.take("the scan's A tiles of one scan group", S * Kn, [Buffer.STATE])
@@ -324,7 +328,9 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
                     sizes = range(top, 0, -1) if top <= 64 else \
                         sorted({ceil_div(top, n) for n in range(1, 65)}, reverse=True)
                     for t in sizes:
-                        s = largest(1, scan_top, lambda s: fits(*args(T=t, S=s)))
+                        # the whole state in one group first: fewer tiles need the second copy of h and A
+                        s = scan_top if fits(*args(T=t, S=scan_top)) else \
+                            largest(1, scan_top, lambda s: fits(*args(T=t, S=s)))
                         cost = _batched_cost(build(*args(T=t, S=s)), layout, config, length, Jd)
                         if best is None or cost < best[0]:
                             best = (cost, t, s)
@@ -450,6 +456,7 @@ class _MixerLowering:
         em, plan, P, d = self.em, self.plan, self.P, self.d
         em.section(f"mixer: {plan.describe()}")
         self.pending, self.prefetched = {}, None
+        self.scan_copy, self.scan_loaded, self.scan_store = 0, None, None   # scan groups' two copies
         if self.seq:
             self.run_sequences()
             return
@@ -488,7 +495,7 @@ class _MixerLowering:
         so the DMA streams them while the array works on the previous projection."""
         em, plan, P = self.em, self.plan, self.P
         for name in sorted(plan.regions):
-            if name in ("PARAMS", "h", "A", "dA", "dBx") or (self.fused and name in ("DT", "BB", "CC")):
+            if name in ("PARAMS", "h", "A", "h2", "A2", "dA", "dBx") or (self.fused and name in ("DT", "BB", "CC")):
                 continue
             em.zero_fill(*plan.regions[name], self.region_lines(name), self.zero)
         if plan.parameters_resident:
@@ -540,6 +547,12 @@ class _MixerLowering:
                     (a.resident is not None and b.resident != a.resident + a.lines * self.P):
                 return None
         return Matrix("x_proj", parts[0].memory, sum(m.J for m in parts), parts[0].K, parts[0].resident)
+
+    def prefetch_group(self, matrix, rows=None, chunks=None):
+        """Streamed weights: LOAD the first weight group of ``matrix``'s next LINEAR now (on-chip sources
+        only), under the work before it (the streamed counterpart of :meth:`ensure`)."""
+        if self.seq and matrix.resident is None:
+            prefetch_weights(self.em, self.area, matrix, rows=rows, chunks=chunks)
 
     def ensure(self, *names):
         """LOAD what ``names`` name (resident matrices, ``parameters``, ``A``) if not loaded yet: a decode
@@ -602,23 +615,46 @@ class _MixerLowering:
                         memory_row_stride=state.row_stride, buffer=xb,
                         address=xa + t * self.window * P + offset, buffer_row_stride=G * P, compute=True)
 
-    def scan_sequences(self, t0, tokens, g0, j0, count):
+    def scan_transfer(self, t0, tokens, j0, count, copy):
+        """The 2-D transfer of the block's ``h`` of channel tiles ``j0 ..`` between memory and scan copy
+        ``copy`` (0: ``h``, 1: ``h2``)."""
+        S, Kn, P = self.plan.scan_tiles, self.Kn, self.P
+        hb, ha = self.plan.regions["h2" if copy else "h"]
+        first = self.layout.ssm_state_of(t0)
+        return dict(memory_address=first.address + j0 * Kn * P * self.config.compute_bytes, rows=tokens,
+                    row_elements=count * Kn * P, memory_row_stride=first.rows * first.row_stride,
+                    buffer=hb, address=ha, buffer_row_stride=S * Kn * P, compute=True)
+
+    def load_scan_sequences(self, t0, tokens, j0, count, copy, parts=("h", "A")):
+        """LOAD the block's ``h`` (and, when it does not stay, ``A``) of channel tiles ``j0 ..`` into scan
+        copy ``copy`` (``parts``: only those)."""
+        if "h" in parts:
+            self.em.dma(isa.Load, **self.scan_transfer(t0, tokens, j0, count, copy))
+        if "A" in parts and not self.plan.scan_resident:
+            self.em.load_lines(self.layout.A + j0 * self.Kn * self.P * self.config.storage_bytes,
+                               count * self.Kn, *self.plan.regions["A2" if copy else "A"])
+
+    def scan_sequences(self, t0, tokens, g0, j0, count, following=None):
         """Batched decode: one scan step of every sequence of the block on channel tiles ``j0 ..``. Each
         sequence has its own ``h`` (loaded and stored with one 2-D transfer for the block); the steps of the
         sequences are independent, so the program interleaves them stage by stage (the decay of every
         sequence, one EXP, the drives, one MULADD, the outputs) and no instruction waits for the one
-        before."""
-        em, P, R, C, Kn, cb = self.em, self.P, self.R, self.C, self.Kn, self.config.compute_bytes
+        before.
+
+        With several scan groups there are two copies of ``h`` and ``A`` (``h2``, ``A2``) and the groups
+        alternate between them: ``following`` (``(j0, count)`` of the next group) is loaded into the other
+        copy under this group's EXP, and this group's ``h`` is stored under the next group's work (after
+        its decay, so that the STORE's barrier does not wait for a LOAD), so the DMA works under the scan
+        instead of between its groups."""
+        em, P, R, C, Kn = self.em, self.P, self.R, self.C, self.Kn
         S = self.plan.scan_tiles
-        (hb, ha), A, (ab, aa), (bb, ba) = (self.plan.regions[name] for name in ("h", "A", "dA", "dBx"))
+        copy = self.scan_copy
+        (hb, ha), A = self.plan.regions["h2" if copy else "h"], self.plan.regions["A2" if copy else "A"]
+        (ab, aa), (bb, ba) = self.plan.regions["dA"], self.plan.regions["dBx"]
         stride = S * Kn * P          # elements from one sequence's scan group tiles to the next
-        first = self.layout.ssm_state_of(t0)
-        transfer = dict(memory_address=first.address + j0 * Kn * P * cb, rows=tokens,
-                        row_elements=count * Kn * P, memory_row_stride=first.rows * first.row_stride,
-                        buffer=hb, address=ha, buffer_row_stride=stride, compute=True)
-        em.dma(isa.Load, **transfer)
+        if self.scan_loaded != (t0, j0):
+            self.load_scan_sequences(t0, tokens, j0, count, copy)
         if not self.plan.scan_resident:
-            em.load_lines(self.layout.A + j0 * Kn * P * self.config.storage_bytes, count * Kn, *A)
             a_tiles = (*A, Kn, 1)
         else:
             a_tiles = (A[0], A[1] + j0 * Kn * P, Kn, 1)
@@ -631,11 +667,18 @@ class _MixerLowering:
         for t in range(tokens):      # decay = delta[t, d] * A[d, n]
             em.elementwise(ElementwiseOp.MUL, count, Kn, (ab, aa + t * stride, Kn, 1),
                            (*rows("DELTA", t), 1, 0, Broadcast.ROW), a_tiles)
+        if self.scan_store:         # the previous group's h, from the other copy
+            em.dma(isa.Store, **self.scan_store)
+            self.scan_store = None
         if count == S:
             em.nonlinear(NonlinearFunction.EXP, ab, aa, tokens * S * Kn)
         else:
             for t in range(tokens):
                 em.nonlinear(NonlinearFunction.EXP, ab, aa + t * stride, count * Kn)
+        self.scan_loaded = None
+        if following:       # h under the EXP, A under the drive (a LOAD holds up dispatch until the DMA is free)
+            self.load_scan_sequences(t0, tokens, *following, 1 - copy, ("h",))
+            self.scan_loaded = (t0, following[0])
         self.ensure("in_z")      # the projection after the scan, loaded under it
         for t in range(tokens):      # drive = (delta[t, d] * x[t, d]) * B[t, n]
             em.elementwise(ElementwiseOp.MUL, count, Kn, (bb, ba + t * stride, Kn, 1),
@@ -645,6 +688,8 @@ class _MixerLowering:
         tiles = lambda buffer, address: (buffer, address, S * Kn, 1)
         em.elementwise(ElementwiseOp.MULADD, tokens, count * Kn, tiles(hb, ha), tiles(ab, aa), tiles(hb, ha),
                        tiles(bb, ba))
+        if following:
+            self.load_scan_sequences(t0, tokens, *following, 1 - copy, ("A",))
         for t in range(tokens):      # y[t, d] = sum_n h[d, n] * C[t, n] + D[d] * x[t, d]
             out_b, out_a = rows("Y", t)
             ccb, cca = self.region("CC", t)
@@ -653,7 +698,11 @@ class _MixerLowering:
                                row_tile_count=count, token_count=1, vector_buffer=ccb, vector_address=cca,
                                output_buffer=out_b, output_address=out_a, init=LinearInit.BIAS,
                                bias_buffer=bias_b, bias_address=bias_a))
-        em.dma(isa.Store, **transfer)
+        transfer = self.scan_transfer(t0, tokens, j0, count, copy)
+        if following:
+            self.scan_store, self.scan_copy = transfer, 1 - copy
+        else:
+            em.dma(isa.Store, **transfer)
 
     def hidden_source(self, t0, tokens):
         if self.plan.hidden_resident:
@@ -699,6 +748,8 @@ class _MixerLowering:
             xc = (cxb, cxa, G, 1)
             em.elementwise(ElementwiseOp.MUL, tokens, lines, xc, tap(0), window(0))
             self.ensure("x_dt", "x_B", "x_C")     # under the convolution (a LOAD holds up dispatch)
+            chunks = (g0 * self.R, min(self.matrices["x_dt"].K, (g0 + lines) * self.R))
+            self.prefetch_group(self.fused_x_proj() or self.matrices["x_dt"], chunks=chunks)
             for k in range(1, dc):
                 em.elementwise(ElementwiseOp.MULADD, tokens, lines, xc, tap(k), window(k), xc)
             if "conv_bias" in self.layout.vectors:
@@ -714,7 +765,6 @@ class _MixerLowering:
             else:     # slide in place (a forward copy is legal in one instruction)
                 em.elementwise(ElementwiseOp.PASS, dc, lines, (xb, xa, G, 1), (xb, xa + tokens * G * P, G, 1),
                                spill=False)
-            chunks = (g0 * self.R, min(self.matrices["x_dt"].K, (g0 + lines) * self.R))
             x_all = self.fused_x_proj()
             if x_all:       # one LINEAR for dt, B and C: T x 9 row tiles of accumulators hide the pipeline
                 emit_linear(self.em, self.area, x_all, tokens, OnChip(cxb, cxa, G * P, g0 * self.R),
@@ -761,7 +811,10 @@ class _MixerLowering:
             for j0 in range(tiles[0], tiles[1], self.plan.scan_tiles):
                 count = min(self.plan.scan_tiles, tiles[1] - j0)
                 if self.seq:
-                    self.scan_sequences(t0, tokens, g0, j0, count)
+                    after = j0 + self.plan.scan_tiles
+                    following = (after, min(self.plan.scan_tiles, tiles[1] - after)) \
+                        if after < tiles[1] and "h2" in self.plan.regions else None
+                    self.scan_sequences(t0, tokens, g0, j0, count, following)
                     continue
                 if not self.plan.scan_resident:
                     self.load_scan_group(j0, count)
@@ -791,6 +844,10 @@ class _MixerLowering:
             self.linear("in_z", tokens, source, OnChip(zb, za, G * P, g0 * C), rows=tiles,
                         bias=self.parameter_onchip("in_z_bias", g0))
             self.ensure("out")
+            if not self.multi and g0 + lines >= self.Di_l:      # out_proj's first group, under the gate
+                J = self.matrices["out"].J
+                self.prefetch_group(self.matrices["out"], rows=(0, J if self.plan.output_resident else
+                                                                min(J, self.plan.output_group_tiles)))
             em.nonlinear(NonlinearFunction.SILU, zb, za, tokens * G)
             em.elementwise(ElementwiseOp.MUL, tokens, lines, (yb, ya, G, 1), (yb, ya, G, 1), (zb, za, G, 1))
             if self.multi:

@@ -367,6 +367,9 @@ class PerfReport:
     counters: dict
     config: MarcaConfig
     memory: MemorySystem
+    #: Per compute instruction, in program order: (index in the program, first beat's issue cycle, last
+    #: beat's issue cycle, beats): the array's timeline, for critical-path breakdowns.
+    timeline: list = field(default_factory=list)
 
     @property
     def array_beats(self) -> int:
@@ -406,6 +409,7 @@ class _Model:
         self.read = _ReadChannel(memory, self.t.beat_bytes)
         self.write_period = memory.beat_period(self.t.beat_bytes)
         self.counters = {name: 0 for name in _COUNTER_NAMES}
+        self.timeline, self.index = [], None
         # Compute engine state.
         self.history = []            # (first issue, last issue, _Beats) of instructions possibly in flight
         self.last_issue = -1.0       # last beat issued
@@ -534,6 +538,7 @@ class _Model:
         self.counters["stall_hazard_cycles"] += stall + (beats.duration - beats.count)
         last = first + beats.duration - 1
         self.history.append((first, last, beats))
+        self.timeline.append((self.index, first, last, beats.count))
         self.last_issue = last
         generator_done = max(dispatch + PIPELINE["dispatch_to_issue"] - 1 + beats.count, last - 1)
         self.generator_free = generator_done
@@ -604,13 +609,16 @@ class _Model:
             if isinstance(instruction, _DMA):
                 self.dma(instruction, dispatch)
             elif isinstance(instruction, (isa.Linear, isa.Elementwise, isa.Nonlinear)):
+                self.index = k
                 self.compute(instruction, dispatch)
         # HALT dispatched -> stopping -> running falls; the last fetch beat -> in_flight 0 (fetch idle) ->
         # running falls: the same two registers after whichever is later.
         cycles = max(dispatch, fetch_last) + P["halt_to_done"]
         c["cycles"] = cycles
         out = {name: int(round(value)) for name, value in c.items()}
-        return PerfReport(cycles=out["cycles"], counters=out, config=self.config, memory=self.memory)
+        return PerfReport(cycles=out["cycles"], counters=out, config=self.config, memory=self.memory,
+                          timeline=[(k, int(round(first)), int(round(last)), count)
+                                    for k, first, last, count in self.timeline])
 
 
 _COUNTER_NAMES = (

@@ -245,7 +245,8 @@ class RtlStep:
 def run_on_rtl(config: "MarcaConfig", prepared: list[PreparedCase], *, name: str = "mamba", pause: float = 0.0, seed: int = 1,
                progress=None, poll_cycles: int = 2000, build_dir: Path | None = None) -> dict:
     """Run the prefill (and the decode chain) of every case in ``prepared`` on one build of
-    ``Accelerator(config)``, in one simulator process.
+    ``Accelerator(config)``, in one simulator process. A ``prefill`` that is a decode step compiled with
+    ``resident=True`` (bench/mamba.py's batched cases) runs twice: loading the weights, then finding them.
 
     ``progress(job, step, retired, cycles, done)`` is called from a thread while the simulation runs.
     ``build_dir``: a Verilator build of the accelerator to use instead of :func:`build_accelerator`'s
@@ -263,9 +264,12 @@ def run_on_rtl(config: "MarcaConfig", prepared: list[PreparedCase], *, name: str
                              f"not {config.name}")
         key = item.case.name
         (work / f"{key}.prefill.bin").write_bytes(item.prefill_image)
+        steps = [{"patches": [], "out": str(work / f"{key}.prefill.out0.bin")}]
+        if item.prefill.resident_instructions:      # a decode step (batched bench): again, weights on chip
+            steps.append({"patches": [], "out": str(work / f"{key}.prefill.out1.bin"),
+                          "program_address": item.prefill.resident_program_address})
         jobs.append({"name": f"{key}/prefill", "memory": str(work / f"{key}.prefill.bin"),
-                     "program_address": item.prefill.program_address,
-                     "steps": [{"patches": [], "out": str(work / f"{key}.prefill.out0.bin")}]})
+                     "program_address": item.prefill.program_address, "steps": steps})
         memory_size = max(memory_size, len(item.prefill_image))
         if item.decode is not None:
             (work / f"{key}.decode.bin").write_bytes(item.decode_first_image)
