@@ -680,6 +680,8 @@ class _MixerLowering:
             self.load_scan_sequences(t0, tokens, *following, 1 - copy, ("h",))
             self.scan_loaded = (t0, following[0])
         self.ensure("in_z")      # the projection after the scan, loaded under it
+        if not following and j0 + count >= min(self.Jd, (g0 + self.G) * C):     # the channel group's last
+            self.prefetch_group(self.matrices["in_z"], rows=(g0 * C, min(self.Jd, (g0 + self.G) * C)))
         for t in range(tokens):      # drive = (delta[t, d] * x[t, d]) * B[t, n]
             em.elementwise(ElementwiseOp.MUL, count, Kn, (bb, ba + t * stride, Kn, 1),
                            (*rows("DX", t), 1, 0, Broadcast.ROW),
