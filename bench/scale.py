@@ -17,10 +17,8 @@ configuration (``paper``, ``default``) and each memory system (HBM-class, DDR-cl
 bandwidths are :data:`CLOCK_HZ` and :data:`MEMORIES`):
 
 * one mixer layer is compiled (``marca.compiler.compile_mixer``) for a prefill of L = 512 and 2048 tokens,
-  a decode step, and a 16-token prefill that stands for a batch of 16 decode steps (the compiler has no
-  batched decode: 16 tokens of one sequence share every weight read as 16 sequences would; the 15 extra
-  per-sequence state round trips are added as DMA time at the memory's bandwidth), with both buffer
-  management strategies on and off;
+  a decode step, and a batched decode step of 16 sequences (``batch=16``: every weight read shared, each
+  sequence's states its own), with both buffer management strategies on and off;
 * the LM head (vocabulary x d_model) is a streamed GEMV/GEMM program (:func:`lm_head_program`) run per
   decoded token, once per prefill (the last token's logits);
 * the model's cycles are layers x one layer + the head. Not included: the embedding lookup, the RMSNorms
@@ -35,7 +33,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import pathlib
 import time
 import zlib
@@ -57,7 +54,7 @@ MEMORIES = {
     "ddr": (51.2e9, 80.0, "DDR4-3200, two channels, 51.2 GB/s"),
 }
 SCENARIOS = {"prefill-512": ("prefill", 512), "prefill-2048": ("prefill", 2048), "decode-b1": ("decode", 1),
-             "decode-b16": ("prefill", 16)}
+             "decode-b16": ("decode", 16)}
 """Scenario: (compiled mode, tokens per program)."""
 
 
@@ -102,9 +99,9 @@ def layer_program(config: MarcaConfig, d_model: int, mode: str, tokens: int, buf
     dims = MambaDims(d_model=d_model)
     options = CompileOptions(intra_operation=buffer_management, inter_operation=buffer_management)
     compiled = compile_mixer(_zeros(dims), config, mode=mode, length=tokens if mode == "prefill" else None,
-                             options=options)
-    state_bytes = sum(place.rows * place.row_elements * config.compute_bytes
-                      for place in (compiled.conv_state, compiled.ssm_state))
+                             batch=tokens if mode == "decode" else 1, options=options)
+    state_bytes = compiled.batch * sum(place.rows * place.row_elements * config.compute_bytes
+                                       for place in (compiled.conv_state, compiled.ssm_state))
     path.parent.mkdir(parents=True, exist_ok=True)
     encoded = base64.b64encode(zlib.compress(isa.encode_program(compiled.instructions), 9)).decode()
     path.write_text(json.dumps({"program": encoded, "state_bytes": state_bytes}))
@@ -165,20 +162,12 @@ def model_run(config: MarcaConfig, size: str, scenario: str, memory: perf.Memory
     the LM head) for one scenario."""
     d_model, layers = SIZES[size]
     mode, tokens = SCENARIOS[scenario]
-    instructions, state_bytes = layer_program(config, d_model, mode, tokens, buffer_management)
+    instructions, _ = layer_program(config, d_model, mode, tokens, buffer_management)
     layer = perf.estimate(config, instructions, memory)
     head_tokens = 1 if scenario.startswith("prefill") else tokens
     head = perf.estimate(config, lm_head_program(config, VOCAB, d_model, head_tokens), memory)
     counters = _combine([(layer, layers), (head, 1)])
-    sequences = tokens if scenario == "decode-b16" else 1
-    extra_cycles = 0.0
-    if sequences > 1:
-        # 15 more sequences' states in and out per layer (the 16-token program moves one state).
-        extra_bytes = 2 * (sequences - 1) * state_bytes * layers
-        extra_cycles = extra_bytes / min(memory.bytes_per_cycle or math.inf, config.axi_data_width / 8)
-        counters["dma_bytes_read"] += extra_bytes // 2
-        counters["dma_bytes_written"] += extra_bytes // 2
-    cycles = counters["cycles"] + extra_cycles
+    cycles = counters["cycles"]
     beats = counters["array_linear_cycles"] + counters["array_elementwise_cycles"]
     dram = counters["dma_bytes_read"] + counters["dma_bytes_written"]
     return {"cycles": cycles, "tokens": tokens, "tokens_per_second": tokens * CLOCK_HZ / cycles,

@@ -116,10 +116,11 @@ class Emitter:
         on its own and bursts within a row: one line per row would take a row set-up per line)."""
         size = self.config.compute_bytes if compute else self.config.storage_bytes
         fmt = MemoryFormat.COMPUTE if compute else MemoryFormat.STORAGE
-        if rows > 1 and memory_row_stride == row_elements * size and buffer_row_stride == row_elements:
-            total = rows * row_elements
-            # rows of whole lines as long as the field allows (the buffer addresses stay line-aligned)
-            row_elements = min(total, _COUNT_MAX // self.lanes * self.lanes)
+        total = rows * row_elements
+        longest = min(total, _COUNT_MAX // self.lanes * self.lanes)    # whole lines: addresses stay aligned
+        if rows > 1 and memory_row_stride == row_elements * size and buffer_row_stride == row_elements \
+                and row_elements < longest:
+            row_elements = longest
             rows, rest = divmod(total, row_elements)
             self.dma(kind, memory_address=memory_address, rows=rows, row_elements=row_elements,
                      memory_row_stride=row_elements * size, buffer=buffer, address=address,

@@ -479,3 +479,24 @@ def test_resident_weights_need_them_on_chip():
         compile_mixer(weights, FP32_4x4, mode="decode", resident=True, options=CompileOptions(max_weight_lines=8))
     with pytest.raises(ValueError, match="resident"):
         compile_mixer(weights, FP32_4x4, mode="prefill", length=2, resident=True)
+
+
+def test_contiguous_dma_rows_become_long_rows():
+    """The emitter merges rows that follow one another in memory and in the buffer into rows of whole lines
+    as long as the 16-bit field allows, the rest in one more row; the elements moved are the same."""
+    from marca.compiler.emit import Emitter
+    config = dataclasses.replace(DEFAULT, name="lanes-1024", array_rows=32, array_cols=32)
+    emitter = Emitter(config)
+    lines = 150             # 153,600 elements: two rows of 63 lines and a rest of 24
+    emitter.load_lines(4096, lines, isa.Buffer.WEIGHT, 0)
+    program = emitter.program
+    assert [(i.row_count, i.row_elements) for i in program] == [(2, 63 * 1024), (1, 24 * 1024)]
+    moved = [(i.memory_address + r * i.memory_row_stride, i.buffer_address + r * i.buffer_row_stride, i.row_elements)
+             for i in program for r in range(i.row_count)]
+    size = config.storage_bytes
+    assert moved == [(4096, 0, 64512), (4096 + 64512 * size, 64512, 64512),
+                     (4096 + 2 * 64512 * size, 2 * 64512, 24576)]
+    emitter = Emitter(config)         # rows with a gap stay rows
+    emitter.dma(isa.Load, memory_address=0, rows=3, row_elements=1024, memory_row_stride=8192, buffer=isa.Buffer.WEIGHT,
+                address=0, buffer_row_stride=1024, compute=False)
+    assert [(i.row_count, i.row_elements) for i in emitter.program] == [(3, 1024)]
