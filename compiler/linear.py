@@ -81,15 +81,42 @@ class WeightArea:
         return self.address + self.half * self.half_lines * self.config.lanes
 
 
-def _first_group(area: WeightArea, matrix: Matrix, rows, chunks) -> tuple:
+#: Cycles the DMA spends setting up each row of a transfer (row register, burst length, request), and the
+#: cycles from a LINEAR beat to the first beat that may add to its result (the array's linear latency and
+#: the engine's pipeline: marca.perf.HardwareTiming.hazard_distance), for choosing weight blocks.
+_ROW_SETUP_CYCLES = 3
+
+
+def _block_shape(area: WeightArea, tokens: int, tiles: int, chunks: int) -> tuple[int, int]:
+    """(row tiles, chunks) of a weight block when a row tile's ``chunks`` do not fit half the area: the
+    shape of at most ``half`` lines whose DMA rows (one per tile, of ``c`` lines) and whose accumulation
+    chains (``c`` chunks in order per tile, the ``J·T`` beats of a chunk round against the array's
+    latency) cost the fewest estimated cycles per line."""
+    from marca.perf import hardware_timing
+    config, half = area.config, area.half_lines
+    hazard = hardware_timing(config).hazard_distance("linear")
+    beats_per_line = -(-config.lanes * config.storage_bytes // (config.axi_data_width // 8))
+    best = None
+    for c in range(1, min(half, chunks) + 1):
+        J = min(tiles, half // c)
+        dma = J * (_ROW_SETUP_CYCLES + c * beats_per_line)
+        array = c * max(J * tokens, hazard)
+        cost = max(dma, array) / (J * c)
+        if best is None or cost < best[0]:
+            best = (cost, J, c)
+    return best[1], best[2]
+
+
+def _first_group(area: WeightArea, matrix: Matrix, rows, chunks, tokens: int) -> tuple:
     """(first row tile, tiles, first chunk, chunks) of the first weight group :func:`emit_linear` streams for
-    these row tiles and chunks: as many whole row tiles (their chunks ``chunks``) as half the area holds, or
-    one row tile's first half-area of chunks."""
+    these row tiles and chunks: as many whole row tiles (their chunks ``chunks``) as half the area holds, or,
+    when one row tile's chunks do not fit, a block of :func:`_block_shape`."""
     (j_lo, j_hi), (k_lo, k_hi) = rows, chunks
     half = area.half_lines
     if k_hi - k_lo <= half:
         return j_lo, min(j_hi - j_lo, half // (k_hi - k_lo)), k_lo, k_hi - k_lo
-    return j_lo, 1, k_lo, min(half, k_hi - k_lo)
+    J, c = _block_shape(area, tokens, j_hi - j_lo, k_hi - k_lo)
+    return j_lo, J, k_lo, c
 
 
 def _load_group(emitter, area, matrix, group, address) -> None:
@@ -101,15 +128,15 @@ def _load_group(emitter, area, matrix, group, address) -> None:
                 compute=False)
 
 
-def prefetch_weights(emitter: Emitter, area: WeightArea, matrix: Matrix, *, rows: tuple[int, int] | None = None,
-                     chunks: tuple[int, int] | None = None) -> None:
+def prefetch_weights(emitter: Emitter, area: WeightArea, matrix: Matrix, tokens: int, *,
+                     rows: tuple[int, int] | None = None, chunks: tuple[int, int] | None = None) -> None:
     """LOAD now the first weight group that ``emit_linear(matrix, rows=rows, chunks=chunks)`` (from an
     on-chip source) will stream, into the next half of the area, so the DMA streams it under the work in
     between; that call then starts from it. Nothing for a matrix kept in the weight buffer."""
     if matrix.resident is not None:
         return
     rows, chunks = rows or (0, matrix.J), chunks or (0, matrix.K)
-    group = _first_group(area, matrix, rows, chunks)
+    group = _first_group(area, matrix, rows, chunks, tokens)
     address = area.next_half()
     _load_group(emitter, area, matrix, group, address)
     area.prefetched = (matrix.name, *group, address)
@@ -195,13 +222,15 @@ def _weights(emitter, area, matrix, tokens, vector, output, rows, chunks, bias, 
         _load_group(emitter, area, matrix, group, address)
         return address
 
+    _, step, _, c = _first_group(area, matrix, rows, chunks, tokens)
     if k_count <= half:
-        step = _first_group(area, matrix, rows, chunks)[1]
         for j0 in range(j_lo, j_hi, step):
             count = min(step, j_hi - j0)
             linear(load((j0, count, k_lo, k_count)), j0, count, k_lo, k_count, accumulate)
-    else:    # one row tile's chunks do not fit a half: split them, accumulating through the bias path
-        for j in range(j_lo, j_hi):
-            for k0 in range(k_lo, k_hi, half):
-                count = min(half, k_hi - k0)
-                linear(load((j, 1, k0, count)), j, 1, k0, count, accumulate or k0 > k_lo)
+    else:    # a row tile's chunks do not fit a half: blocks of tiles x chunks, accumulating through the bias
+        # path; chunk blocks outer, so a tile's next block comes after every other tile's (no wait on it)
+        for k0 in range(k_lo, k_hi, c):
+            k_count = min(c, k_hi - k0)
+            for j0 in range(j_lo, j_hi, step):
+                count = min(step, j_hi - j0)
+                linear(load((j0, count, k0, k_count)), j0, count, k0, k_count, accumulate or k0 > k_lo)

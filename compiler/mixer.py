@@ -548,11 +548,11 @@ class _MixerLowering:
                 return None
         return Matrix("x_proj", parts[0].memory, sum(m.J for m in parts), parts[0].K, parts[0].resident)
 
-    def prefetch_group(self, matrix, rows=None, chunks=None):
+    def prefetch_group(self, matrix, tokens, rows=None, chunks=None):
         """Streamed weights: LOAD the first weight group of ``matrix``'s next LINEAR now (on-chip sources
         only), under the work before it (the streamed counterpart of :meth:`ensure`)."""
         if self.seq and matrix.resident is None:
-            prefetch_weights(self.em, self.area, matrix, rows=rows, chunks=chunks)
+            prefetch_weights(self.em, self.area, matrix, tokens, rows=rows, chunks=chunks)
 
     def ensure(self, *names):
         """LOAD what ``names`` name (resident matrices, ``parameters``, ``A``) if not loaded yet: a decode
@@ -681,7 +681,7 @@ class _MixerLowering:
             self.scan_loaded = (t0, following[0])
         self.ensure("in_z")      # the projection after the scan, loaded under it
         if not following and j0 + count >= min(self.Jd, (g0 + self.G) * C):     # the channel group's last
-            self.prefetch_group(self.matrices["in_z"], rows=(g0 * C, min(self.Jd, (g0 + self.G) * C)))
+            self.prefetch_group(self.matrices["in_z"], tokens, rows=(g0 * C, min(self.Jd, (g0 + self.G) * C)))
         for t in range(tokens):      # drive = (delta[t, d] * x[t, d]) * B[t, n]
             em.elementwise(ElementwiseOp.MUL, count, Kn, (bb, ba + t * stride, Kn, 1),
                            (*rows("DX", t), 1, 0, Broadcast.ROW),
@@ -751,7 +751,7 @@ class _MixerLowering:
             em.elementwise(ElementwiseOp.MUL, tokens, lines, xc, tap(0), window(0))
             self.ensure("x_dt", "x_B", "x_C")     # under the convolution (a LOAD holds up dispatch)
             chunks = (g0 * self.R, min(self.matrices["x_dt"].K, (g0 + lines) * self.R))
-            self.prefetch_group(self.fused_x_proj() or self.matrices["x_dt"], chunks=chunks)
+            self.prefetch_group(self.fused_x_proj() or self.matrices["x_dt"], tokens, chunks=chunks)
             for k in range(1, dc):
                 em.elementwise(ElementwiseOp.MULADD, tokens, lines, xc, tap(k), window(k), xc)
             if "conv_bias" in self.layout.vectors:
@@ -848,7 +848,7 @@ class _MixerLowering:
             self.ensure("out")
             if not self.multi and g0 + lines >= self.Di_l:      # out_proj's first group, under the gate
                 J = self.matrices["out"].J
-                self.prefetch_group(self.matrices["out"], rows=(0, J if self.plan.output_resident else
+                self.prefetch_group(self.matrices["out"], tokens, rows=(0, J if self.plan.output_resident else
                                                                 min(J, self.plan.output_group_tiles)))
             em.nonlinear(NonlinearFunction.SILU, zb, za, tokens * G)
             em.elementwise(ElementwiseOp.MUL, tokens, lines, (yb, ya, G, 1), (yb, ya, G, 1), (zb, za, G, 1))

@@ -500,3 +500,19 @@ def test_contiguous_dma_rows_become_long_rows():
     emitter.dma(isa.Load, memory_address=0, rows=3, row_elements=1024, memory_row_stride=8192, buffer=isa.Buffer.WEIGHT,
                 address=0, buffer_row_stride=1024, compute=False)
     assert [(i.row_count, i.row_elements) for i in emitter.program] == [(3, 1024)]
+
+
+def test_weight_blocks_of_several_row_tiles_when_a_row_does_not_fit():
+    """A weight area smaller than one row tile's chunks: the compiler streams blocks of several row tiles x
+    a few chunks (the tiles' accumulations interleave instead of one chain per tile), bit for bit the
+    program whose weights all fit."""
+    weights = mixer(32, 4, seed=3)
+    hidden, conv, ssm = batch_inputs(2, 32, 4, seed=4)
+    expected = compile_mixer(weights, FP32_4x4, mode="decode", batch=2).run(hidden, conv, ssm)
+    compiled = compile_mixer(weights, FP32_4x4, mode="decode", batch=2, options=CompileOptions(max_weight_lines=10))
+    shapes = {(i.row_tile_count, i.chunk_count) for i in compiled.instructions
+              if isinstance(i, isa.Linear) and i.matrix_buffer == isa.Buffer.WEIGHT}
+    assert max(tiles for tiles, _ in shapes) > 1
+    run = compiled.run(hidden, conv, ssm)
+    assert torch.equal(run.out, expected.out) and torch.equal(run.conv_state, expected.conv_state) \
+        and torch.equal(run.ssm_state, expected.ssm_state)
