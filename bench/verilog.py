@@ -9,7 +9,8 @@ written to Verilog twice: as Amaranth names it (``per-instance``: one module per
 modules), the Yosys RTLIL -> Verilog seconds, a fresh Verilator build in a folder of its own (seconds,
 C++ bytes that Verilator wrote) and the simulation speed on a small Mamba prefill (``CASE``): simulated
 cycles per wall-clock second, with the memory image checked bit for bit against the golden ISS
-(``marca.tb.mamba.evaluate``) and between the two builds.
+(``marca.tb.mamba.evaluate``) and between the two builds. The deduplicated Verilog's largest modules
+(lines per definition) are listed in the JSON too.
 
 ``FLAG_VARIANTS`` then builds the deduplicated ``FLAG_PRESET`` with Verilator options other than the
 project's (``marca.sim.VERILATOR_ARGS`` and ``OPT_FAST=-O2``) and measures them the same way; each must stay
@@ -54,6 +55,17 @@ TOP = "accelerator"
 def _verilog_figures(text: str) -> dict:
     return {"bytes": len(text.encode()), "lines": text.count("\n"),
             "modules": len(re.findall(r"^module ", text, flags=re.MULTILINE))}
+
+
+def _largest_modules(text: str, count: int = 8) -> dict:
+    """The ``count`` module definitions with the most lines: where the Verilog's size is."""
+    lines, name, start = {}, None, 0
+    for number, line in enumerate(text.splitlines()):
+        if line.startswith("module "):
+            name, start = re.split(r"[(\s]", line[len("module "):], maxsplit=1)[0], number
+        elif line.startswith("endmodule") and name is not None:
+            lines[name] = number - start + 1
+    return dict(sorted(lines.items(), key=lambda item: -item[1])[:count])
 
 
 def _cpp_bytes(build_dir: pathlib.Path) -> int:
@@ -137,6 +149,8 @@ def _preset(name: str, root: pathlib.Path, build: bool = True) -> dict:
         verilog_text = rtlil_to_verilog(text)
         result[variant] = {"yosys_seconds": round(time.monotonic() - started, 1), **_verilog_figures(verilog_text),
                            "lint_clean": _lint_clean(verilog_text, root)}
+        if variant == "deduplicated":
+            result[variant]["largest_modules"] = _largest_modules(verilog_text)
         if not build:
             result[variant] |= _verilate(verilog_text, f"{name}-{variant}", root)
             continue
