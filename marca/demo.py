@@ -108,6 +108,15 @@ def run_model_demo(config, *, checkpoint=DEMO_CHECKPOINT, prompt: str = "ROMEO:"
         cycles = sum(s["cycles"] for s in steps)
         return {kind: sum(s[f"{kind}_beats"] for s in steps) / max(1, cycles)
                 for kind in ("linear", "elementwise", "nonlinear")}
+
+    def bounds(steps):
+        """Fraction of ideal (array beats / cycles) and of the DRAM bound (max(bytes read with the
+        instruction fetch, bytes written) at one bus beat per cycle / cycles) over ``steps``."""
+        cycles = max(1, sum(s["cycles"] for s in steps))
+        beats = sum(s["linear_beats"] + s["elementwise_beats"] + s["nonlinear_beats"] for s in steps)
+        dram = sum(max(s["dma_bytes_read"] + s["fetch_bytes"], s["dma_bytes_written"]) for s in steps) \
+            / (config.axi_data_width // 8)
+        return {"fraction_of_ideal": beats / cycles, "fraction_of_dram_bound": dram / cycles}
     report = {"checkpoint": str(checkpoint), "config": config.name, "prompt": prompt, "generated": text,
               "prompt_tokens": len(ids), "tokens": tokens, "pause": pause,
               "prefill_cycles_per_token": per_token(prefill, "cycles"),
@@ -117,6 +126,7 @@ def run_model_demo(config, *, checkpoint=DEMO_CHECKPOINT, prompt: str = "ROMEO:"
                                        "decode": (sum(s["dma_bytes_read"] + s["dma_bytes_written"] for s in decodes)
                                                   / len(decodes)) if decodes else None},
               "pe_utilization": {"prefill": utilization([prefill]), "decode": utilization(decodes or [prefill])},
+              "bounds": {"prefill": bounds([prefill]), "decode": bounds(decodes or [prefill])},
               "top1_agreement_with_float64": sum(agree) / len(agree), "max_abs_logit_difference": delta,
               "clock_mhz": config.fpga_clock_mhz, "seconds": time.perf_counter() - started,
               "rtl_equals_iss": True, "steps": rtl.steps}
@@ -126,14 +136,20 @@ def run_model_demo(config, *, checkpoint=DEMO_CHECKPOINT, prompt: str = "ROMEO:"
 def print_model_report(report: dict) -> None:
     use = report["pe_utilization"]
     print(f"every step: RTL memory image and counters = golden ISS, bit for bit (AXI pause {report['pause']})")
-    print(f"prefill: {report['prefill_cycles_per_token']:.0f} cycles/token, "
+    bounds = report["bounds"]
+
+    def fractions(kind):
+        return (f"{bounds[kind]['fraction_of_ideal']:.1%} of ideal, "
+                f"{bounds[kind]['fraction_of_dram_bound']:.1%} of the DRAM bound")
+    print(f"prefill: {report['prefill_cycles_per_token']:.0f} cycles/token ({fractions('prefill')}), "
           f"DRAM {report['dram_bytes_per_token']['prefill']:.0f} B/token, PE utilization linear "
           f"{use['prefill']['linear']:.1%} element-wise {use['prefill']['elementwise']:.1%} nonlinear "
           f"{use['prefill']['nonlinear']:.1%}")
     if report["decode_cycles_per_token"] is not None:
         print(f"decode:  {report['decode_cycles_per_token']:.0f} cycles/token "
               f"({report['clock_mhz'] * 1e6 / report['decode_cycles_per_token']:.1f} tokens/s at "
-              f"{report['clock_mhz']:g} MHz), DRAM {report['dram_bytes_per_token']['decode']:.0f} B/token, "
+              f"{report['clock_mhz']:g} MHz; {fractions('decode')}), "
+              f"DRAM {report['dram_bytes_per_token']['decode']:.0f} B/token, "
               f"PE utilization linear {use['decode']['linear']:.1%} element-wise {use['decode']['elementwise']:.1%} "
               f"nonlinear {use['decode']['nonlinear']:.1%}")
     print(f"float64 reference: greedy top-1 agreement {report['top1_agreement_with_float64']:.0%}, "
