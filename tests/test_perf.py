@@ -179,3 +179,22 @@ def test_recorded_programs_decode():
     data = json.loads(RECORD.read_text())
     program = decode_program(data["pairs"][0]["program"])
     assert isinstance(program[-1], isa.Halt)
+
+
+def test_timeline_accounts_for_every_cycle():
+    """The array's timeline (PerfReport.timeline) of a decode step: one entry per compute instruction, in
+    program order, beats as counted; bench/mamba.py's critical path splits the cycles into beats, waits
+    inside and between instructions and the two ends, which add up to the cycles."""
+    from marca.bench.mamba import batched_case, critical_path
+    from marca.demo import DEMO_CONFIG
+    compiled = batched_case(DEMO_CONFIG, 1, d_model=16)[0].prefill
+    report = perf.estimate(DEMO_CONFIG, compiled.instructions)
+    compute = [k for k, i in enumerate(compiled.instructions) if isinstance(i, (isa.Linear, isa.Elementwise,
+                                                                              isa.Nonlinear))]
+    assert [entry[0] for entry in report.timeline] == compute
+    assert sum(entry[3] for entry in report.timeline) == \
+        report.counters["array_linear_cycles"] + report.counters["array_elementwise_cycles"]
+    path = critical_path(DEMO_CONFIG, compiled.instructions, report)
+    parts = sum(row["beats"] + row["inside"] + row["between"] for row in path["classes"].values())
+    assert parts + path["before_first_beat"] + path["after_last_beat"] == report.cycles
+    assert path["classes"]["linear"]["inside"] > 0      # one sequence: x_proj's chunks wait on the pipeline
