@@ -25,7 +25,8 @@ from marca.ops import ArrayMode, Broadcast, ElementwiseOp
 
 from .buffers import ReadPortSignature, WritePortSignature
 
-__all__ = ["ComputeEngine", "ScoreboardEntry", "GranuleAlign", "compute_command_layout", "nonlinear_schedule", "check_accelerator_config",
+__all__ = ["ComputeEngine", "ScoreboardEntry", "GranuleAlign", "compute_command_layout", "nonlinear_schedule",
+           "check_accelerator_config",
            "ADDRESS_BITS", "SCRATCH_SOURCE", "CONSTANT_SOURCE", "NONLINEAR_BATCH", "SOURCE_BITS",
            "KIND_LINEAR", "KIND_ELEMENTWISE", "KIND_NONLINEAR"]
 

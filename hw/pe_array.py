@@ -26,8 +26,8 @@ from amaranth.lib.wiring import In, Out
 from ..formats import FloatFormat
 from ..ops import ArrayMode, Broadcast, ElementwiseOp
 
-__all__ = ["PEArrayLayouts", "pe_array_layouts", "PEArray", "ArrayRow", "ProcessingElement", "tree_node_column", "MAX_ROWS",
-           "MAX_COLS"]
+__all__ = ["PEArrayLayouts", "pe_array_layouts", "PEArray", "ArrayRow", "ProcessingElement", "tree_node_column",
+           "MAX_ROWS", "MAX_COLS"]
 
 MAX_ROWS = 64
 MAX_COLS = 64
