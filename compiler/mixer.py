@@ -495,7 +495,8 @@ class _MixerLowering:
         so the DMA streams them while the array works on the previous projection."""
         em, plan, P = self.em, self.plan, self.P
         for name in sorted(plan.regions):
-            if name in ("PARAMS", "h", "A", "h2", "A2", "dA", "dBx") or (self.fused and name in ("DT", "BB", "CC")):
+            if name in ("PARAMS", "h", "A", "h2", "A2", "dA", "dBx") or \
+                    (self.fused and name in ("DT", "BB", "CC")):
                 continue
             em.zero_fill(*plan.regions[name], self.region_lines(name), self.zero)
         if plan.parameters_resident:
@@ -676,12 +677,13 @@ class _MixerLowering:
             for t in range(tokens):
                 em.nonlinear(NonlinearFunction.EXP, ab, aa + t * stride, count * Kn)
         self.scan_loaded = None
-        if following:       # h under the EXP, A under the drive (a LOAD holds up dispatch until the DMA is free)
+        if following:       # h under the EXP, A under the drive (a LOAD holds up dispatch till the DMA is free)
             self.load_scan_sequences(t0, tokens, *following, 1 - copy, ("h",))
             self.scan_loaded = (t0, following[0])
         self.ensure("in_z")      # the projection after the scan, loaded under it
-        if not following and j0 + count >= min(self.Jd, (g0 + self.G) * C):     # the channel group's last
-            self.prefetch_group(self.matrices["in_z"], tokens, rows=(g0 * C, min(self.Jd, (g0 + self.G) * C)))
+        group_tiles = (g0 * C, min(self.Jd, (g0 + self.G) * C))
+        if not following and j0 + count >= group_tiles[1]:      # the channel group's last scan group
+            self.prefetch_group(self.matrices["in_z"], tokens, rows=group_tiles)
         for t in range(tokens):      # drive = (delta[t, d] * x[t, d]) * B[t, n]
             em.elementwise(ElementwiseOp.MUL, count, Kn, (bb, ba + t * stride, Kn, 1),
                            (*rows("DX", t), 1, 0, Broadcast.ROW),
