@@ -410,6 +410,7 @@ class _Model:
         self.write_period = memory.beat_period(self.t.beat_bytes)
         self.counters = {name: 0 for name in _COUNTER_NAMES}
         self.timeline, self.index = [], None
+        self.dma_writes = []         # (buffer, first cycle, last cycle, lines) of each LOAD's buffer writes
         # Compute engine state.
         self.history = []            # (first issue, last issue, _Beats) of instructions possibly in flight
         self.last_issue = -1.0       # last beat issued
@@ -481,6 +482,9 @@ class _Model:
                 row_setup = request
                 id_request = request + 1
             end = taken + t.convert_latency + P["dma_load_tail"]
+            if not gather:      # its line writes into the buffer, for the write port's contention
+                lines = -(-i.row_count * i.row_elements // t.lanes)
+                self.dma_writes.append((int(i.buffer), start, taken, lines))
             self.counters["dma_read_busy_cycles"] += end - start
             self.counters["dma_bytes_read"] += i.row_count * i.row_elements * isa.memory_element_bytes(i, self.config)
             if isinstance(i, _GATHER):
@@ -537,6 +541,20 @@ class _Model:
         first += stall
         self.counters["stall_hazard_cycles"] += stall + (beats.duration - beats.count)
         last = first + beats.duration - 1
+        # One write port per buffer, alternating between the DMA and the engine when both write: the array
+        # loses about one cycle for each line a LOAD writes into the instruction's destination buffer while
+        # the instruction writes there.
+        write_latency = beats.distance - PIPELINE["issue_to_ready"]
+        begin, finish = first + write_latency, last + write_latency
+        lost = 0.0
+        for buffer, start, end, lines in self.dma_writes:
+            if buffer in beats.write_sources() and start < finish and begin < end:
+                lost += lines * (min(end, finish) - max(start, begin)) / max(1.0, end - start)
+        if lost:
+            lost = int(lost)
+            self.counters["stall_array_cycles"] += lost
+            self.counters["stall_write_cycles"] += lost
+            last += lost
         self.history.append((first, last, beats))
         self.timeline.append((self.index, first, last, beats.count))
         self.last_issue = last

@@ -198,3 +198,22 @@ def test_timeline_accounts_for_every_cycle():
     parts = sum(row["beats"] + row["inside"] + row["between"] for row in path["classes"].values())
     assert parts + path["before_first_beat"] + path["after_last_beat"] == report.cycles
     assert path["classes"]["linear"]["inside"] > 0      # one sequence: x_proj's chunks wait on the pipeline
+
+
+def test_a_load_into_the_buffer_the_engine_writes_costs_the_array_cycles():
+    """One write port per buffer: an element-wise run writing the buffer a concurrent LOAD fills loses about a
+    cycle per line the LOAD writes (the RTL's stall_write_cycles); into another buffer it loses none."""
+    from marca.isa import Barrier, Buffer, Elementwise, ElementwiseOp, Halt, Load
+    config = TINY
+    lines = 64
+    run = Elementwise(op=ElementwiseOp.ADD, outer_count=1, inner_count=lines, dst_buffer=Buffer.SCRATCH,
+                      a_buffer=Buffer.ACTIVATION, b_buffer=Buffer.ACTIVATION)
+
+    def report(buffer):
+        load = Load(memory_address=0, row_count=1, row_elements=16 * config.lanes, memory_row_stride=0,
+                    buffer=buffer, buffer_address=lines * config.lanes, buffer_row_stride=0)
+        return perf.estimate(config, [load, run, Barrier(), Halt()])
+    same, other = report(Buffer.SCRATCH), report(Buffer.STATE)
+    assert other.counters["stall_write_cycles"] == 0
+    assert 0 < same.counters["stall_write_cycles"] <= 16
+    assert same.cycles >= other.cycles
