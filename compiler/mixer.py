@@ -254,7 +254,9 @@ def plan_mixer(layout: MixerWeights, config: MarcaConfig, options: CompileOption
         area = (trial.next[Buffer.WEIGHT] * P, area_lines)
         if sequences:
             regions["A"] = trial.take("the scan's A tiles of one scan group", S * Kn, _SCAN_ORDER)
-            for name, what in (("h", "scan states h"), ("dA", "decay tiles"), ("dBx", "drive tiles")):
+            # dBx before dA: the decay tiles, written while the DMA loads h, then take another buffer than h
+            # where they can (one write port per buffer: the DMA's writes would stall the array's)
+            for name, what in (("h", "scan states h"), ("dBx", "drive tiles"), ("dA", "decay tiles")):
                 regions[name] = trial.take(f"the {what} of one scan group for {T} sequences", T * S * Kn,
                                            _SCAN_ORDER)
             if not (G >= Di_l and S >= Jd):     # several scan groups: a second h and A, loaded under the scan
