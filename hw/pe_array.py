@@ -33,6 +33,16 @@ MAX_ROWS = 64
 MAX_COLS = 64
 
 
+
+def _delayed(m: Module, enable, value, cycles: int, name: str):
+    """``value`` as it was ``cycles`` cycles with ``enable`` high ago (a chain of registers)."""
+    for index in range(cycles):
+        register = Signal(value.shape(), name=f"{name}_d{index + 1}")
+        with m.If(enable):
+            m.d.sync += register.eq(value)
+        value = register
+    return value
+
 class ArrayRow(wiring.Component):
     """One row of :class:`PEArray`: ``C`` PEs, their operand broadcast, the row's adder tree and accumulators.
 
@@ -111,13 +121,7 @@ class ArrayRow(wiring.Component):
         lat_add = self._adder_latency
 
         def delayed(value, cycles, name):
-            """``value`` as it was ``cycles`` enabled cycles ago."""
-            for index in range(cycles):
-                register = Signal(value.shape(), name=f"{name}_d{index + 1}")
-                with m.If(self.enable):
-                    m.d.sync += register.eq(value)
-                value = register
-            return value
+            return _delayed(m, self.enable, value, cycles, name)
 
         def element(value, index):
             return value[index * width:(index + 1) * width]
@@ -339,13 +343,7 @@ class ProcessingElement(wiring.Component):
         negative_zero = Const(fmt.sign_bit, width)   # add(x, −0) = x for every contract output x
 
         def delayed(value, cycles, name):
-            """``value`` as it was ``cycles`` enabled cycles ago."""
-            for index in range(cycles):
-                register = Signal(value.shape(), name=f"{name}_d{index + 1}")
-                with m.If(self.enable):
-                    m.d.sync += register.eq(value)
-                value = register
-            return value
+            return _delayed(m, self.enable, value, cycles, name)
 
         held = Signal(width, name="held_a")
         with m.If(self.hold):
