@@ -34,6 +34,16 @@ MAX_COLS = 64
 
 
 
+
+def _control_ports(function_bits: int) -> dict:
+    """The per-beat control inputs a row and a PE share (the array's decoded operation)."""
+    ports = {name: In(1) for name in ("enable", "hold", "use_held", "product_uses_b", "min_max", "is_min",
+                                      "select_or_keep_a", "function_sel")}
+    ports |= {"op": In(ElementwiseOp)}
+    if function_bits:
+        ports["function"] = In(function_bits)
+    return ports
+
 def _delayed(m: Module, enable, value, cycles: int, name: str):
     """``value`` as it was ``cycles`` cycles with ``enable`` high ago (a chain of registers)."""
     for index in range(cycles):
@@ -96,11 +106,7 @@ class ArrayRow(wiring.Component):
         self._fault = _fault
         self.depth = (cols - 1).bit_length()
         width = fmt.width
-        ports = {name: In(1) for name in ("enable", "hold", "use_held", "product_uses_b", "min_max", "is_min",
-                                          "select_or_keep_a", "function_sel")}
-        ports |= {"op": In(ElementwiseOp)}
-        if function_bits:
-            ports["function"] = In(function_bits)
+        ports = _control_ports(function_bits)
         for name in "abc":
             ports |= {f"broadcast_{name}": In(Broadcast), f"{name}_lanes": In(cols * width),
                       f"{name}_row": In(width), f"{name}_columns": In(cols * width)}
@@ -324,11 +330,7 @@ class ProcessingElement(wiring.Component):
         self._stages = (input_stage, compare_stage, adder_stage, elementwise_latency)
         self._extension = extension
         width = fmt.width
-        ports = {name: In(1) for name in ("enable", "hold", "use_held", "product_uses_b", "min_max", "is_min",
-                                          "select_or_keep_a", "function_sel")}
-        ports |= {"op": In(ElementwiseOp)}
-        if function_bits:
-            ports["function"] = In(function_bits)
+        ports = _control_ports(function_bits)
         ports |= {name: In(width) for name in ("a", "b", "c", "adder_a", "adder_b")}
         ports |= {name: Out(width) for name in ("product", "x", "y", "sum", "lane_result")}
         super().__init__(ports)
