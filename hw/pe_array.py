@@ -33,8 +33,6 @@ MAX_ROWS = 64
 MAX_COLS = 64
 
 
-
-
 def _control_ports(function_bits: int) -> dict:
     """The per-beat control inputs a row and a PE share (the array's decoded operation)."""
     ports = {name: In(1) for name in ("enable", "hold", "use_held", "product_uses_b", "min_max", "is_min",
@@ -43,6 +41,7 @@ def _control_ports(function_bits: int) -> dict:
     if function_bits:
         ports["function"] = In(function_bits)
     return ports
+
 
 def _delayed(m: Module, enable, value, cycles: int, name: str):
     """``value`` as it was ``cycles`` cycles with ``enable`` high ago (a chain of registers)."""
