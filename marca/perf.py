@@ -546,9 +546,13 @@ class _Model:
         # the instruction writes there.
         write_latency = beats.distance - PIPELINE["issue_to_ready"]
         begin, finish = first + write_latency, last + write_latency
+        # Instructions issue in order, so a LOAD whose writes ended before this one's begin meets no later
+        # instruction either: drop it (the list stays the few LOADs in flight, not the program's).
+        self.dma_writes = [entry for entry in self.dma_writes if entry[2] > begin]
+        written = beats.write_sources()
         lost = 0.0
         for buffer, start, end, lines in self.dma_writes:
-            if buffer in beats.write_sources() and start < finish and begin < end:
+            if buffer in written and start < finish:
                 lost += lines * (min(end, finish) - max(start, begin)) / max(1.0, end - start)
         if lost:
             lost = int(lost)
