@@ -81,9 +81,8 @@ class WeightArea:
         return self.address + self.half * self.half_lines * self.config.lanes
 
 
-#: Cycles the DMA spends setting up each row of a transfer (row register, burst length, request), and the
-#: cycles from a LINEAR beat to the first beat that may add to its result (the array's linear latency and
-#: the engine's pipeline: marca.perf.HardwareTiming.hazard_distance), for choosing weight blocks.
+#: Cycles the DMA spends setting up each row of a transfer (row register, burst length, request), for
+#: choosing weight blocks (the array's side comes from marca.perf.HardwareTiming.hazard_distance).
 _ROW_SETUP_CYCLES = 3
 
 
@@ -212,7 +211,6 @@ def _weights(emitter, area, matrix, tokens, vector, output, rows, chunks, bias, 
             for j in range(j_lo, j_hi):
                 linear(matrix.resident + (j * K + k_lo) * P, j, 1, k_lo, k_count, accumulate)
         return
-    half = area.half_lines
     prefetched, area.prefetched = area.prefetched, None
 
     def load(group):
@@ -222,15 +220,12 @@ def _weights(emitter, area, matrix, tokens, vector, output, rows, chunks, bias, 
         _load_group(emitter, area, matrix, group, address)
         return address
 
+    # Groups of `step` row tiles x `c` chunks (all the chunks when a row tile's fit half the area). Chunk
+    # blocks outer: a tile's next block comes after every other tile's (no wait on it), accumulating
+    # through the bias path.
     _, step, _, c = _first_group(area, matrix, rows, chunks, tokens)
-    if k_count <= half:
+    for k0 in range(k_lo, k_hi, c):
+        k_count = min(c, k_hi - k0)
         for j0 in range(j_lo, j_hi, step):
             count = min(step, j_hi - j0)
-            linear(load((j0, count, k_lo, k_count)), j0, count, k_lo, k_count, accumulate)
-    else:    # a row tile's chunks do not fit a half: blocks of tiles x chunks, accumulating through the bias
-        # path; chunk blocks outer, so a tile's next block comes after every other tile's (no wait on it)
-        for k0 in range(k_lo, k_hi, c):
-            k_count = min(c, k_hi - k0)
-            for j0 in range(j_lo, j_hi, step):
-                count = min(step, j_hi - j0)
-                linear(load((j0, count, k0, k_count)), j0, count, k0, k_count, accumulate or k0 > k_lo)
+            linear(load((j0, count, k0, k_count)), j0, count, k0, k_count, accumulate or k0 > k_lo)
