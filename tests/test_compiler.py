@@ -417,16 +417,12 @@ def test_decode_step_is_the_batched_lowering_of_one_sequence():
 def resident_chain(compiled, steps, conv, ssm, *, keep_buffers=True):
     """Run ``compiled``'s loading step and then its resident step ``len(steps) - 1`` times on one ISS
     machine (buffers kept between programs, inputs patched in by the host); the outputs and final states."""
-    from marca.compiler.mamba import write_place
-    config = compiled.config
-    machine = iss.Machine(config, compiled.write_inputs(None, steps[0], conv, ssm))
+    from marca.tb.mamba import _hidden_patch
+    machine = iss.Machine(compiled.config, compiled.write_inputs(None, steps[0], conv, ssm))
     outputs = []
     for k, hidden in enumerate(steps):
         if k:
-            image = bytearray(machine.memory_bytes())
-            write_place(config, image, compiled.hidden, hidden)
-            place = compiled.hidden
-            machine.write_memory(place.address, image[place.address:place.address + place.rows * place.row_stride])
+            machine.write_memory(*_hidden_patch(compiled, hidden))
             machine.restart(keep_buffers=keep_buffers)
         address = compiled.resident_program_address if k else compiled.program_address
         result = machine.run(address)
@@ -452,16 +448,12 @@ def test_resident_weights_decode_equals_loading_decode(batch):
         assert torch.equal(outputs[k], run.out), f"step {k}"
         expected_conv, expected_ssm = run.conv_state, run.ssm_state
     assert torch.equal(conv_after, expected_conv) and torch.equal(ssm_after, expected_ssm)
-    loaded = program_bytes_read(compiled.instructions)
-    resident = program_bytes_read(compiled.resident_instructions)
+    from marca.compiler.program import program_counters
+    loaded, resident = (program_counters(program, FP32_4x4)["dma_bytes_read"]
+                        for program in (compiled.instructions, compiled.resident_instructions))
     weights_bytes = sum(region.size for name, region in compiled.regions.items()
                         if name.startswith(("matrix ", "parameters", "A tiles")))
     assert loaded - resident == weights_bytes
-
-
-def program_bytes_read(instructions):
-    from marca.compiler.program import program_counters
-    return program_counters(instructions, FP32_4x4)["dma_bytes_read"]
 
 
 def test_resident_step_after_a_reset_reads_undefined_buffers():
