@@ -95,15 +95,14 @@ def _separate_steps_agree(prepared, hidden, conv, ssm, batched_image: bytes) -> 
 def batched_figures(config, compiled, counters: dict, resident: bool = False) -> dict:
     """Per-token figures of one batched step from its counters (RTL or cycle model); ``resident``: of the
     step that finds the weights on chip."""
+    from marca import perf
     from marca.compiler.program import program_counters
     B = compiled.batch
     static = program_counters(compiled.resident_instructions if resident else compiled.instructions, config)
     beats = static["linear_beats"] + static["elementwise_beats"] + static["nonlinear_beats"]
     cycles = counters["cycles"]
-    bus = config.axi_data_width // 8
-    read = static["dma_bytes_read"] + static["fetch_bytes"]
-    written = static["dma_bytes_written"]
-    bound = max(read, written) / bus
+    read, written = static["dma_bytes_read"] + static["fetch_bytes"], static["dma_bytes_written"]
+    bound = perf.dram_bound_cycles(config, static)
     return {"batch": B, "weights": "resident" if resident else "loaded" if compiled.weights_resident else "streamed",
             "instructions": static["instructions"],
             "block_tokens": compiled.plan.block_tokens, "scan_tiles": compiled.plan.scan_tiles,

@@ -109,13 +109,14 @@ def run_model_demo(config, *, checkpoint=DEMO_CHECKPOINT, prompt: str = "ROMEO:"
         return {kind: sum(s[f"{kind}_beats"] for s in steps) / max(1, cycles)
                 for kind in ("linear", "elementwise", "nonlinear")}
 
+    from marca import perf
+
     def bounds(steps):
         """Fraction of ideal (array beats / cycles) and of the DRAM bound (max(bytes read with the
         instruction fetch, bytes written) at one bus beat per cycle / cycles) over ``steps``."""
         cycles = max(1, sum(s["cycles"] for s in steps))
         beats = sum(s["linear_beats"] + s["elementwise_beats"] + s["nonlinear_beats"] for s in steps)
-        dram = sum(max(s["dma_bytes_read"] + s["fetch_bytes"], s["dma_bytes_written"]) for s in steps) \
-            / (config.axi_data_width // 8)
+        dram = sum(perf.dram_bound_cycles(config, s) for s in steps)
         return {"fraction_of_ideal": beats / cycles, "fraction_of_dram_bound": dram / cycles}
     report = {"checkpoint": str(checkpoint), "config": config.name, "prompt": prompt, "generated": text,
               "prompt_tokens": len(ids), "tokens": tokens, "pause": pause,

@@ -662,6 +662,14 @@ if _GATHER:
     _CLASS_COUNTERS[_GATHER] = "load_instructions"     # counted as a load (marca.golden.iss)
 
 
+def dram_bound_cycles(config: MarcaConfig, counters: dict) -> float:
+    """The DRAM bound of a run with these counters: the bytes it moved at one bus beat per cycle, the larger
+    of the reads (instruction fetch included) and the writes (the AXI read and write channels are
+    separate)."""
+    moved = max(counters["dma_bytes_read"] + counters["fetch_bytes"], counters["dma_bytes_written"])
+    return moved / (config.axi_data_width // 8)
+
+
 def estimate(config: MarcaConfig, instructions, memory: MemorySystem = TESTBENCH_MEMORY) -> PerfReport:
     """Model ``instructions`` (a straight-line program ending in HALT) on ``Accelerator(config)`` with
     ``memory``; returns a :class:`PerfReport`."""

@@ -550,9 +550,8 @@ def utilization(compiled, counters: dict) -> dict:
     if total != counted:
         raise AssertionError(f"classified beats {total} != counted beats {counted}")
     cycles = counters["cycles"]
-    # the DRAM bound: the bytes the run moved at one bus beat per cycle (AXI reads and writes are separate)
-    dram_bound = max(counters["dma_bytes_read"] + counters["fetch_bytes"], counters["dma_bytes_written"]) \
-        / (config.axi_data_width // 8)
+    from marca import perf
+    dram_bound = perf.dram_bound_cycles(config, counters)
     useful = useful_operations(config, compiled.dims, compiled.length)
     classes = {kind: {"beats": beats[kind], "share_of_cycles": beats[kind] / cycles,
                       "useful_operations": useful[kind],
