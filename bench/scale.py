@@ -2,14 +2,15 @@
 released Mamba sizes (docs/performance.md).
 
     marca bench scale            (or python -m marca.bench.scale [out_dir] [--quick] [--full]
-                                  [--sizes 130m,370m] [--skip SIZE:SCENARIO,...] [--no-sweep] [--tables]
-                                  [--resume])
+                                  [--sizes 130m,370m] [--configs default] [--skip SIZE:SCENARIO,...]
+                                  [--no-sweep] [--tables] [--resume])
 
 ``--quick``: 130m only; ``--full``: buffer management off and the `default` preset for every size (not only
-the secondary sizes); ``--sizes``: these sizes;
+the secondary sizes); ``--sizes``: these sizes; ``--configs``: only these presets' rows (``--configs default``:
+the `default` preset's rows for every size of ``--sizes``);
 ``--skip``: leave these rows out (e.g. ``130m:prefill-2048``); ``--no-sweep``: no design sweep;
 ``--tables``: remake the tables and pictures from ``out_dir/scale.json`` without running; ``--resume``:
-run only the rows ``out_dir/scale.json`` lacks.
+run only the rows and scenarios ``out_dir/scale.json`` lacks.
 
 For each size (130m .. 2.8b, shapes from ``MambaDims``; weights are zeros of the right shapes: a program's
 timing does not depend on the values, and a 2.8b model's FP32 weights would not fit this machine), each
@@ -87,13 +88,31 @@ def _cache_key(config: MarcaConfig, *parts) -> str:
     return f"{config.array_rows}x{config.array_cols}-{'-'.join(map(str, parts))}-{digest}"
 
 
-@functools.lru_cache(maxsize=None)
+def _decode(code: bytes) -> tuple:
+    """``isa.decode_program(code)`` with one instruction object per distinct word (a layer program of the
+    small presets repeats a few thousand instructions millions of times: decoded once each, and one object
+    each in memory)."""
+    width = isa.INSTRUCTION_BYTES
+    if len(code) % width:
+        raise ValueError(f"program length must be a multiple of {width} bytes, not {len(code)}")
+    seen = {}
+    out = []
+    for k in range(0, len(code), width):
+        word = code[k:k + width]
+        instruction = seen.get(word)
+        if instruction is None:
+            instruction = seen[word] = isa.decode(int.from_bytes(word, "little"))
+        out.append(instruction)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4)
 def layer_program(config: MarcaConfig, d_model: int, mode: str, tokens: int, buffer_management: bool):
     """(instructions, state bytes) of one compiled mixer layer (weights: zeros of the right shapes)."""
     path = PROGRAM_CACHE / (_cache_key(config, d_model, mode, tokens, buffer_management) + ".json")
     if path.exists():
         cached = json.loads(path.read_text())
-        return tuple(isa.decode_program(zlib.decompress(base64.b64decode(cached["program"])))), cached["state_bytes"]
+        return _decode(zlib.decompress(base64.b64decode(cached["program"]))), cached["state_bytes"]
     from marca.compiler import CompileOptions, compile_mixer
     from marca.reference.mamba import MambaDims
     dims = MambaDims(d_model=d_model)
@@ -103,7 +122,11 @@ def layer_program(config: MarcaConfig, d_model: int, mode: str, tokens: int, buf
     state_bytes = compiled.batch * sum(place.rows * place.row_elements * config.compute_bytes
                                        for place in (compiled.conv_state, compiled.ssm_state))
     path.parent.mkdir(parents=True, exist_ok=True)
-    encoded = base64.b64encode(zlib.compress(isa.encode_program(compiled.instructions), 9)).decode()
+    from marca.compiler.emit import encode_fast      # the emitter range-checked every field
+    packer, chunks = zlib.compressobj(6), []
+    for first in range(0, len(compiled.instructions), 1 << 20):     # tens of millions of words: in pieces
+        chunks.append(packer.compress(encode_fast(compiled.instructions[first:first + (1 << 20)])))
+    encoded = base64.b64encode(b"".join(chunks) + packer.flush()).decode()
     path.write_text(json.dumps({"program": encoded, "state_bytes": state_bytes}))
     return tuple(compiled.instructions), state_bytes
 
@@ -163,9 +186,9 @@ def model_run(config: MarcaConfig, size: str, scenario: str, memory: perf.Memory
     d_model, layers = SIZES[size]
     mode, tokens = SCENARIOS[scenario]
     instructions, _ = layer_program(config, d_model, mode, tokens, buffer_management)
-    layer = perf.estimate(config, instructions, memory)
+    layer = perf.estimate(config, instructions, memory, timeline=False)
     head_tokens = 1 if scenario.startswith("prefill") else tokens
-    head = perf.estimate(config, lm_head_program(config, VOCAB, d_model, head_tokens), memory)
+    head = perf.estimate(config, lm_head_program(config, VOCAB, d_model, head_tokens), memory, timeline=False)
     counters = _combine([(layer, layers), (head, 1)])
     cycles = counters["cycles"]
     beats = counters["array_linear_cycles"] + counters["array_elementwise_cycles"]
@@ -274,24 +297,27 @@ PUBLISHED = {
 """MARCA's published speed-ups (its own baselines, not reproduced here), beside the table's ratios."""
 
 
-def _plan(quick: bool, full: bool = False, sizes=None, skip=()):
+def _plan(quick: bool, full: bool = False, sizes=None, skip=(), configs=None):
     """(config, size, memory, buffer management, scenarios) in the order they run; ``skip``: (size,
-    scenario) pairs left out (``--skip 1.4b:prefill-2048,...``: the long compiles)."""
-    plan = _full_plan(quick, full, sizes)
+    scenario) pairs left out (``--skip 1.4b:prefill-2048,...``: the long compiles); ``configs``: only the
+    rows of these presets (by name; naming ``default`` gives its rows for every size)."""
+    plan = _full_plan(quick, full, sizes, configs)
     return [(config, size, memory, managed, tuple(s for s in scenarios if (size, s) not in set(skip)))
-            for config, size, memory, managed, scenarios in plan]
+            for config, size, memory, managed, scenarios in plan
+            if configs is None or config.name in configs]
 
 
-def _full_plan(quick: bool, full: bool = False, sizes=None):
+def _full_plan(quick: bool, full: bool = False, sizes=None, configs=None):
     sizes = ["130m"] if quick else list(sizes or SIZES)
     secondary = sizes if full else [size for size in sizes if size in SECONDARY_SIZES]
+    default_sizes = sizes if configs and DEFAULT.name in configs else secondary
     plan = []
     for size in sizes:
         plan.append((PAPER, size, "hbm", True, tuple(SCENARIOS)))
         plan.append((PAPER, size, "ddr", True, tuple(SCENARIOS)))
     for size in secondary:
         plan.append((PAPER, size, "hbm", False, ("prefill-512", "decode-b1")))
-    for size in secondary:
+    for size in default_sizes:
         plan.append((DEFAULT, size, "hbm", True, tuple(SCENARIOS)))
         plan.append((DEFAULT, size, "ddr", True, tuple(SCENARIOS)))
     return plan
@@ -335,33 +361,46 @@ def comparison_table(results: dict, processor: dict | None) -> str:
 
 
 def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False, sizes=None, skip=(),
-        sweep: bool = True, tables_only: bool = False, resume: bool = False) -> dict:
+        sweep: bool = True, tables_only: bool = False, resume: bool = False, configs=None) -> dict:
     """Model the plan, print the tables, write ``scale.json`` and the pictures. ``tables_only``: rerun
     nothing, make the tables, the comparison and the roofline from ``out_dir/scale.json`` (``--tables``:
     for a run stopped before its end; its results are written after every row). ``resume``: keep the rows
-    of ``out_dir/scale.json`` and run only the plan's rows it lacks (``--resume``)."""
+    of ``out_dir/scale.json`` and run only the plan's rows and scenarios it lacks (``--resume``); ``configs``:
+    only these presets' rows (``--configs``)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results = {}
     summary = {"clock_hz": CLOCK_HZ, "memories": MEMORIES, "vocab": VOCAB, "sizes": SIZES, "results": results}
-    summary["plan"] = {"quick": quick, "full": full, "sizes": list(sizes or SIZES), "skip": [list(p) for p in skip]}
+    summary["plan"] = {"quick": quick, "full": full, "sizes": list(sizes or SIZES), "skip": [list(p) for p in skip],
+                       "configs": configs}
     if tables_only or resume:
         summary = json.loads((out_dir / "scale.json").read_text())
         results = summary["results"]
-    for config, size, memory_name, managed, scenarios in ([] if tables_only else _plan(quick, full, sizes, skip)):
-        if resume and f"{config.name}|{size}|{memory_name}|{managed}" in results:
+    plan = [] if tables_only else _plan(quick, full, sizes, skip, configs)
+    for config, size, memory_name, managed, scenarios in plan:
+        key = f"{config.name}|{size}|{memory_name}|{managed}"
+        entry = dict(results.get(key, {})) if resume else {}
+        if "error" in entry or all(scenario in entry for scenario in scenarios):
             continue
         memory = memory_system(memory_name)
         try:
-            entry = {scenario: model_run(config, size, scenario, memory, managed) for scenario in scenarios}
+            for scenario in scenarios:
+                if scenario in entry:
+                    continue
+                began, cpu = time.time(), time.process_time()
+                entry[scenario] = model_run(config, size, scenario, memory, managed)
+                entry[scenario]["wall_seconds"] = round(time.time() - began, 1)
+                entry[scenario]["cpu_seconds"] = round(time.process_time() - cpu, 1)
+                results[key] = {name: entry[name] for name in SCENARIOS if name in entry}
+                (out_dir / "scale.json").write_text(json.dumps(summary, indent=1) + "\n")
         except ValueError as error:        # CompileError: the layer does not compile for this preset
             print(f"[scale] {config.name} {size}: not compiled ({error})", flush=True)
-            results[f"{config.name}|{size}|{memory_name}|{managed}"] = {"error": str(error)}
+            results[key] = {"error": str(error)}
             continue
-        results[f"{config.name}|{size}|{memory_name}|{managed}"] = entry
         print(f"[scale] {config.name} {size} {memory_name} buffer management {'on' if managed else 'off'}: "
-              + ", ".join(f"{scenario} {value['tokens_per_second']:,.1f} tok/s" for scenario, value in entry.items())
+              + ", ".join(f"{scenario} {value['tokens_per_second']:,.1f} tok/s ({value.get('cpu_seconds', '?')} "
+                          "CPU s)" for scenario, value in results[key].items())
               + f" ({time.time() - started:.0f} s)", flush=True)
         (out_dir / "scale.json").write_text(json.dumps(summary, indent=1) + "\n")
     tables = "\n\n".join([_table(results, "hbm"), _table(results, "ddr"), _table(results, "hbm", False)])
@@ -382,15 +421,17 @@ def run(out_dir: pathlib.Path, *, quick: bool = False, full: bool = False, sizes
 
 
 if __name__ == "__main__":
-    # python -m marca.bench.scale [out_dir] [--quick] [--full] [--sizes 130m,370m] [--skip SIZE:SCENARIO,...]
-    #                             [--no-sweep] [--tables] [--resume]
+    # python -m marca.bench.scale [out_dir] [--quick] [--full] [--sizes 130m,370m] [--configs default]
+    #                             [--skip SIZE:SCENARIO,...] [--no-sweep] [--tables] [--resume]
     from marca.bench import command_line
-    argv = command_line(__doc__, ("--quick", "--full", "--sizes", "--skip", "--no-sweep", "--tables", "--resume"))
+    argv = command_line(__doc__, ("--quick", "--full", "--sizes", "--configs", "--skip", "--no-sweep", "--tables",
+                                  "--resume"))
 
     def option(name):
         return argv[argv.index(name) + 1].split(",") if name in argv else None
-    values = {a for name in ("--sizes", "--skip") if name in argv for a in [argv[argv.index(name) + 1]]}
+    values = {a for name in ("--sizes", "--configs", "--skip") if name in argv for a in [argv[argv.index(name) + 1]]}
     arguments = [a for a in argv if not a.startswith("--") and a not in values]
     run(pathlib.Path(arguments[0] if arguments else "build/bench"), quick="--quick" in argv, full="--full" in argv,
         sizes=option("--sizes"), skip=[tuple(item.split(":")) for item in option("--skip") or []],
-        sweep="--no-sweep" not in argv, tables_only="--tables" in argv, resume="--resume" in argv)
+        sweep="--no-sweep" not in argv, tables_only="--tables" in argv, resume="--resume" in argv,
+        configs=option("--configs"))

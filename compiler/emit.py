@@ -42,14 +42,19 @@ def _field_limits(kind) -> tuple:
 
 def encode_fast(instructions) -> bytes:
     """``isa.encode_program`` for instructions the emitter has range-checked (tests/test_model.py checks
-    that both give the same bytes)."""
-    out = bytearray()
+    that both give the same bytes). Each distinct instruction object is encoded once (the emitter hands out
+    one object per distinct instruction: a long program repeats a few thousand of them)."""
+    words = {}
+    parts = []
     for instruction in instructions:
-        word = int(instruction.OPCODE)
-        for layout in field_layouts(type(instruction)):
-            word |= int(getattr(instruction, layout.name)) << layout.lsb
-        out += word.to_bytes(isa.INSTRUCTION_BYTES, "little")
-    return bytes(out)
+        word = words.get(id(instruction))
+        if word is None:
+            value = int(instruction.OPCODE)
+            for layout in field_layouts(type(instruction)):
+                value |= int(getattr(instruction, layout.name)) << layout.lsb
+            word = words[id(instruction)] = value.to_bytes(isa.INSTRUCTION_BYTES, "little")
+        parts.append(word)
+    return b"".join(parts)
 
 
 #: An element-wise operand: (buffer, address, outer stride, inner stride[, broadcast]).
@@ -94,18 +99,27 @@ class Emitter:
         self.spill_address = spill_address
         self.program: list[isa.Instruction] = []
         self.sections: list[tuple[int, str]] = []
+        # One object per distinct instruction (instructions are frozen): a long program (a small preset's
+        # prefill repeats its token block's few thousand instructions for every token) holds a reference
+        # per instruction, not a copy, and later passes work once per object (schedule.insert_barriers,
+        # encode_fast).
+        self._distinct: dict = {}
 
     def section(self, label: str) -> None:
         """Start a named section (shown by the printer before its first instruction)."""
         self.sections.append((len(self.program), label))
 
     def emit(self, instruction) -> None:
-        values = instruction.__dict__
-        for name, limit in _field_limits(type(instruction)):
-            if not 0 <= values[name] < limit:
-                raise CompileError(f"{type(instruction).__name__}.{name} = {values[name]} overflows its "
-                                   f"{limit.bit_length() - 1} bits")
-        self.program.append(instruction)
+        key = (type(instruction), *instruction.__dict__.values())    # field values, in field order
+        known = self._distinct.get(key)
+        if known is None:
+            values = instruction.__dict__
+            for name, limit in _field_limits(type(instruction)):
+                if not 0 <= values[name] < limit:
+                    raise CompileError(f"{type(instruction).__name__}.{name} = {values[name]} overflows its "
+                                       f"{limit.bit_length() - 1} bits")
+            known = self._distinct[key] = instruction
+        self.program.append(known)
 
     # DMA ---------------------------------------------------------------------------------------------
 

@@ -28,25 +28,33 @@ def insert_barriers(instructions, config: MarcaConfig) -> list[isa.Instruction]:
     Each stream's accesses since the last barrier are kept per (stream, read/write, buffer) as entries
     (first, last, element indices) with the bucket's bounding interval; a new access conflicts when it
     meets that interval, then one entry's interval, and the exact element sets intersect (the interval
-    tests keep this fast on large buffers and long programs)."""
+    tests keep this fast on large buffers and long programs). The accesses of an instruction object are
+    worked out once (the emitter hands out one object per distinct instruction)."""
     pending = {}          # (stream, kind, buffer) -> [low, high, entries]
     out = []
+    known = {}            # id(instruction) -> (instruction, stream, other, touched)
+    barrier = isa.Barrier()        # one object for every barrier added (none of the input's)
     for instruction in instructions:
         if isinstance(instruction, isa.Barrier):
             out.append(instruction)
             pending = {}
             continue
-        if not isinstance(instruction, _DMA + _COMPUTE):
-            out.append(instruction)
-            continue
-        stream = "dma" if isinstance(instruction, _DMA) else "compute"
-        other = "compute" if stream == "dma" else "dma"
-        touched = [("write" if access.write else "read", access.buffer, _entry(access))
-                   for access in isa.buffer_accesses(instruction, config)]
+        seen = known.get(id(instruction))
+        if seen is None:
+            if not isinstance(instruction, _DMA + _COMPUTE):
+                out.append(instruction)
+                continue
+            stream = "dma" if isinstance(instruction, _DMA) else "compute"
+            other = "compute" if stream == "dma" else "dma"
+            touched = [("write" if access.write else "read", access.buffer, _entry(access))
+                       for access in isa.buffer_accesses(instruction, config)]
+            # the instruction is kept with its accesses, so its id stays its own
+            seen = known[id(instruction)] = (instruction, stream, other, touched)
+        _, stream, other, touched = seen
         for kind, buffer, entry in touched:
             if (_conflicts(entry, pending.get((other, "write", buffer)))
                     or kind == "write" and _conflicts(entry, pending.get((other, "read", buffer)))):
-                out.append(isa.Barrier())
+                out.append(barrier)
                 pending = {}
                 break
         for kind, buffer, entry in touched:

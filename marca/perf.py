@@ -48,7 +48,9 @@ counter by ``marca bench perf_validate`` (tests/test_perf.py holds the model to 
 import collections
 import functools
 import inspect
+import itertools
 import math
+import operator
 from dataclasses import dataclass, field
 
 from marca import isa
@@ -273,6 +275,16 @@ class _Beats:
             self.dst = (int(i.dst_buffer), int(i.dst_address) // lanes)
 
     def read_sources(self) -> set:
+        if not hasattr(self, "_reads"):
+            self._reads = self._read_sources()
+        return self._reads
+
+    def write_sources(self) -> set:
+        if not hasattr(self, "_writes"):
+            self._writes = self._write_sources()
+        return self._writes
+
+    def _read_sources(self) -> set:
         if self.kind == "linear":
             sources = {self.matrix[0], self.vector[0], self.output[0]}
             return sources | ({self.bias[0]} if self.bias else set())
@@ -280,7 +292,7 @@ class _Beats:
             return {operand[0] for operand in self.operands}
         return {self.src[0], _SCRATCH_SOURCE}
 
-    def write_sources(self) -> set:
+    def _write_sources(self) -> set:
         if self.kind == "linear":
             return {self.output[0]}
         if self.kind == "elementwise":
@@ -402,9 +414,10 @@ class _ReadChannel:
 
 
 class _Model:
-    def __init__(self, config: MarcaConfig, memory: MemorySystem):
+    def __init__(self, config: MarcaConfig, memory: MemorySystem, timeline: bool = True):
         self.config = config
         self.memory = memory
+        self.keep_timeline = timeline
         self.t = hardware_timing(config)
         self.read = _ReadChannel(memory, self.t.beat_bytes)
         self.write_period = memory.beat_period(self.t.beat_bytes)
@@ -420,6 +433,20 @@ class _Model:
         self.busy_until = 0.0        # for compute_busy_cycles
         # DMA state.
         self.dma_idle = 0.0
+        # What the model works out from an instruction alone (a DMA's bursts, a compute instruction's
+        # beats), once per instruction object: the compiler hands out one object per distinct instruction,
+        # and a small preset's long program repeats a few thousand of them millions of times.
+        self.known = {}
+
+    def _known(self, i, make):
+        """``make(i)``, remembered for the object ``i`` (with ``i`` itself, so its id stays its own); the
+        memo is emptied when it grows past :data:`_KNOWN_LIMIT` objects (a program of distinct objects)."""
+        entry = self.known.get(id(i))
+        if entry is None:
+            if len(self.known) >= _KNOWN_LIMIT:
+                self.known.clear()
+            entry = self.known[id(i)] = (i, make(i))
+        return entry[1]
 
     # -- DMA -------------------------------------------------------------------------------------------
 
@@ -441,19 +468,25 @@ class _Model:
                 start += n * t.beat_bytes
             yield bursts
 
+    def _dma_facts(self, i):
+        """(bursts of each row, bytes moved, buffer, lines written, store, gather) of a DMA instruction."""
+        data = i.row_count * i.row_elements * isa.memory_element_bytes(i, self.config)
+        return (tuple(map(tuple, self._rows(i))), data, int(i.buffer), -(-i.row_count * i.row_elements // self.t.lanes),
+                isinstance(i, isa.Store), isinstance(i, _GATHER))
+
     def dma(self, i, dispatch: float):
         t, P = self.t, PIPELINE
         start = dispatch + P["dma_dispatch_to_start"]
-        gather = isinstance(i, _GATHER)
+        rows, data, buffer, lines, store, gather = self._known(i, self._dma_facts)
         setup, interval = P["dma_row_setup"], P["dma_burst_interval"]
-        if not isinstance(i, isa.Store):
+        if not store:
             row_setup = start                # address side: the cycle a row is set up
             taken = start                    # data side: the last beat taken (or the set-up cycle)
             outstanding = collections.deque()   # (time the burst's last beat is taken, beats)
             in_flight = 0
             limit = t.max_outstanding_beats - t.burst_limit
             id_request = start
-            for row in self._rows(i):
+            for row in rows:
                 if gather:
                     # GATHER: each row's address waits for its id, a one-beat read issued when the previous
                     # row's bursts are, then three registered stages (id word, range check and
@@ -483,16 +516,15 @@ class _Model:
                 id_request = request + 1
             end = taken + t.convert_latency + P["dma_load_tail"]
             if not gather:      # its line writes into the buffer, for the write port's contention
-                lines = -(-i.row_count * i.row_elements // t.lanes)
-                self.dma_writes.append((int(i.buffer), start, taken, lines))
+                self.dma_writes.append((buffer, start, taken, lines))
             self.counters["dma_read_busy_cycles"] += end - start
-            self.counters["dma_bytes_read"] += i.row_count * i.row_elements * isa.memory_element_bytes(i, self.config)
-            if isinstance(i, _GATHER):
+            self.counters["dma_bytes_read"] += data
+            if gather:
                 self.counters["dma_bytes_read"] += _GATHER_ID_BYTES * i.row_count
         else:
             w = start + P["dma_store_to_w"] + t.convert_latency
             first_row = True
-            for row in self._rows(i):
+            for row in rows:
                 if not first_row:
                     w += P["dma_store_row_gap"]
                 first_row = False
@@ -500,14 +532,17 @@ class _Model:
                 w += beats * self.write_period
             end = w + self.memory.write_latency + self.memory.handshake() + P["dma_store_tail"]
             self.counters["dma_write_busy_cycles"] += end - start
-            self.counters["dma_bytes_written"] += i.row_count * i.row_elements * isa.memory_element_bytes(i, self.config)
+            self.counters["dma_bytes_written"] += data
         self.dma_idle = end
 
     # -- compute ---------------------------------------------------------------------------------------
 
+    def _beats(self, i):
+        return _Beats(i, self.t, self.config)
+
     def compute(self, i, dispatch: float):
         t = self.t
-        beats = _Beats(i, t, self.config)
+        beats = self._known(i, self._beats)
         first = max(dispatch + PIPELINE["dispatch_to_issue"], self.last_issue + 1)
         if beats.kind != "linear" and self.last_kind == "linear":
             # The array keeps its results in order: an element-wise beat waits for the last linear one's
@@ -560,7 +595,8 @@ class _Model:
             self.counters["stall_write_cycles"] += lost
             last += lost
         self.history.append((first, last, beats))
-        self.timeline.append((self.index, first, last, beats.count))
+        if self.keep_timeline:
+            self.timeline.append((self.index, first, last, beats.count))
         self.last_issue = last
         generator_done = max(dispatch + PIPELINE["dispatch_to_issue"] - 1 + beats.count, last - 1)
         self.generator_free = generator_done
@@ -583,56 +619,79 @@ class _Model:
 
     def run(self, instructions) -> PerfReport:
         t, P = self.t, PIPELINE
-        instructions = list(instructions)
-        halt = next((k for k, instruction in enumerate(instructions) if isinstance(instruction, isa.Halt)),
-                    len(instructions) - 1)
-        instructions = instructions[:halt + 1]
-        n = len(instructions)
+        if not isinstance(instructions, (list, tuple)):
+            instructions = list(instructions)
+        try:     # the first HALT (types compared in C: a long program is scanned in a fraction of a second)
+            halt = operator.indexOf(map(type, instructions), isa.Halt)
+        except ValueError:
+            halt = len(instructions) - 1
+        n = halt + 1
         depth = t.fetch_queue_depth
         # Fetch does not decode: it reads `depth` words past HALT (their requests leave before HALT is
         # dispatched: each when the word `depth` places ahead of it is taken), and done waits for them.
         words = n + depth
-        ready = [0.0] * words        # the word is in the fetch queue
-        taken = [0.0] * n            # decode takes the word
+        ring = depth + 1
+        ready = [0.0] * ring         # word k is in the fetch queue at ready[k % ring] (at most depth ahead)
         fetch_request = -1.0
         fetch_last = -math.inf       # the last fetch beat
+        request = self.read.request
+        ar_slice, queue_write, fetch_beats = P["fetch_ar_slice"], P["fetch_queue_write"], t.fetch_beats
 
         def fetch(k, at):
             nonlocal fetch_request, fetch_last
             if k >= words:
                 return
             fetch_request = max(fetch_request + 1, at)
-            _, last = self.read.request(fetch_request + P["fetch_ar_slice"], t.fetch_beats)
-            ready[k] = last + P["fetch_queue_write"]
+            _, last = request(fetch_request + ar_slice, fetch_beats)
+            ready[k % ring] = last + queue_write
             fetch_last = max(fetch_last, last)
 
         for k in range(min(depth, words)):
             fetch(k, P["start_to_running"])
         dispatch = -1.0
         c = self.counters
-        for k, instruction in enumerate(instructions):
-            taken[k] = max(ready[k], dispatch) if k else ready[k]
-            c["stall_fetch_cycles"] += max(0.0, ready[k] - dispatch) if k else ready[k]
-            fetch(k + depth, taken[k] + 1)
-            checked = taken[k] + t.check_cycles + 1
-            if isinstance(instruction, _DMA):
+        check = t.check_cycles + 1
+        units = {}                   # type -> 0 DMA, 1 compute, 2 other
+        stall_fetch = stall_dispatch = 0
+        for k, instruction in enumerate(itertools.islice(instructions, n)):
+            word = ready[k % ring]
+            if k:
+                taken = max(word, dispatch)
+                stall_fetch += max(0.0, word - dispatch)
+            else:
+                taken = word
+                stall_fetch += word
+            # fetch(k + depth, taken + 1), inline: k + depth < words
+            fetch_request = max(fetch_request + 1, taken + 1)
+            _, last = request(fetch_request + ar_slice, fetch_beats)
+            ready[(k + depth) % ring] = last + queue_write
+            fetch_last = max(fetch_last, last)
+            checked = taken + check
+            kind = type(instruction)
+            unit_kind = units.get(kind)
+            if unit_kind is None:
+                unit_kind = units[kind] = 0 if isinstance(instruction, _DMA) else \
+                    1 if isinstance(instruction, (isa.Linear, isa.Elementwise, isa.Nonlinear)) else 2
+            if unit_kind == 0:
                 unit = self.dma_idle
-            elif isinstance(instruction, (isa.Linear, isa.Elementwise, isa.Nonlinear)):
+            elif unit_kind == 1:
                 unit = self.generator_free
             else:
                 unit = max(self.dma_idle, self.compute_idle, self.generator_free)
             dispatch = max(checked, unit)
-            c["stall_dispatch_cycles"] += dispatch - checked
-            c["instructions"] += 1
-            c["fetch_bytes"] += isa.INSTRUCTION_BYTES
-            name = _CLASS_COUNTERS.get(type(instruction))
+            stall_dispatch += dispatch - checked
+            name = _CLASS_COUNTERS.get(kind)
             if name:
                 c[name] += 1
-            if isinstance(instruction, _DMA):
+            if unit_kind == 0:
                 self.dma(instruction, dispatch)
-            elif isinstance(instruction, (isa.Linear, isa.Elementwise, isa.Nonlinear)):
+            elif unit_kind == 1:
                 self.index = k
                 self.compute(instruction, dispatch)
+        c["stall_fetch_cycles"] += stall_fetch
+        c["stall_dispatch_cycles"] += stall_dispatch
+        c["instructions"] += n
+        c["fetch_bytes"] += n * isa.INSTRUCTION_BYTES
         # HALT dispatched -> stopping -> running falls; the last fetch beat -> in_flight 0 (fetch idle) ->
         # running falls: the same two registers after whichever is later.
         cycles = max(dispatch, fetch_last) + P["halt_to_done"]
@@ -651,6 +710,7 @@ _COUNTER_NAMES = (
     "array_linear_cycles", "array_elementwise_cycles", "stall_fetch_cycles", "stall_dispatch_cycles",
     "stall_hazard_cycles", "stall_array_cycles", "stall_write_cycles")
 
+_KNOWN_LIMIT = 1 << 16                         # instruction objects _Model.known remembers at most
 _GATHER = getattr(isa, "Gather", ())           # GATHER (embedding rows by id), where the ISA has it
 _GATHER_ID_BYTES = 4                           # one little-endian uint32 id per row (marca.isa.Gather)
 _DMA = tuple(c for c in (isa.Load, isa.Store, _GATHER) if c)
@@ -670,11 +730,15 @@ def dram_bound_cycles(config: MarcaConfig, counters: dict) -> float:
     return moved / (config.axi_data_width // 8)
 
 
-def estimate(config: MarcaConfig, instructions, memory: MemorySystem = TESTBENCH_MEMORY) -> PerfReport:
+def estimate(config: MarcaConfig, instructions, memory: MemorySystem = TESTBENCH_MEMORY, *,
+             timeline: bool = True) -> PerfReport:
     """Model ``instructions`` (a straight-line program ending in HALT) on ``Accelerator(config)`` with
-    ``memory``; returns a :class:`PerfReport`."""
+    ``memory``; returns a :class:`PerfReport` (``timeline`` False: without its timeline, which holds an
+    entry per compute instruction: for programs of tens of millions of instructions)."""
     if not isinstance(config, MarcaConfig):
         raise ValueError(f"config must be a MarcaConfig, not {config!r}")
     if not isinstance(memory, MemorySystem):
         raise ValueError(f"memory must be a MemorySystem, not {memory!r}")
-    return _Model(config, memory).run(instructions)
+    if not isinstance(timeline, bool):
+        raise ValueError(f"timeline must be a bool, not {timeline!r}")
+    return _Model(config, memory, timeline).run(instructions)

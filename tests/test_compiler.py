@@ -508,3 +508,29 @@ def test_weight_blocks_of_several_row_tiles_when_a_row_does_not_fit():
     run = compiled.run(hidden, conv, ssm)
     assert torch.equal(run.out, expected.out) and torch.equal(run.conv_state, expected.conv_state) \
         and torch.equal(run.ssm_state, expected.ssm_state)
+
+
+def test_emitter_hands_out_one_object_per_distinct_instruction():
+    """A prefill repeats its token block's instructions: the emitter keeps one object per distinct
+    instruction (a small preset's 2048-token prefill is tens of millions of them) and the passes after it
+    work once per object (barriers, encoding); the program's words are still isa.encode_program's, which
+    encodes every entry on its own. Equal fields of another instruction type are another instruction."""
+    from marca.compiler import Emitter
+    from marca.compiler.emit import encode_fast
+    compiled = compile_mixer(mixer(16, 4), TINY, mode="prefill", length=8)
+    program = compiled.instructions
+    assert len({id(i) for i in program}) == len(set(program)) < len(program) // 2
+    code = isa.encode_program(program)
+    assert encode_fast(program) == code
+    assert compiled.memory[compiled.program_address:compiled.program_address + len(code)] == code
+    emitter = Emitter(TINY)
+    fields = dict(memory_address=64, row_count=2, row_elements=4, memory_row_stride=8, buffer=isa.Buffer.SCRATCH,
+                  buffer_address=0, buffer_row_stride=4)
+    for instruction in (isa.Load(**fields), isa.Load(**fields), isa.Store(**fields),
+                        isa.Load(**{**fields, "row_count": 3})):
+        emitter.emit(instruction)
+    first, again, store, other = emitter.program
+    assert again is first and store is not first and other is not first
+    assert (type(store), other.row_count) == (isa.Store, 3)
+    with pytest.raises(CompileError, match="row_count"):
+        emitter.emit(isa.Load(**{**fields, "row_count": 1 << 16}))

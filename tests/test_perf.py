@@ -217,3 +217,31 @@ def test_a_load_into_the_buffer_the_engine_writes_costs_the_array_cycles():
     assert other.counters["stall_write_cycles"] == 0
     assert 0 < same.counters["stall_write_cycles"] <= 16
     assert same.cycles >= other.cycles
+
+
+def test_shared_instruction_objects_model_as_separate_ones(monkeypatch):
+    """The model works out a DMA's bursts and a compute instruction's beats once per instruction object
+    (the compiler's programs repeat objects): a program of shared objects, the same program decoded into one
+    object per word, and the shared one with the memo emptied every few objects give the report of the
+    model working everything out for every instruction; ``timeline=False`` the same counters without the
+    timeline."""
+    import torch
+    from marca.compiler import compile_mixer
+    from marca.reference import mamba as reference
+    dims = reference.MambaDims(d_model=16, d_state=4)
+    compiled = compile_mixer(reference.random_mixer_weights(dims, seed=1, dtype=torch.float64), TINY,
+                             mode="prefill", length=8)
+    shared = compiled.instructions
+    separate = isa.decode_program(isa.encode_program(shared))
+    assert len({id(i) for i in shared}) < len(shared) // 2 and len({id(i) for i in separate}) == len(shared)
+    memory = perf.MemorySystem(read_latency=30, write_latency=20, bytes_per_cycle=3.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(perf._Model, "_known", lambda self, instruction, make: make(instruction))
+        expected = perf.estimate(TINY, shared, memory)
+    reports = [perf.estimate(TINY, program, memory) for program in (shared, separate)]
+    monkeypatch.setattr(perf, "_KNOWN_LIMIT", 5)
+    reports.append(perf.estimate(TINY, shared, memory))
+    assert all(r.counters == expected.counters and r.timeline == expected.timeline for r in reports)
+    assert expected.counters["stall_hazard_cycles"] > 0 and expected.counters["stall_fetch_cycles"] > 0
+    lean = perf.estimate(TINY, shared, memory, timeline=False)
+    assert lean.counters == expected.counters and lean.timeline == [] and len(expected.timeline) > 100
