@@ -18,10 +18,14 @@ def finish_program(emitter: Emitter, image: MemoryImage, config: MarcaConfig, na
     ``image`` (only its size when the image is not materialized). ``sections`` index the final list."""
     original = emitter.program + [isa.Halt()]
     program = insert_barriers(original, config)
-    position, j = {}, 0
+    # where the sections' first instructions went (barriers were added before some instructions): only
+    # those positions are kept (a dict of every instruction's would be most of a long program's memory)
+    wanted = {index for index, _ in emitter.sections}
+    position, j, count = {}, 0, len(original)
     for k, instruction in enumerate(program):
-        if j < len(original) and instruction is original[j]:
-            position[j] = k
+        if j < count and instruction is original[j]:
+            if j in wanted:
+                position[j] = k
             j += 1
     sections = [(position.get(index, len(program) - 1), label) for index, label in emitter.sections]
     if image.materialize:
