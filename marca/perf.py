@@ -486,6 +486,9 @@ class _Model:
             in_flight = 0
             limit = t.max_outstanding_beats - t.burst_limit
             id_request = start
+            channel = self.read
+            latency, gap, period = channel.latency, channel.gap, channel.period
+            to_bus = P["dma_ar_to_bus"]
             for row in rows:
                 if gather:
                     # GATHER: each row's address waits for its id, a one-beat read issued when the previous
@@ -503,11 +506,21 @@ class _Model:
                     while in_flight > limit:
                         done, n = outstanding.popleft()
                         in_flight -= n
-                        request = max(request, done + 1)
-                    first, last = self.read.request(request + P["dma_ar_to_bus"], beats)
-                    taken = max(taken + beats, last + 1)
+                        done += 1
+                        if done > request:
+                            request = done
+                    # self.read.request(request + dma_ar_to_bus, beats), inline; (b if b > a else a) is
+                    # max(a, b)
+                    at = request + to_bus + latency
+                    free = channel.free + gap
+                    first = free if free > at else at
+                    last = first + (beats - 1) * period
+                    taken += beats
+                    if last + 1 > taken:
+                        taken = last + 1
                     # A slow data side holds the read channel (its skid buffer holds two beats).
-                    self.read.free = max(self.read.free, taken - 2)
+                    free = last + period
+                    channel.free = taken - 2 if taken - 2 > free else free
                     outstanding.append((taken, beats))
                     in_flight += beats
                 # The address side's next row: its set-up register the cycle after this request (the
@@ -653,19 +666,32 @@ class _Model:
         check = t.check_cycles + 1
         units = {}                   # type -> 0 DMA, 1 compute, 2 other
         stall_fetch = stall_dispatch = 0
+        channel = self.read
+        latency, gap, period = channel.latency, channel.gap, channel.period
+        fetch_span = (fetch_beats - 1) * period
+        # (``b if b > a else a`` is ``max(a, b)``, without the call)
         for k, instruction in enumerate(itertools.islice(instructions, n)):
             word = ready[k % ring]
             if k:
-                taken = max(word, dispatch)
-                stall_fetch += max(0.0, word - dispatch)
+                taken = dispatch if dispatch > word else word
+                waited = word - dispatch
+                stall_fetch += waited if waited > 0.0 else 0.0
             else:
                 taken = word
                 stall_fetch += word
-            # fetch(k + depth, taken + 1), inline: k + depth < words
-            fetch_request = max(fetch_request + 1, taken + 1)
-            _, last = request(fetch_request + ar_slice, fetch_beats)
+            # fetch(k + depth, taken + 1), inline (k + depth < words; _ReadChannel.request)
+            at = taken + 1
+            fetch_request += 1
+            if at > fetch_request:
+                fetch_request = at
+            at = fetch_request + ar_slice + latency
+            free = channel.free + gap
+            first = free if free > at else at
+            last = first + fetch_span
+            channel.free = last + period
             ready[(k + depth) % ring] = last + queue_write
-            fetch_last = max(fetch_last, last)
+            if last > fetch_last:
+                fetch_last = last
             checked = taken + check
             kind = type(instruction)
             unit_kind = units.get(kind)
@@ -678,7 +704,7 @@ class _Model:
                 unit = self.generator_free
             else:
                 unit = max(self.dma_idle, self.compute_idle, self.generator_free)
-            dispatch = max(checked, unit)
+            dispatch = unit if unit > checked else checked
             stall_dispatch += dispatch - checked
             name = _CLASS_COUNTERS.get(kind)
             if name:
