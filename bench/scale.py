@@ -210,9 +210,12 @@ def _table(results, memory_name, buffer_management=True) -> str:
         if memory != memory_name or managed != str(buffer_management) or "error" in entry:
             continue
         def value(scenario, key, spec):
-            return format(entry[scenario][key], spec) if scenario in entry else "-"
-        lines.append(f"| {config} | {size} | {value('prefill-512', 'tokens_per_second', ',.0f')} | "
-                     f"{value('prefill-2048', 'tokens_per_second', ',.0f')} | "
+            if scenario not in entry:
+                return "-"
+            number = entry[scenario][key]
+            return format(number, ",.1f" if spec == "rate" and number < 100 else ",.0f" if spec == "rate" else spec)
+        lines.append(f"| {config} | {size} | {value('prefill-512', 'tokens_per_second', 'rate')} | "
+                     f"{value('prefill-2048', 'tokens_per_second', 'rate')} | "
                      f"{value('decode-b1', 'tokens_per_second', ',.1f')} | "
                      f"{value('decode-b16', 'tokens_per_second', ',.1f')} | "
                      f"{value('prefill-512', 'pe_utilization', '.1%')} / {value('prefill-2048', 'pe_utilization', '.1%')} / "
