@@ -22,13 +22,16 @@ help:  ## list the commands
 	@echo "             FPGA_CONFIG=<preset or config.json> (default: fpga-small), BOARD=ulx3s-85f,"
 	@echo "             FPGA_OPTS=<more build options, e.g. --time-limit 60>"
 
+# --no-compile, then marca.bytecode: byte-compiles only what is imported (half the set-up time).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --no-compile --disable-pip-version-check -e ".[test]"
+	$(PY) -m marca.bytecode
 	touch $@
 
 $(FPGA_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,fpga]"
+	$(PY) -m pip install --quiet --no-compile --disable-pip-version-check -e ".[test,fpga]"
+	$(PY) -m marca.bytecode
 	touch $@
 
 setup: $(STAMP)  ## create .venv and install marca with its dependencies
