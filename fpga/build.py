@@ -131,8 +131,9 @@ def _log(message: str) -> None:
 DEFAULT_PLACER = "static"
 DEFAULT_ROUTER = "router2"
 # fpga-small routes only just on the 85F, so whether it routes depends on the placement: at commit 83a8e08
-# seed 2 routed (seed 1 left router2 stuck); the current RTL did not route with seeds 2 to 6 and routes with
-# seed 7 (51.5 MHz; docs/fpga.md, "Measured numbers"). Another RTL can want another seed.
+# seed 2 routed (seed 1 left router2 stuck); the current RTL did not route with seeds 2 and 6 (nor an
+# earlier one with 3, 4, 5) and routes with seed 7 (51.5 MHz; docs/fpga.md, "Measured numbers"). Another RTL
+# can want another seed.
 DEFAULT_SEED = 7
 
 
