@@ -130,7 +130,7 @@ def _measure(config, verilog_text: str, label: str, root: pathlib.Path, prepared
     os.environ["MARCA_OBJCACHE_DIR"] = ""       # every build compiles its own run-time library
     started, cpu = time.monotonic(), _children_cpu_seconds()
     build_dir = sim.build(verilog_text, TOP, label=label, root=root, base_args=args or sim.VERILATOR_ARGS)
-    figures = {"build_seconds": round(time.monotonic() - started, 1),
+    figures = {"args": list(args or sim.VERILATOR_ARGS), "build_seconds": round(time.monotonic() - started, 1),
                "build_cpu_seconds": round(_children_cpu_seconds() - cpu, 1), "cpp_bytes": _cpp_bytes(build_dir)}
     rtl = mamba.run_on_rtl(config, [prepared], name="bench-verilog", build_dir=build_dir)
     mamba.evaluate(prepared, rtl)      # raises on any bit that differs from the golden ISS
@@ -201,7 +201,7 @@ def flags_study(out_dir: pathlib.Path, presets=(FLAG_PRESET,)) -> dict:
         prepared = mamba.prepare(mamba.MixerCase(name="bench", config=config, decode=False, **CASE))
         verilog_text = sim.emit_verilog(Accelerator(config), TOP)
         print(f"[bench verilog] {name} deduplicated, project options: building, simulating ...", flush=True)
-        entry = {"deduplicated": {**_verilog_figures(verilog_text), "args": list(sim.VERILATOR_ARGS),
+        entry = {"deduplicated": {**_verilog_figures(verilog_text),
                                   **_measure(config, verilog_text, f"{name}-flags", root, prepared)}}
         entry["flags"] = _flags(config, verilog_text, root, prepared)
         results["presets"][name] = entry
@@ -247,7 +247,7 @@ def flags_table(results: dict) -> str:
                   "| options | C++ (MB) | build (s) | build (CPU s) | simulation (cycles/s) | bit-exact |",
                   "|---|---|---|---|---|---|"]
         cpu = lambda figures: f"{figures['build_cpu_seconds']:.0f}" if "build_cpu_seconds" in figures else "-"
-        lines.append(f"| project's: `{' '.join(base.get('args', ['-Wno-fatal', '-O3']))}` | "
+        lines.append(f"| project's: `{' '.join(base['args'])}` | "
                      f"{base['cpp_bytes'] / 1e6:.1f} | {base['build_seconds']:.0f} | {cpu(base)} | "
                      f"{base['cycles_per_second']:,.0f} | yes |")
         for variant, figures in entry["flags"].items():
