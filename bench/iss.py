@@ -165,7 +165,7 @@ def _per_class(config, device: str, reference: bool, repeats: int) -> dict:
     return out
 
 
-def _fixed_cost(config, count: int = 300) -> dict:
+def _fixed_cost(config, count: int = 300, device: str = "cpu", reference: bool = True) -> dict:
     """A program of ``count`` 1-beat element-wise instructions (distinct, so a cold run plans each)."""
     import torch
 
@@ -195,12 +195,15 @@ def _fixed_cost(config, count: int = 300) -> dict:
             iss._PLAN_CACHE.clear()
             iss._decode_word.cache_clear()
         started, started_cpu = time.perf_counter(), time.process_time()
-        result, _ = iss.run_program(config, memory)
+        result, machine = iss.run_program(config, memory, device=device)
+        machine.memory_bytes()          # on a device: waits for its work
         elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
         out[label] = {"instructions": result.counters["instructions"],
                       "wall_microseconds_per_instruction": 1e6 * elapsed / result.counters["instructions"],
                       "microseconds_per_instruction": 1e6 * cpu / result.counters["instructions"],
                       "load": _load()}
+    if not reference:
+        return out
     started, started_cpu = time.perf_counter(), time.process_time()
     result, _ = iss.run_program(config, memory, reference=True)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
@@ -284,7 +287,7 @@ def _predict(counters: dict, config, rates: dict, fixed_us: float) -> float:
             + counters["instructions"] * fixed_us * 1e-6)
 
 
-def _model_decode(rates: dict, fixed: dict) -> dict:
+def _model_decode(rates: dict, fixed: dict, device: str = "cpu") -> dict:
     """A whole mamba-130m-shaped model (transformers' random initialisation: d_model 768, 24 layers,
     vocabulary 50,280, d_state 16) compiled for the ``paper`` preset (marca.compiler.model): two decode
     steps of one session (GATHER embedding, 24 x [RMSNorm, mixer, residual], final RMSNorm, LM head) on the
@@ -299,30 +302,116 @@ def _model_decode(rates: dict, fixed: dict) -> dict:
     model = MambaForCausalLM(MambaConfig(hidden_size=768, num_hidden_layers=24, vocab_size=50280,
                                          state_size=16)).eval()
     compiled = compile_model(model, config=PAPER, prompt_length=1)
-    session = compiled.session()
+    session = compiled.session(device=device)
+    timing = "wall_microseconds_per_instruction" if device != "cpu" else "microseconds_per_instruction"
     out = {"image_bytes": compiled.memory_size, "steps": []}
     for step, (token, warmth) in enumerate([(11, "cold"), (12, "warm")]):
         started, started_cpu = time.perf_counter(), time.process_time()
         logits = session.decode(token)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
         counters = {k: v for k, v in session.steps[-1].items() if isinstance(v, int) and k != "tokens"}
-        predicted = _predict(counters, PAPER, rates, fixed[warmth]["microseconds_per_instruction"])
+        predicted = _predict(counters, PAPER, rates, fixed[warmth][timing])
         entry = {"cpu_seconds": cpu, "wall_seconds": elapsed, "load": _load(), "counters": counters,
                  "plans": warmth, "lane_operations": _lane_ops(counters, PAPER.lanes),
                  "predicted_seconds": predicted, "logits_finite": bool(torch.isfinite(logits).all())}
         out["steps"].append(entry)
-        print(f"\nmamba-130m-shaped model, decode step {step + 1} ({warmth} plans; 24 layers, LM head, paper "
-              f"preset): {cpu:.2f} CPU s measured ({elapsed:.2f} s wall, load {entry['load']}), {predicted:.2f} s "
+        print(f"\nmamba-130m-shaped model on {device}, decode step {step + 1} ({warmth} plans; 24 layers, LM head, "
+              f"paper preset): {cpu:.2f} CPU s measured ({elapsed:.2f} s wall, load {entry['load']}), {predicted:.2f} s "
               f"predicted; {counters['instructions']} instructions, {entry['lane_operations']:,d} lane "
               f"operations, {counters['dma_bytes_read']:,d} DMA bytes read; logits finite: "
               f"{entry['logits_finite']}")
     return out
 
 
-def run(out_dir: pathlib.Path) -> dict:
+def run_device(out_dir: pathlib.Path, device: str) -> dict:
+    """The device figures alone (``marca bench iss --device cuda``): per class, the mixers (each checked
+    against the fast CPU machine's memory image and counters), the one-layer mamba-130m-shaped decode step
+    measured and predicted from this device's per-class rates and its fixed cost, and with
+    ``MARCA_BENCH_ISS_MODEL=1`` the whole model's two decode steps; wall seconds after a device
+    synchronisation. Writes ``out_dir/iss-<device>.json`` (the CPU figures stay in ``iss.json``)."""
+    import torch
+
+    from marca.config import DEFAULT, PAPER
+    torch.set_num_threads(1)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = str(torch.device(device))
+    label = name.replace(":", "")
+    results = {"device": name, "device_name": torch.cuda.get_device_name(torch.device(device))
+               if name.startswith("cuda") else None, "cpus": os.cpu_count(), "load_at_start": _load(),
+               "torch": torch.__version__}
+    path = out_dir / f"iss-{label}.json"
+
+    def save():
+        path.write_text(json.dumps(results, indent=2))
+
+    print(f"[iss] device {name} ({results['device_name']}), torch {torch.__version__}", flush=True)
+    results["per_class"] = _per_class(PAPER, name, False, 5)
+    print(f"\n{'instruction (paper preset, wall time on ' + label + ')':48s} {'lane ops':>10s} {'M/s':>9s}")
+    for case, entry in results["per_class"].items():
+        unit = "lane_operations" if entry["lane_operations"] else "dma_bytes"
+        print(f"{case:48s} {entry[unit]:10,d} {entry[unit + '_per_second'] / 1e6:9.1f}"
+              + ("" if unit == "lane_operations" else "  (DMA: MB/s)"), flush=True)
+    save()
+    results["fixed_cost"] = _fixed_cost(DEFAULT, device=name, reference=False)
+    fixed = results["fixed_cost"]
+    print(f"\nfixed cost in wall time (default preset, 1-beat MUL): warm "
+          f"{fixed['warm']['wall_microseconds_per_instruction']:.0f} us, cold "
+          f"{fixed['cold']['wall_microseconds_per_instruction']:.0f} us per instruction", flush=True)
+    save()
+    results["mixers"] = {}
+
+    def mixers(cases):
+        print(f"\n{'mixer (wall seconds)':40s} {'instr':>6s} {'lane ops':>12s} {'cpu fast s':>10s} "
+              f"{'first s':>8s} {label + ' s':>8s} {'M/s':>8s}")
+        for preset, d_model, mode, length in cases:
+            case = f"{preset} d_model {d_model} {mode}" + (f" {length} tokens" if length else " step")
+            config, compiled, memory = _mixer(preset, d_model, mode, length)
+            cpu = _run_mixer(config, compiled, memory)
+            first = _run_mixer(config, compiled, memory, device=name)
+            warm = _run_mixer(config, compiled, memory, device=name)
+            for run_ in (first, warm):
+                if run_["image"] != cpu["image"] or run_["counters"] != cpu["counters"]:
+                    raise AssertionError(f"{case}: the {name} and CPU machines differ")
+            results["mixers"][case] = {"cpu": cpu, "first_run": first, "device": warm}
+            print(f"{case:40s} {warm['instructions']:6d} {warm['lane_operations']:12,d} "
+                  f"{cpu['cpu_seconds']:10.2f} {first['wall_seconds']:8.2f} {warm['wall_seconds']:8.3f} "
+                  f"{warm['lane_operations_per_second'] / 1e6:8.1f}", flush=True)
+            for run_ in results["mixers"][case].values():
+                run_.pop("image")
+            save()
+
+    # The 32 x 32 presets first; the 2x2 ones (tens of thousands of 4-lane instructions, each paying the
+    # device's fixed cost) after the mamba-130m steps.
+    mixers([case for case in MIXERS if case[0] in ("paper", "default")])
+    config, compiled, memory = _mixer("paper", 768, "decode", None)
+    measured = _run_mixer(config, compiled, memory, device=name)
+    measured = _run_mixer(config, compiled, memory, device=name)
+    measured.pop("image")
+    predicted = _predict(measured["counters"], config, results["per_class"],
+                         fixed["warm"]["wall_microseconds_per_instruction"])
+    results["mamba_130m_decode_layer"] = {"measured": measured, "predicted_seconds": predicted}
+    print(f"\nmamba-130m-shaped decode step, one layer (paper preset) on {name}: {measured['seconds']:.3f} s "
+          f"measured, {predicted:.3f} s predicted from this device's per-class rates and fixed cost", flush=True)
+    save()
+    if os.environ.get("MARCA_BENCH_ISS_MODEL") == "1":
+        results["mamba_130m_decode_model"] = _model_decode(results["per_class"], fixed, device=name)
+        save()
+    mixers([case for case in MIXERS if case[0] not in ("paper", "default")])
+    results["load_at_end"] = _load()
+    save()
+    print(f"[iss] wrote {path}")
+    return results
+
+
+def run(out_dir: pathlib.Path, device: str | None = None) -> dict:
+    """The CPU figures, and the CUDA ones when a CUDA device is present; ``device`` given: that device's
+    figures alone (:func:`run_device`)."""
     import torch
 
     from marca.config import PAPER
+    if device is not None:
+        return run_device(out_dir, device)
     torch.set_num_threads(1)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,9 @@ count, and on CUDA when ``torch.cuda.is_available()``:
   dt_proj, out_proj), *scan* (the selective scan: element-wise work plus the reduction over d_state) and
   *other element-wise* (convolution, SiLU, softplus, gate).
 
-Run: ``python -m marca.bench.processor [out_dir] [--models] [--sizes 370m,790m] [--no-bf16]`` or through
-``marca bench``; writes ``processor.json``. ``--models``: the whole-model rows only; ``--sizes``: those
-model sizes only; ``--no-bf16``: no CPU bfloat16 rows.
+Run: ``python -m marca.bench.processor [out_dir] [--models] [--sizes 370m,790m] [--no-bf16] [--cuda]`` or
+through ``marca bench``; writes ``processor.json``. ``--models``: the whole-model rows only; ``--sizes``:
+those model sizes only; ``--no-bf16``: no CPU bfloat16 rows; ``--cuda``: the CUDA rows alone.
 """
 
 import json
@@ -204,7 +204,8 @@ def measure_model(size: str, device: torch.device, dtype: torch.dtype, clock=tim
     config = MambaConfig(hidden_size=d_model, num_hidden_layers=layers, vocab_size=50280, state_size=16,
                          expand=2, conv_kernel=4)
     torch.manual_seed(0)
-    model = MambaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):          # initialised where it runs (a 2.8b model: seconds, not minutes)
+        model = MambaForCausalLM(config).to(dtype=dtype).eval()
     prompt = torch.randint(0, 50280, (1, MODEL_PREFILL_TOKENS), device=device)
     short = prompt[:, :16]
     # The best of two timed runs after a warm-up; one for the sizes above 370m on the CPU (minutes each).
@@ -258,13 +259,13 @@ def cpu_model_sizes(bytes_per_parameter: int = 4, headroom: float = 1.5) -> tupl
     return fits, skipped
 
 
-def model_rows(sizes=None, on_row=None, bf16: bool = True) -> list[dict]:
+def model_rows(sizes=None, on_row=None, bf16: bool = True, cpu: bool = True) -> list[dict]:
     """Whole-model rows: CPU one thread (float32 for every size of ``sizes`` (default all) that fits memory,
-    bfloat16 for :data:`CPU_BF16_SIZES` unless ``bf16`` is false), CUDA when present (those sizes, bf16 and
-    fp32)."""
+    bfloat16 for :data:`CPU_BF16_SIZES` unless ``bf16`` is false; none when ``cpu`` is false), CUDA when
+    present (those sizes, bf16 and fp32)."""
     rows = []
     default_threads = torch.get_num_threads()
-    fits, skipped = cpu_model_sizes()
+    fits, skipped = cpu_model_sizes() if cpu else ([], {})
     for size, why in skipped.items():
         if sizes and size not in sizes:
             continue
@@ -293,6 +294,8 @@ def model_rows(sizes=None, on_row=None, bf16: bool = True) -> list[dict]:
                 row = {"target": "cuda", "cuda_device": torch.cuda.get_device_name(),
                        **measure_model(size, torch.device("cuda"), dtype)}
                 rows.append(row)
+                if on_row:
+                    on_row(rows)
                 print(f"model {size} cuda {row['dtype']}: prefill {row['prefill_tokens_per_s']:,.0f} tok/s, "
                       f"decode {row['decode_tokens_per_s']:,.1f} tok/s", flush=True)
     else:
@@ -326,13 +329,19 @@ def _targets():
     return targets, default_threads
 
 
-def run(out_dir: pathlib.Path, *, models_only: bool = False, sizes=None, bf16: bool = True) -> dict:
+def run(out_dir: pathlib.Path, *, models_only: bool = False, sizes=None, bf16: bool = True,
+        cuda_only: bool = False) -> dict:
     """Measure, print a table, write ``out_dir/processor.json`` and return what it holds (``models_only``:
     the whole-model rows only, ``python -m marca.bench.processor OUT --models``; ``sizes``: those model sizes
-    only, ``--sizes 370m,790m``; ``bf16=False``: no CPU bfloat16 rows, ``--no-bf16``)."""
+    only, ``--sizes 370m,790m``; ``bf16=False``: no CPU bfloat16 rows, ``--no-bf16``; ``cuda_only``: the CUDA
+    rows alone, ``--cuda``, an error without a CUDA device)."""
+    if cuda_only and not torch.cuda.is_available():
+        raise ValueError("--cuda: no CUDA device (torch.cuda.is_available() is false)")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets, default_threads = _targets()
+    if cuda_only:
+        targets = [target for target in targets if target[0] == "cuda"]
     # Other processes on the machine skew CPU timings; the load average before and after says how much.
     load_before = os.getloadavg()[0]
     results = []
@@ -365,7 +374,7 @@ def run(out_dir: pathlib.Path, *, models_only: bool = False, sizes=None, bf16: b
         (out_dir / "processor.json").write_text(json.dumps({"benchmark": "processor", "partial": True,
                                                             "models": rows, "processor": _processor_name(),
                                                             "torch": torch.__version__}, indent=2) + "\n")
-    models = model_rows(sizes, on_row=partial, bf16=bf16)
+    models = model_rows(sizes, on_row=partial, bf16=bf16, cpu=not cuda_only)
     report = {
         "benchmark": "processor",
         "models": models,
@@ -390,7 +399,7 @@ def run(out_dir: pathlib.Path, *, models_only: bool = False, sizes=None, bf16: b
 
 if __name__ == "__main__":
     from marca.bench import command_line
-    argv = command_line(__doc__, ("--models", "--sizes", "--no-bf16"))
+    argv = command_line(__doc__, ("--models", "--sizes", "--no-bf16", "--cuda"))
     sizes = argv[argv.index("--sizes") + 1].split(",") if "--sizes" in argv else None
     unknown = sorted(set(sizes or ()) - set(MODEL_SIZES))
     if unknown:
@@ -398,4 +407,4 @@ if __name__ == "__main__":
         raise SystemExit(2)
     arguments = [a for a in argv if not a.startswith("--") and (sizes is None or a != argv[argv.index("--sizes") + 1])]
     run(pathlib.Path(arguments[0] if arguments else "build/bench"), models_only="--models" in argv, sizes=sizes,
-        bf16="--no-bf16" not in argv)
+        bf16="--no-bf16" not in argv, cuda_only="--cuda" in argv)

@@ -1199,7 +1199,8 @@ _PLAN_MAKERS = {
 # Arithmetic on values --------------------------------------------------------------------------------
 
 _SAFE_MAGNITUDE = 2.0 ** -50
-_LINEAR_BLOCK = 1 << 20
+_LINEAR_BLOCK = 1 << 20          # products per torch block on the CPU (cache-sized)
+_DEVICE_LINEAR_BLOCK = 1 << 25   # on a device: a whole `paper` GEMM (48 x 24 x 1024 x 16 = 18.9 M)
 _LINEAR_SMALL = 1 << 22      # products up to which a plain FP32 LINEAR runs in numpy (_linear_plain_small)
 
 
@@ -1220,17 +1221,32 @@ def linear_values(matrix: torch.Tensor, vector: torch.Tensor, bias, fmt: FloatFo
     vector[t, k, c])))`` from ``bias[t, j, r]`` (or +0), on values (``matrix [J, K, R, C]``,
     ``vector [T, K, C]``).
 
-    Columns are taken in bit-reversed order so each tree level adds two contiguous halves; on the CPU, FP32
-    operands with no tiny magnitudes (:func:`_no_tiny`) skip the flush checks, which then cannot fire."""
+    On the CPU: FP32 operands with no tiny magnitudes (:func:`_no_tiny`) skip the flush checks, which then
+    cannot fire (numpy for small instructions, blocked torch for large ones); everything else takes the
+    compiled rounded loop. On a device: blocked torch with the contract's value operations."""
+    T, (J, K, R, C) = vector.shape[0], matrix.shape
+    native = fmt.exp_bits == 8 and fmt.man_bits == 23
+    if matrix.device.type != "cpu":
+        return _linear_blocked(matrix, vector, bias, fmt, plain=False, block=_DEVICE_LINEAR_BLOCK)
+    plain = native and _no_tiny(matrix) and _no_tiny(vector) and (bias is None or _no_tiny(bias))
+    if not plain:
+        return _linear_rounded(matrix, vector, bias, fmt)
+    if T * J * K * R * C <= _LINEAR_SMALL:
+        return _linear_plain_small(matrix, vector, bias)
+    return _linear_blocked(matrix, vector, bias, fmt, plain=True, block=_LINEAR_BLOCK)
+
+
+def _linear_blocked(matrix: torch.Tensor, vector: torch.Tensor, bias, fmt: FloatFormat, *, plain: bool,
+                    block: int) -> torch.Tensor:
+    """linear_values as torch operations on blocks of at most ``block`` products (whole row tiles of the
+    matrix, then tokens): columns taken in bit-reversed order so each tree level adds two contiguous
+    halves, then the chunks accumulated in order. ``plain``: float32's own ``*`` and ``+`` (FP32 data that
+    passed :func:`_no_tiny`); else the contract's value operations (flush, rounding to ``fmt``). The block
+    only bounds memory: every output is computed whole inside one block, so any block size gives the same
+    bits. On a device, one torch call launches kernels whose fixed cost dominates small tensors: the
+    device block (:data:`_DEVICE_LINEAR_BLOCK`) takes a whole instruction at once."""
     J, K, R, C = matrix.shape
     T = vector.shape[0]
-    native = fmt.exp_bits == 8 and fmt.man_bits == 23
-    plain = native and matrix.device.type == "cpu" and _no_tiny(matrix) and _no_tiny(vector) \
-        and (bias is None or _no_tiny(bias))
-    if plain and T * J * K * R * C <= _LINEAR_SMALL:
-        return _linear_plain_small(matrix, vector, bias)
-    if not plain and matrix.device.type == "cpu":
-        return _linear_rounded(matrix, vector, bias, fmt)
     order = torch.tensor(_bit_reversal(C), device=matrix.device)
     matrix, vector = matrix[..., order], vector[..., order]
     if plain:
@@ -1243,8 +1259,8 @@ def linear_values(matrix: torch.Tensor, vector: torch.Tensor, bias, fmt: FloatFo
             return fp.value_add(a, b, fmt)
     out = torch.empty((T, J, R), dtype=torch.float32, device=matrix.device)
     tile = K * R * C
-    j_block = max(1, min(J, _LINEAR_BLOCK // tile))
-    t_block = max(1, _LINEAR_BLOCK // (tile * j_block))
+    j_block = max(1, min(J, block // tile))
+    t_block = max(1, block // (tile * j_block))
     for j0 in range(0, J, j_block):
         tiles = matrix[j0:j0 + j_block]
         for t0 in range(0, T, t_block):

@@ -121,7 +121,7 @@ def _bench(args) -> int:
             run(out, device=args.device)
         else:
             run(out)
-        print(f"[marca] benchmark {area} done in {time.monotonic() - started:.0f} s -> {out / (area + '.json')}")
+        print(f"[marca] benchmark {area} done in {time.monotonic() - started:.0f} s -> {out}")
     return 0
 
 

@@ -268,6 +268,36 @@ def test_linear_values_equal_oracle(monkeypatch, fmt, kind):
     assert torch.equal(linear_fast(matrix, vector, bias, fmt).reshape(-1), expected)
 
 
+@pytest.mark.parametrize("fmt", [FP32, BF16, FP16], ids=lambda f: f.name)
+def test_linear_device_path_equals_oracle(fmt):
+    """The device LINEAR (blocked torch with the contract's value operations, what ``device="cuda"`` runs)
+    run here on CPU tensors: equal to the oracle on random, plain and underflow data for blocks of one row
+    tile, a few tiles and the whole instruction; wrong with a column order not the tree's, or with float32's
+    own operations (no rounding to the format, no flush)."""
+    generator = torch.Generator().manual_seed(13)
+    for kind in ("random", "plain", "underflow"):
+        for J, K, R, C, T in [(3, 4, 2, 8, 2), (2, 5, 3, 16, 3)]:
+            matrix, vector, bias = linear_case(fmt, J, K, R, C, T, generator, kind)
+            expected = linear_oracle(matrix, vector, bias, fmt)
+            values = [fp.to_values(x, fmt) for x in (matrix, vector, bias)]
+            for block in (1, K * R * C * 2, iss._DEVICE_LINEAR_BLOCK):
+                got = iss._linear_blocked(*values, fmt, plain=False, block=block)
+                assert torch.equal(fp.from_values(got, fmt), expected), (kind, block)
+            if kind == "underflow":       # float32's own operations keep subnormals: no flush
+                own = iss._linear_blocked(*values, fmt, plain=True, block=1)
+                assert not torch.equal(fp.from_values(fp.value_convert(own, fmt), fmt), expected), kind
+    matrix, vector, bias = (fp.encode(torch.randn(shape, generator=generator, dtype=torch.float64), fmt)
+                            for shape in ((2, 5, 3, 16), (3, 5, 16), (3, 2, 3)))   # sums whose order shows
+    values = [fp.to_values(x, fmt) for x in (matrix, vector, bias)]
+    natural = iss._linear_blocked(values[0][..., torch.tensor(iss._bit_reversal(16))], *values[1:], fmt,
+                                  plain=False, block=1 << 20)     # bit reversal applied twice: natural pairs
+    assert not torch.equal(fp.from_values(natural, fmt), linear_oracle(matrix, vector, bias, fmt))
+    if fmt != FP32:                      # float32's own operations: no rounding of each step to the format
+        own = iss._linear_blocked(*values, fmt, plain=True, block=1 << 20)
+        assert not torch.equal(fp.from_values(fp.value_convert(own, fmt), fmt),
+                               linear_oracle(matrix, vector, bias, fmt))
+
+
 def test_linear_fast_path_without_its_guard_is_caught(monkeypatch):
     """The plain float32 path (no flush checks) is exact only on data without tiny magnitudes: with the
     guard forced open, tiny data gives a different result."""
