@@ -1,6 +1,7 @@
 """Benchmark: speed of the golden instruction-set simulator (docs/iss.md).
 
     python -m marca.bench.iss [out_dir]       (or ``marca bench iss``)
+    marca bench iss --device cuda              (the device's figures alone: ``iss-cuda.json``)
 
 Torch runs on one thread. Every figure is measured twice: wall-clock seconds, and the CPU seconds of this
 process (``time.process_time``), which on a shared, loaded machine stay close to what an idle core would
@@ -30,7 +31,9 @@ multiply-add), i.e. ``(linear_beats + elementwise_beats + nonlinear_beats) Â· RÂ
   24-layer model with its LM head through ``marca.compiler.model.compile_model``, two decode steps of one
   session (the first plans every instruction: predicted with the cold fixed cost; the second with the warm
   one), measured and predicted;
-* **CUDA**: the mixers and per-class figures again with ``device="cuda"`` when a CUDA device is present.
+* **CUDA**: the mixers and per-class figures again with ``device="cuda"`` when a CUDA device is present;
+  ``--device cuda`` (:func:`run_device`) measures the device alone, its fixed cost and the mamba-130m
+  steps included, each mixer checked against the CPU machine.
 
 Prints the tables and writes ``out_dir/iss.json``.
 """
