@@ -11,6 +11,7 @@ Every output element still adds its chunks in the order 0 .. K-1 (each group sta
 of the previous ones), so any tiling gives the same bits as one ``LINEAR``.
 """
 
+import functools
 from dataclasses import dataclass, replace
 
 from marca import isa
@@ -109,13 +110,65 @@ def _block_shape(area: WeightArea, tokens: int, tiles: int, chunks: int) -> tupl
 def _first_group(area: WeightArea, matrix: Matrix, rows, chunks, tokens: int) -> tuple:
     """(first row tile, tiles, first chunk, chunks) of the first weight group :func:`emit_linear` streams for
     these row tiles and chunks: as many whole row tiles (their chunks ``chunks``) as half the area holds, or,
-    when one row tile's chunks do not fit, a block of :func:`_block_shape`."""
+    when one row tile's chunks do not fit, a block of :func:`_block_shape`. When so few tokens pass through
+    a group of whole row tiles that its chunk rounds are shorter than the array's latency (a decode step),
+    the shape of :func:`_pipelined_shape` instead."""
     (j_lo, j_hi), (k_lo, k_hi) = rows, chunks
     half = area.half_lines
-    if k_hi - k_lo <= half:
-        return j_lo, min(j_hi - j_lo, half // (k_hi - k_lo)), k_lo, k_hi - k_lo
-    J, c = _block_shape(area, tokens, j_hi - j_lo, k_hi - k_lo)
+    tiles, count = j_hi - j_lo, k_hi - k_lo
+    if count <= half:
+        J = min(tiles, half // count)
+        if tokens * J >= _hazard(area.config):
+            return j_lo, J, k_lo, count
+        J, c = _pipelined_shape(area.config, half, tokens, tiles, count)
+        return j_lo, J, k_lo, c
+    J, c = _block_shape(area, tokens, tiles, count)
     return j_lo, J, k_lo, c
+
+
+def _hazard(config) -> int:
+    from marca.perf import hardware_timing
+    return hardware_timing(config).hazard_distance("linear")
+
+
+#: Cycles a streamed weight group costs beyond its bus beats and rows (dispatch, read latency, the tail of
+#: the LOAD) and beyond its array cycles (the barrier before its LINEAR, the pipeline's drain), roughly, from
+#: marca.perf on the demo configuration; only shapes are compared with them.
+_GROUP_DMA_CYCLES, _GROUP_ARRAY_CYCLES = 15, 25
+
+
+@functools.lru_cache(maxsize=256)
+def _pipelined_shape(config: MarcaConfig, half: int, tokens: int, tiles: int, chunks: int) -> tuple[int, int]:
+    """(row tiles, chunks) per weight group of a streamed LINEAR with few tokens, chosen by the estimated
+    time of the double-buffered stream: group ``k + 1`` loads while group ``k``'s LINEAR runs, the barrier
+    before each LINEAR waits for both, so the stream takes the first load, then per group the longer of its
+    LINEAR and the next load, then the last LINEAR. A LINEAR of ``J`` tiles and ``c`` chunks takes ``c``
+    rounds of ``max(J·T, hazard distance)`` cycles (a tile adds its chunks in order); a load of whole row
+    tiles is one contiguous DMA row, a block of fewer chunks a row per tile. Groups of equal size (the last
+    one no longer than the others) keep each load in step with the LINEAR it runs under and the stream's
+    tail (the last LINEAR, under no load) short."""
+    hazard = _hazard(config)
+    beats_per_line = -(-config.lanes * config.storage_bytes // (config.axi_data_width // 8))
+
+    def even(total, most):      # sizes of at most `most` that split `total` into as few equal parts
+        return -(-total // -(-total // most))
+
+    candidates = set()
+    for c in range(1, min(half, chunks) + 1):
+        c = even(chunks, c)
+        J = min(tiles, half // c)
+        if J:
+            candidates.add((even(tiles, J), c))
+    best = None
+    for J, c in sorted(candidates):
+        sizes = [(min(J, tiles - j), min(c, chunks - k)) for k in range(0, chunks, c) for j in range(0, tiles, J)]
+        dma = [_GROUP_DMA_CYCLES + (1 if k == chunks else j) * _ROW_SETUP_CYCLES + j * k * beats_per_line
+               for j, k in sizes]
+        array = [_GROUP_ARRAY_CYCLES + k * max(j * tokens, hazard) for j, k in sizes]
+        total = dma[0] + sum(max(a, d) for a, d in zip(array, dma[1:])) + array[-1]
+        if best is None or total < best[0]:
+            best = (total, J, c)
+    return best[1], best[2]
 
 
 def _load_group(emitter, area, matrix, group, address) -> None:

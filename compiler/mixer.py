@@ -684,7 +684,7 @@ class _MixerLowering:
             self.scan_loaded = (t0, following[0])
         self.ensure("in_z")      # the projection after the scan, loaded under it
         group_tiles = (g0 * C, min(self.Jd, (g0 + self.G) * C))
-        if not following and j0 + count >= group_tiles[1]:      # the channel group's last scan group
+        if j0 == group_tiles[0]:      # in the channel group's first scan group: the DMA has time under the scan
             self.prefetch_group(self.matrices["in_z"], tokens, rows=group_tiles)
         for t in range(tokens):      # drive = (delta[t, d] * x[t, d]) * B[t, n]
             em.elementwise(ElementwiseOp.MUL, count, Kn, (bb, ba + t * stride, Kn, 1),
@@ -805,6 +805,10 @@ class _MixerLowering:
             self.ensure("dt")
             self.linear("dt", tokens, self.onchip("DT"), OnChip(db, da, G * P, g0 * C), rows=tiles,
                         bias=self.parameter_onchip("dt_bias", g0))
+            if self.seq and self.scan_loaded != (t0, tiles[0]):     # the first scan group, under dt and softplus
+                self.load_scan_sequences(t0, tokens, tiles[0], min(self.plan.scan_tiles, tiles[1] - tiles[0]),
+                                         self.scan_copy)
+                self.scan_loaded = (t0, tiles[0])
             self.ensure("A")
             em.nonlinear(NonlinearFunction.SOFTPLUS, db, da, tokens * G)
             xc = (cxb, cxa, G, 1)

@@ -245,3 +245,16 @@ def test_shared_instruction_objects_model_as_separate_ones(monkeypatch):
     assert expected.counters["stall_hazard_cycles"] > 0 and expected.counters["stall_fetch_cycles"] > 0
     lean = perf.estimate(TINY, shared, memory, timeline=False)
     assert lean.counters == expected.counters and lean.timeline == [] and len(expected.timeline) > 100
+
+
+def test_a_streamed_decode_step_runs_near_the_dram_bound():
+    """The streamed-weights case of docs/mamba.md (bench-4x4-bus64, d_model 128: every weight streamed each
+    step) at one sequence: the step within 1.15x of its DRAM bound (issue 17), the DMA kept busy under the
+    chain of one token's instructions."""
+    from marca.bench import mamba as bench
+    from marca.demo import DEMO_CONFIG
+    config = bench.streamed_config(DEMO_CONFIG)
+    compiled = bench.batched_case(config, 1, d_model=bench.STREAMED["d_model"])[0].prefill
+    assert not compiled.weights_resident
+    report = perf.estimate(config, compiled.instructions, timeline=False)
+    assert report.cycles <= 1.15 * perf.dram_bound_cycles(config, report.counters)
