@@ -42,7 +42,7 @@ BATCHES = (1, 4, 16)
 #: Batch sizes of the cycle model's curve (seconds each).
 MODEL_BATCHES = (1, 2, 4, 8, 16)
 #: The streamed-weights case: the demo configuration with a 64-bit bus and a mixer 4x the demo's width.
-STREAMED = {"axi_data_width": 64, "d_model": 128, "batches": (1, 2, 4, 8, 16, 32), "rtl_batches": (1, 4)}
+STREAMED = {"axi_data_width": 64, "d_model": 128, "batches": (1, 2, 4, 8, 16, 32), "rtl_batches": (1, 2, 4)}
 
 
 def _variants():

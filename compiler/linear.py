@@ -118,12 +118,20 @@ def _first_group(area: WeightArea, matrix: Matrix, rows, chunks, tokens: int) ->
     tiles, count = j_hi - j_lo, k_hi - k_lo
     if count <= half:
         J = min(tiles, half // count)
-        if tokens * J >= _hazard(area.config):
+        if not _few_tokens(area, rows, chunks, tokens):
             return j_lo, J, k_lo, count
         J, c = _pipelined_shape(area.config, half, tokens, tiles, count)
         return j_lo, J, k_lo, c
     J, c = _block_shape(area, tokens, tiles, count)
     return j_lo, J, k_lo, c
+
+
+def _few_tokens(area: WeightArea, rows, chunks, tokens: int) -> bool:
+    """Whether a group of whole row tiles fits half the area but passes too few tokens for its chunk
+    rounds to hide the array's latency (a decode step's LINEARs)."""
+    (j_lo, j_hi), (k_lo, k_hi) = rows, chunks
+    count = k_hi - k_lo
+    return count <= area.half_lines and tokens * min(j_hi - j_lo, area.half_lines // count) < _hazard(area.config)
 
 
 def _hazard(config) -> int:
@@ -202,9 +210,12 @@ def _shift(operand, t: int):
 
 def emit_linear(emitter: Emitter, area: WeightArea, matrix: Matrix, tokens: int, source, output: OnChip, *,
                 rows: tuple[int, int] | None = None, chunks: tuple[int, int] | None = None,
-                bias: OnChip | None = None, accumulate: bool = False, intra_operation: bool = True) -> None:
+                bias: OnChip | None = None, accumulate: bool = False, intra_operation: bool = True,
+                taper: bool = False) -> None:
     """Row tiles ``rows`` of ``matrix`` times chunks ``chunks`` of ``source`` for ``tokens`` tokens into
     ``output`` (``accumulate``: add to the partial sums already there; otherwise start from ``bias`` or +0).
+    ``taper``: a streamed matrix's last group in shrinking pieces (:func:`_groups`; for a program's last
+    LINEAR).
 
     intra_operation False: one token at a time, so the matrix is fetched again for every token."""
     if not intra_operation and tokens > 1:
@@ -228,12 +239,12 @@ def emit_linear(emitter: Emitter, area: WeightArea, matrix: Matrix, tokens: int,
                         memory_row_stride=source.row_stride, buffer=buffer, address=address,
                         buffer_row_stride=(k1 - k0) * C, compute=source.compute)
             _weights(emitter, area, matrix, tokens, OnChip(buffer, address, (k1 - k0) * C, k0), output, rows,
-                     (k0, k1), bias, accumulate or k0 > chunks[0])
+                     (k0, k1), bias, accumulate or k0 > chunks[0], taper and k1 == chunks[1])
     else:
-        _weights(emitter, area, matrix, tokens, source, output, rows, chunks, bias, accumulate)
+        _weights(emitter, area, matrix, tokens, source, output, rows, chunks, bias, accumulate, taper)
 
 
-def _weights(emitter, area, matrix, tokens, vector, output, rows, chunks, bias, accumulate):
+def _weights(emitter, area, matrix, tokens, vector, output, rows, chunks, bias, accumulate, taper=False):
     config = area.config
     R, C, P = config.array_rows, config.array_cols, config.lanes
     K = matrix.K
@@ -276,9 +287,28 @@ def _weights(emitter, area, matrix, tokens, vector, output, rows, chunks, bias, 
     # Groups of `step` row tiles x `c` chunks (all the chunks when a row tile's fit half the area). Chunk
     # blocks outer: a tile's next block comes after every other tile's (no wait on it), accumulating
     # through the bias path.
+    for j0, count, k0, k_count in _groups(area, matrix, rows, chunks, tokens, taper):
+        linear(load((j0, count, k0, k_count)), j0, count, k0, k_count, accumulate or k0 > k_lo)
+
+
+#: Chunks of the last piece a tapered stream ends with (:func:`_groups`).
+_TAPER_CHUNKS = 2
+
+
+def _groups(area: WeightArea, matrix: Matrix, rows, chunks, tokens: int, taper: bool = False) -> list:
+    """The weight groups (first row tile, tiles, first chunk, chunks) :func:`emit_linear` streams, in order:
+    the shape of :func:`_first_group`, chunk blocks outer. ``taper`` with few tokens (:func:`_few_tokens`):
+    the last group cut into pieces of halving chunk counts, so that the stream ends with a short LINEAR
+    (the program's last one runs under no load)."""
+    (j_lo, j_hi), (k_lo, k_hi) = rows, chunks
     _, step, _, c = _first_group(area, matrix, rows, chunks, tokens)
-    for k0 in range(k_lo, k_hi, c):
-        k_count = min(c, k_hi - k0)
-        for j0 in range(j_lo, j_hi, step):
-            count = min(step, j_hi - j0)
-            linear(load((j0, count, k0, k_count)), j0, count, k0, k_count, accumulate or k0 > k_lo)
+    groups = [(j0, min(step, j_hi - j0), k0, min(c, k_hi - k0)) for k0 in range(k_lo, k_hi, c)
+              for j0 in range(j_lo, j_hi, step)]
+    if taper and len(groups) > 1 and _few_tokens(area, rows, chunks, tokens):
+        j0, count, k0, c = groups.pop()
+        while c > _TAPER_CHUNKS:
+            piece = max(_TAPER_CHUNKS, c // 2)
+            groups.append((j0, count, k0, piece))
+            k0, c = k0 + piece, c - piece
+        groups.append((j0, count, k0, c))
+    return groups

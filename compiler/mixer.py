@@ -457,7 +457,7 @@ class _MixerLowering:
     def run(self):
         em, plan, P, d = self.em, self.plan, self.P, self.d
         em.section(f"mixer: {plan.describe()}")
-        self.pending, self.prefetched = {}, None
+        self.pending, self.prefetched, self.hidden_loaded = {}, None, None
         self.scan_copy, self.scan_loaded, self.scan_store = 0, None, None   # scan groups' two copies
         if self.seq:
             self.run_sequences()
@@ -491,16 +491,13 @@ class _MixerLowering:
             em.store_lines(self.layout.conv_state.address, d.d_conv * self.Di_l, *self.region("X"))
 
     def run_sequences(self):
-        """Batched decode: the order of :meth:`run` changed so that the loads overlap compute. The zero
-        fills go first (they wait only for the zero line), then the parameters and ``A``; resident weights
-        are loaded matrix by matrix one use ahead (:meth:`ensure`) instead of all before the first block,
-        so the DMA streams them while the array works on the previous projection."""
+        """Batched decode: the order of :meth:`run` changed so that the loads overlap compute. The DMA starts
+        at once on what the first projection reads (the first block's hidden rows, the first weight group or
+        the resident ``in_x``) and the zero fills run under it (after a barrier for the zero line alone, so
+        that they do not wait for those loads); the parameters and ``A`` follow; resident weights are loaded
+        matrix by matrix one use ahead (:meth:`ensure`) instead of all before the first block, so the DMA
+        streams them while the array works on the previous projection."""
         em, plan, P = self.em, self.plan, self.P
-        for name in sorted(plan.regions):
-            if name in ("PARAMS", "h", "A", "h2", "A2", "dA", "dBx") or \
-                    (self.fused and name in ("DT", "BB", "CC")):
-                continue
-            em.zero_fill(*plan.regions[name], self.region_lines(name), self.zero)
         if plan.parameters_resident:
             self.pending["parameters"] = (self.layout.parameters, len(self.layout.vectors) * self.Di_l,
                                           Buffer.WEIGHT, plan.parameter_area)
@@ -514,6 +511,29 @@ class _MixerLowering:
                 offset += matrix.lines * P
         if self.loaded:     # an earlier program of this plan left them all where they belong
             self.pending = {}
+        fills = [name for name in sorted(plan.regions)
+                 if name not in ("PARAMS", "h", "A", "h2", "A2", "dA", "dBx")
+                 and not (self.fused and name in ("DT", "BB", "CC"))]
+        em.emit(isa.Barrier())      # the zero line, before the loads below
+        if plan.hidden_resident:
+            first = min(plan.block_tokens, self.length)
+            fills.remove("H")
+            if self.Dm_l * P != self.d.d_model:      # pads after the hidden rows: zero first
+                em.zero_fill(*plan.regions["H"], self.region_lines("H"), self.zero)
+            self.load_hidden(0, first)
+            self.hidden_loaded = 0
+            self.ensure("in_x", *(("parameters",) if "in_x_bias" in self.layout.vectors else ()))
+            self.prefetch_group(self.matrices["in_x"], first, rows=(0, min(self.Jd, self.G * self.C)))
+        # Regions that follow one another in a buffer filled by one instruction: few instructions to fetch
+        # while the first LOAD holds the read channel
+        spans = []
+        for buffer, address, lines in sorted((*plan.regions[name], self.region_lines(name)) for name in fills):
+            if spans and spans[-1][0] == buffer and spans[-1][1] + spans[-1][2] * P == address:
+                spans[-1][2] += lines
+            else:
+                spans.append([buffer, address, lines])
+        for buffer, address, lines in spans:
+            em.zero_fill(buffer, address, lines, self.zero)
         for t0 in range(0, self.length, plan.block_tokens):
             self.block(t0, min(plan.block_tokens, self.length - t0))
 
@@ -723,7 +743,7 @@ class _MixerLowering:
         W = Buffer.WEIGHT
         em.section(f"mixer block: tokens {t0}..{t0 + tokens - 1}")
         prefetched = self.seq and self.prefetched == t0
-        if self.plan.hidden_resident and not prefetched:
+        if self.plan.hidden_resident and not prefetched and self.hidden_loaded != t0:
             self.load_hidden(t0, tokens)
         if self.seq:        # what the first projection reads first, then what follows it
             self.ensure("in_x", *(("parameters",) if "in_x_bias" in self.layout.vectors else ()))
@@ -893,7 +913,8 @@ class _MixerLowering:
                        memory_row_stride=count * sb, buffer=bb, address=ba, buffer_row_stride=count, compute=False)
                 bias = OnChip(bb, ba, 0, j0)
             stride = self.Dm_l * P if self.plan.output_resident else group * R
-            self.linear("out", tokens, y_source, OnChip(ob, oa, stride, j0), rows=(j0, j1), bias=bias)
+            last = self.seq and t0 + tokens >= self.length and j1 >= J      # the step's last LINEAR
+            self.linear("out", tokens, y_source, OnChip(ob, oa, stride, j0), rows=(j0, j1), bias=bias, taper=last)
             first = j0 * R
             count = min(j1 * R, out.row_elements) - first
             em.dma(isa.Store, memory_address=out.address + t0 * out.row_stride + first * size, rows=tokens,
