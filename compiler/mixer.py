@@ -459,6 +459,7 @@ class _MixerLowering:
         em.section(f"mixer: {plan.describe()}")
         self.pending, self.prefetched, self.hidden_loaded = {}, None, None
         self.scan_copy, self.scan_loaded, self.scan_store = 0, None, None   # scan groups' two copies
+        self.h_ahead = None       # (block, first tile) of a scan group whose h was loaded ahead
         if self.seq:
             self.run_sequences()
             return
@@ -700,7 +701,8 @@ class _MixerLowering:
                 em.nonlinear(NonlinearFunction.EXP, ab, aa + t * stride, count * Kn)
         self.scan_loaded = None
         if following:       # h under the EXP, A under the drive (a LOAD holds up dispatch till the DMA is free)
-            self.load_scan_sequences(t0, tokens, *following, 1 - copy, ("h",))
+            if self.h_ahead != (t0, following[0]):
+                self.load_scan_sequences(t0, tokens, *following, 1 - copy, ("h",))
             self.scan_loaded = (t0, following[0])
         self.ensure("in_z")      # the projection after the scan, loaded under it
         group_tiles = (g0 * C, min(self.Jd, (g0 + self.G) * C))
@@ -829,6 +831,11 @@ class _MixerLowering:
                 self.load_scan_sequences(t0, tokens, tiles[0], min(self.plan.scan_tiles, tiles[1] - tiles[0]),
                                          self.scan_copy)
                 self.scan_loaded = (t0, tiles[0])
+                after = tiles[0] + self.plan.scan_tiles      # and the second group's h (its A: under the drive)
+                if after < tiles[1] and "h2" in self.plan.regions:
+                    self.load_scan_sequences(t0, tokens, after, min(self.plan.scan_tiles, tiles[1] - after),
+                                             1 - self.scan_copy, ("h",))
+                    self.h_ahead = (t0, after)
             self.ensure("A")
             em.nonlinear(NonlinearFunction.SOFTPLUS, db, da, tokens * G)
             xc = (cxb, cxa, G, 1)
