@@ -154,11 +154,16 @@ def iss_model(checkpoint, config_name: str, *, prompt_length: int):
         raise NotImplementedError("needs the whole-model compiler (marca.compiler.compile_model: "
                                   "embedding, norms, blocks and LM head as one program), which this "
                                   "repository lacks") from None
-    compiled = compile_model(load_checkpoint(checkpoint), None, preset(config_name),
-                             prompt_length=prompt_length, logits="all")
+    config = preset(config_name)
+    compiled = compile_model(load_checkpoint(checkpoint), None, config, prompt_length=prompt_length, logits="all")
+    # 16-bit presets (the 2x2 ones): each program runs once on the ISS, then as its replay
+    # (marca.golden.replay, bit-exact with the ISS: tests/test_replay.py), ~50x faster per byte.
+    replay = config.compute_format.width == 16 and config.storage_format.width == 16
+    traces: dict = {}
 
     def forward(tokens, states):
-        sessions = states if states is not None else [compiled.session() for _ in range(tokens.shape[0])]
+        sessions = states if states is not None else \
+            [compiled.session(replay=replay, traces=traces) for _ in range(tokens.shape[0])]
         rows = []
         for session, row in zip(sessions, tokens.cpu()):
             if row.numel() == prompt_length:
@@ -169,16 +174,38 @@ def iss_model(checkpoint, config_name: str, *, prompt_length: int):
                 raise ValueError(f"the ISS model takes {prompt_length} tokens or one after the first call, "
                                  f"not {row.numel()}")
         return torch.stack(rows).to(dtype=torch.float32, device=tokens.device), sessions
+    forward.compiled, forward.replay, forward.traces = compiled, replay, traces
     return forward
+
+
+def check_replay(forward, tokens: torch.Tensor, chunks: int = 2) -> dict:
+    """For an :func:`iss_model` that replays: the first ``chunks`` prefill chunks of ``tokens`` (one
+    segment) on a replaying session and on a plain ISS session; raises unless every chunk's logits and the
+    final memory images are equal bit for bit. Returns what was checked and the ISS's CPU seconds."""
+    length = forward.compiled.programs["prefill"].tokens
+    replayed = forward.compiled.session(replay=True, traces=forward.traces)
+    plain = forward.compiled.session()
+    started = time.process_time()
+    for chunk in range(chunks):
+        ids = tokens[chunk * length:(chunk + 1) * length]
+        if not torch.equal(replayed.prefill(ids), plain.prefill(ids)):
+            raise AssertionError(f"replay and ISS logits differ in prefill chunk {chunk}")
+    if replayed.memory != plain.memory:
+        raise AssertionError("replay and ISS memory images differ")
+    return {"chunks": chunks, "tokens": chunks * length, "equal": True,
+            "cpu_seconds": round(time.process_time() - started, 1)}
 
 
 @torch.no_grad()
 def teacher_forced_bits(forward, segments: torch.Tensor, *, batch: int = 49,
-                        chunk: int = PREFILL_CHUNK) -> float:
+                        chunk: int = PREFILL_CHUNK, progress=None) -> float:
     """Bits per byte of ``segments [count, length]`` (teacher forcing, fresh states per segment, chunked
-    prefill of ``chunk`` tokens); each segment's first byte is context only."""
+    prefill of ``chunk`` tokens); each segment's first byte is context only. ``progress``: called with the
+    segments done after each batch."""
     total, count = 0.0, 0
     for start in range(0, segments.shape[0], batch):
+        if progress is not None and start:
+            progress(start)
         part = segments[start:start + batch]
         inputs, targets = part[:, :-1], part[:, 1:]
         states, pieces = None, []
@@ -235,12 +262,21 @@ def iss_row(config_name: str, tf_forward, greedy_forward, segments: torch.Tensor
     ``same_segments``), so a row over fewer segments than the float rows still has its comparison.
     Records the CPU seconds and wall seconds it took and the load average at its end."""
     cpu, wall = time.process_time(), time.monotonic()
-    bits = teacher_forced_bits(tf_forward, segments, batch=1)
+
+    def report(done):
+        if done % 10 == 0:
+            print(f"[accuracy] ISS {config_name}: {done} of {segments.shape[0]} segments "
+                  f"({time.process_time() - cpu:.0f} CPU s)", flush=True)
+    bits = teacher_forced_bits(tf_forward, segments, batch=1, progress=report)
     tf_cpu = time.process_time() - cpu
     row = {"row": f"ISS {config_name}", "bits_per_byte": bits, "segments": segments.shape[0],
            "predicted_bytes": segments[:, 1:].numel(), "teacher_forcing_cpu_seconds": round(tf_cpu, 1)}
     print(f"[accuracy] ISS {config_name}: {bits:.5f} bits/byte over {row['predicted_bytes']} bytes "
           f"({tf_cpu:.0f} CPU s)", flush=True)
+    if getattr(tf_forward, "replay", False):
+        row["replay_check"] = check_replay(tf_forward, segments[0, :-1])
+        print(f"[accuracy] ISS {config_name}: replay equal to the ISS on segment 0's first "
+              f"{row['replay_check']['tokens']} tokens ({row['replay_check']['cpu_seconds']:.0f} CPU s)", flush=True)
     if greedy_forward is not None:
         row["greedy"] = dict(agreement(greedy_continuations(greedy_forward, prompts), reference_text),
                              prompts=prompts.shape[0])

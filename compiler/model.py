@@ -175,8 +175,8 @@ class CompiledModel:
         return [(shift(conv), shift(ssm)) for conv, ssm in self.states]
 
     def session(self, **iss_options) -> "ModelSession":
-        """A fresh sequence on the golden ISS (zero states); ``progress`` and the options of
-        :class:`marca.golden.iss.Machine` pass through."""
+        """A fresh sequence on the golden ISS (zero states); ``progress``, ``replay``, ``traces``
+        (:class:`ModelSession`) and the options of :class:`marca.golden.iss.Machine` pass through."""
         if self.memory is None:
             raise ValueError("a model compiled from shapes alone has no weights to run")
         return ModelSession(self, **iss_options)
@@ -204,13 +204,20 @@ class ModelSession:
     starts as a new machine would, :meth:`Machine.restart`, but with the instructions already planned);
     ``steps`` keeps each run's counters."""
 
-    def __init__(self, compiled: CompiledModel, *, progress=None, **iss_options):
+    def __init__(self, compiled: CompiledModel, *, progress=None, replay: bool = False, traces=None,
+                 **iss_options):
         self.compiled = compiled
         self.progress = progress        # called with (mode, instructions done, program length) on long runs
         self.max_instructions = iss_options.pop("max_instructions", None)
         self.machine = Machine(compiled.config, compiled.memory, **iss_options)
         self.port = _HostPort(self.machine)
         self.steps: list[dict] = []
+        # replay: each program runs on the ISS once (checks on), then as a compiled replay of that run
+        # (marca.golden.replay; 16-bit presets on the CPU), which leaves memory, buffers and counters as
+        # the ISS would. traces: a dict that sessions of the same compiled model share (default: this
+        # session's own), so that only the first session runs each program on the ISS.
+        self.replay = replay
+        self._traces = {} if traces is None else traces
 
     @property
     def memory(self) -> bytes:
@@ -240,14 +247,22 @@ class ModelSession:
         if len(ids) != program.tokens:
             raise ValueError(f"the {mode} program takes {program.tokens} token ids, not {len(ids)}")
         self.machine.restart()
-        limit = self.max_instructions or len(program.instructions) + 1      # straight-line code
-        report = None if self.progress is None else \
-            (lambda done: self.progress(mode, done, len(program.instructions)))
-        result = self.machine.run(program.address, max_instructions=limit, progress=report)
-        if result.error != isa.ErrorCode.NONE:
-            raise RuntimeError(f"the {mode} program faulted: {result.error.name} at {result.error_pc} "
-                               f"{result.message}")
-        self.steps.append({"mode": mode, "tokens": len(ids), **result.counters})
+        trace = self._traces.get(mode) if self.replay else None
+        if trace is not None:
+            counters = trace.run(self.machine)
+        else:
+            limit = self.max_instructions or len(program.instructions) + 1      # straight-line code
+            report = None if self.progress is None else \
+                (lambda done: self.progress(mode, done, len(program.instructions)))
+            result = self.machine.run(program.address, max_instructions=limit, progress=report)
+            if result.error != isa.ErrorCode.NONE:
+                raise RuntimeError(f"the {mode} program faulted: {result.error.name} at {result.error_pc} "
+                                   f"{result.message}")
+            counters = result.counters
+            if self.replay:
+                from marca.golden.replay import Trace
+                self._traces[mode] = Trace(self.compiled.config, program.instructions, counters)
+        self.steps.append({"mode": mode, "tokens": len(ids), **counters})
         return self.read_logits(program.logits_rows)
 
     def read_logits(self, rows: int) -> torch.Tensor:
