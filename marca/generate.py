@@ -259,7 +259,11 @@ def generate(args) -> int:
     rounded_agreement, rounded_delta, rounding_delta, max_logit = [], 0.0, 0.0, 0.0
     session = None
     if args.backend == "iss":
-        session = compiled.session(progress=lambda mode, done, total: _progress(
+        # 16-bit presets: each program's first run on the ISS, later runs replayed (marca.golden.replay).
+        replay = not getattr(args, "no_replay", False) and config.compute_format.width == 16 \
+            and config.storage_format.width == 16
+        report["iss_replay"] = replay
+        session = compiled.session(replay=replay, progress=lambda mode, done, total: _progress(
             f"{mode}: {done:,d} of {total:,d} instructions ({time.perf_counter() - started:.0f} s)"))
     elif args.backend == "rtl":
         from marca.tb.model import RtlModelSession
@@ -383,5 +387,8 @@ def add_parser(commands) -> None:
                         help="sequences generated together from copies of the prompt (batched decode)")
     parser.add_argument("--shapes-only", action="store_true", help="compile from shapes alone and report")
     parser.add_argument("--pause", type=float, default=0.0, help="rtl: AXI pause probability")
+    parser.add_argument("--no-replay", action="store_true",
+                        help="iss: run every step on the ISS (by default a 16-bit preset's programs run on "
+                             "the ISS once, then as their bit-exact replay, marca.golden.replay)")
     parser.add_argument("--out", default="build/generate/report.json")
     parser.set_defaults(handler=generate)
