@@ -231,6 +231,13 @@ def _mixer(preset: str, d_model: int, mode: str, length):
     return config, compiled, compiled.write_inputs(None, hidden)
 
 
+def _mixers(cases):
+    """``(name, (config, compiled, memory))`` of each mixer case ``(preset, d_model, mode, length)``."""
+    for preset, d_model, mode, length in cases:
+        name = f"{preset} d_model {d_model} {mode}" + (f" {length} tokens" if length else " step")
+        yield name, _mixer(preset, d_model, mode, length)
+
+
 def _run_mixer(config, compiled, memory, **options) -> dict:
     from marca.golden import iss
     from marca.isa import ErrorCode
@@ -367,9 +374,7 @@ def run_device(out_dir: pathlib.Path, device: str) -> dict:
     def mixers(cases):
         print(f"\n{'mixer (wall seconds)':40s} {'instr':>6s} {'lane ops':>12s} {'cpu fast s':>10s} "
               f"{'first s':>8s} {label + ' s':>8s} {'M/s':>8s}")
-        for preset, d_model, mode, length in cases:
-            case = f"{preset} d_model {d_model} {mode}" + (f" {length} tokens" if length else " step")
-            config, compiled, memory = _mixer(preset, d_model, mode, length)
+        for case, (config, compiled, memory) in _mixers(cases):
             cpu = _run_mixer(config, compiled, memory)
             first = _run_mixer(config, compiled, memory, device=name)
             warm = _run_mixer(config, compiled, memory, device=name)
@@ -448,9 +453,7 @@ def run(out_dir: pathlib.Path, device: str | None = None) -> dict:
     results["mixers"] = {}
     print(f"\n{'mixer (CPU seconds)':34s} {'instr':>6s} {'lane ops':>12s} {'fast s':>8s} {'M/s':>6s} "
           f"{'no checks s':>11s} {'ref s':>8s} {'speed-up':>8s} {'wall s':>7s} {'load':>5s} {'first s':>7s}")
-    for preset, d_model, mode, length in MIXERS:
-        name = f"{preset} d_model {d_model} {mode}" + (f" {length} tokens" if length else " step")
-        config, compiled, memory = _mixer(preset, d_model, mode, length)
+    for (preset, _, mode, length), (name, (config, compiled, memory)) in zip(MIXERS, _mixers(MIXERS)):
         # The first run in a process also builds what is made once per configuration (the 16-bit NONLINEAR
         # tables, the LOAD tables, the compiled LINEAR loop): recorded apart, the timed runs come after it.
         first = _run_mixer(config, compiled, memory)
