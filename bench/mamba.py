@@ -19,7 +19,8 @@ For the demo configuration (``marca.demo.DEMO_CONFIG``: 4 x 4 BF16 array, 256-bi
   from the cycle model ``marca.perf``. Each RTL run is checked bit for bit against the ISS, and on the ISS
   the batched step equals ``B`` separate batch-1 steps (outputs and every sequence's states).
 
-* **batched decode, streamed weights** (cycle model only): a mixer whose weights exceed the weight buffer
+* **batched decode, streamed weights** (RTL at ``STREAMED["rtl_batches"]``, cycle model at every B): a
+  mixer whose weights exceed the weight buffer
   (``STREAMED``: d_model 128 on the demo configuration with a 64-bit bus, ~220 KB of weights per step),
   B = 1 .. 32: where tokens/s stops growing and why.
 
@@ -238,7 +239,7 @@ def batched_table(results: dict) -> str:
                          f"{row['compute_busy_array_idle']:.1%} | {row['compute_idle']:.1%} |")
     streamed = results.get("batched_streamed")
     if streamed:
-        lines += ["", f"Streamed weights (cycle model): `{streamed['config']['name']}` "
+        lines += ["", f"Streamed weights: `{streamed['config']['name']}` "
                   f"({streamed['config']['axi_data_width']}-bit bus), d_model {streamed['d_model']}, "
                   f"d_state {results['sizes']['d_state']}:", "",
                   "| B | source | sequences per block | cycles / token | array beats / token | DRAM bound / token | "
