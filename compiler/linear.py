@@ -75,7 +75,7 @@ class WeightArea:
         self.half_lines = lines // self.halves
         self.half = 0
         self.staging = staging        # (buffer, element address, lines) or None
-        self.prefetched = None        # (matrix name, first row tile, tiles, first chunk, chunks, address)
+        self.prefetched = []          # [(matrix name, first row tile, tiles, first chunk, chunks, address)]
 
     def next_half(self) -> int:
         self.half = 1 - self.half if self.halves == 2 else 0
@@ -130,8 +130,12 @@ def _few_tokens(area: WeightArea, rows, chunks, tokens: int) -> bool:
     """Whether a group of whole row tiles fits half the area but passes too few tokens for its chunk
     rounds to hide the array's latency (a decode step's LINEARs)."""
     (j_lo, j_hi), (k_lo, k_hi) = rows, chunks
-    count = k_hi - k_lo
-    return count <= area.half_lines and tokens * min(j_hi - j_lo, area.half_lines // count) < _hazard(area.config)
+    count, tiles = k_hi - k_lo, j_hi - j_lo
+    if count > area.half_lines:
+        return False
+    J = min(tiles, area.half_lines // count)
+    last = tiles % J or J          # the last group's tiles
+    return tokens * min(J, last) < _hazard(area.config)
 
 
 def _hazard(config) -> int:
@@ -189,17 +193,25 @@ def _load_group(emitter, area, matrix, group, address) -> None:
 
 
 def prefetch_weights(emitter: Emitter, area: WeightArea, matrix: Matrix, tokens: int, *,
-                     rows: tuple[int, int] | None = None, chunks: tuple[int, int] | None = None) -> None:
-    """LOAD now the first weight group that ``emit_linear(matrix, rows=rows, chunks=chunks)`` (from an
+                     rows: tuple[int, int] | None = None, chunks: tuple[int, int] | None = None,
+                     taper: bool = False) -> None:
+    """LOAD now the next weight group that ``emit_linear(matrix, rows=rows, chunks=chunks)`` (from an
     on-chip source) will stream, into the next half of the area, so the DMA streams it under the work in
-    between; that call then starts from it. Nothing for a matrix kept in the weight buffer."""
-    if matrix.resident is not None:
+    between; that call (with the same ``taper``) then starts from it. Called twice, it loads the first two
+    groups (one per half).
+    Nothing for a matrix kept in the weight buffer, nor when every half holds a prefetched group or one of
+    another matrix."""
+    if matrix.resident is not None or len(area.prefetched) >= area.halves:
         return
     rows, chunks = rows or (0, matrix.J), chunks or (0, matrix.K)
-    group = _first_group(area, matrix, rows, chunks, tokens)
+    groups = _groups(area, matrix, rows, chunks, tokens, taper)
+    done = [entry for entry in area.prefetched if entry[0] == matrix.name]
+    if len(done) != len(area.prefetched) or len(done) >= len(groups):
+        return
+    group = groups[len(done)]
     address = area.next_half()
     _load_group(emitter, area, matrix, group, address)
-    area.prefetched = (matrix.name, *group, address)
+    area.prefetched.append((matrix.name, *group, address))
 
 
 def _shift(operand, t: int):
@@ -275,20 +287,29 @@ def _weights(emitter, area, matrix, tokens, vector, output, rows, chunks, bias, 
             for j in range(j_lo, j_hi):
                 linear(matrix.resident + (j * K + k_lo) * P, j, 1, k_lo, k_count, accumulate)
         return
-    prefetched, area.prefetched = area.prefetched, None
-
-    def load(group):
-        if prefetched and prefetched[:5] == (matrix.name, *group):
-            return prefetched[5]
-        address = area.next_half()
-        _load_group(emitter, area, matrix, group, address)
-        return address
-
+    prefetched, area.prefetched = area.prefetched, []
     # Groups of `step` row tiles x `c` chunks (all the chunks when a row tile's fit half the area). Chunk
     # blocks outer: a tile's next block comes after every other tile's (no wait on it), accumulating
     # through the bias path.
-    for j0, count, k0, k_count in _groups(area, matrix, rows, chunks, tokens, taper):
-        linear(load((j0, count, k0, k_count)), j0, count, k0, k_count, accumulate or k0 > k_lo)
+    groups = _groups(area, matrix, rows, chunks, tokens, taper)
+    addresses = {}          # group index -> element address of its half, once loaded
+    for entry in prefetched:
+        if entry[0] == matrix.name and entry[1:5] in groups:
+            addresses[groups.index(entry[1:5])] = entry[5]
+
+    def load(index, address):
+        _load_group(emitter, area, matrix, groups[index], address)
+        addresses[index] = address
+        area.half = (address - area.address) // (area.half_lines * area.config.lanes)
+
+    for index, (j0, count, k0, k_count) in enumerate(groups):
+        if index not in addresses:
+            load(index, area.next_half())
+        linear(addresses[index], j0, count, k0, k_count, accumulate or k0 > k_lo)
+        # Two groups were prefetched: the one after the next goes into this one's half once this LINEAR
+        # is done, so that each later load runs under a LINEAR as in plain double buffering.
+        if index + 1 in addresses and index + 2 < len(groups) and index + 2 not in addresses:
+            load(index + 2, addresses[index])
 
 
 #: Chunks of the last piece a tapered stream ends with (:func:`_groups`).

@@ -572,11 +572,11 @@ class _MixerLowering:
                 return None
         return Matrix("x_proj", parts[0].memory, sum(m.J for m in parts), parts[0].K, parts[0].resident)
 
-    def prefetch_group(self, matrix, tokens, rows=None, chunks=None):
-        """Streamed weights: LOAD the first weight group of ``matrix``'s next LINEAR now (on-chip sources
+    def prefetch_group(self, matrix, tokens, rows=None, chunks=None, taper=False):
+        """Streamed weights: LOAD the next weight group of ``matrix``'s next LINEAR now (on-chip sources
         only), under the work before it (the streamed counterpart of :meth:`ensure`)."""
         if self.seq and matrix.resident is None:
-            prefetch_weights(self.em, self.area, matrix, tokens, rows=rows, chunks=chunks)
+            prefetch_weights(self.em, self.area, matrix, tokens, rows=rows, chunks=chunks, taper=taper)
 
     def ensure(self, *names):
         """LOAD what ``names`` name (resident matrices, ``parameters``, ``A``) if not loaded yet: a decode
@@ -881,10 +881,15 @@ class _MixerLowering:
             self.linear("in_z", tokens, source, OnChip(zb, za, G * P, g0 * C), rows=tiles,
                         bias=self.parameter_onchip("in_z_bias", g0))
             self.ensure("out")
-            if not self.multi and g0 + lines >= self.Di_l:      # out_proj's first group, under the gate
+            if not self.multi and g0 + lines >= self.Di_l:
+                # out_proj's first two groups, one in each half, under the gate: the first where in_z's
+                # next-to-last group was, the second where its last one was (its barrier waits for in_z's
+                # LINEAR, not for the gate)
                 J = self.matrices["out"].J
-                self.prefetch_group(self.matrices["out"], tokens, rows=(0, J if self.plan.output_resident else
-                                                                min(J, self.plan.output_group_tiles)))
+                j1 = J if self.plan.output_resident else min(J, self.plan.output_group_tiles)
+                last = t0 + tokens >= self.length and j1 >= J
+                for _ in range(2):
+                    self.prefetch_group(self.matrices["out"], tokens, rows=(0, j1), taper=last)
             em.nonlinear(NonlinearFunction.SILU, zb, za, tokens * G)
             em.elementwise(ElementwiseOp.MUL, tokens, lines, (yb, ya, G, 1), (yb, ya, G, 1), (zb, za, G, 1))
             if self.multi:
