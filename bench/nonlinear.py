@@ -159,7 +159,8 @@ def cost(configs: dict, parts: bool = True) -> dict:
     """Yosys cells of one PE with and without the extension, and of the extension alone; with ``parts``
     also what each sub-operation adds to the PE (the PE with the full extension minus the PE with an
     extension built without that sub-operation's logic, ``FunctionLane(_omit=...)``) and the PE with an
-    extension that has none (its result register passing ``a`` on, and the array's join of it)."""
+    extension that has none (every code passes ``a`` on, times 1: the array's join of it, the multiplier's
+    operand selects, which synthesis can then remove)."""
     from marca.hw.nonlinear import FunctionLane
     from marca.hw.pe_array import PEArray
     from marca.golden.nonlinear import LaneFunction
@@ -245,10 +246,10 @@ def markdown(results: dict) -> str:
     if with_parts:
         names = [code.name for code in nl.LaneFunction]
         lines += ["", "What each part adds to the PE (cells; a sub-operation: the PE with the full extension minus "
-                  "the PE with one built without it; none: the PE with an extension that only registers and "
-                  "passes `a` on, minus the PE; synthesis does not add exactly, so the parts need not sum to the "
-                  "total):", "",
-                  "| configuration | added (goal ≤ 10 %) | " + " | ".join(names) + " | none (result register, join) |",
+                  "the PE with one built without it; none: the PE with an extension whose every code passes "
+                  "`a` on times 1, minus the PE; synthesis does not add exactly, so the parts need not sum to "
+                  "the total, and differences of a few tens of cells, negative ones too, are its noise):", "",
+                  "| configuration | added (goal ≤ 10 %) | " + " | ".join(names) + " | none (join only) |",
                   "|---|---|" + "---|" * (len(names) + 1)]
         for label, entry in with_parts.items():
             goal = int(entry["pe"] * 0.1)

@@ -51,6 +51,8 @@ __all__ = [
     "exp_int_bits",
     "exp_program",
     "exp_scale",
+    "exp_scale_on_multiplier",
+    "exp_polynomial_shift",
     "exp_scale_values",
     "lane_function",
     "lane_function_values",
@@ -93,7 +95,9 @@ class LaneFunction(enum.IntEnum):
         from ``b``'s low mantissa bits, no float-to-integer shifter. ``b`` NaN gives NaN; ``b`` below the
         window (t far below the range, -Inf) gives +0, above it (+Inf) gives +Inf, whatever ``a`` is;
         inside it ``n`` is added to ``a``'s exponent field (``a`` taken by its fields: in the programs it
-        is then the polynomial's value, a positive normal number near 1).
+        is then the polynomial's value, a positive normal number near 1), or, in formats where
+        :func:`exp_scale_on_multiplier` holds (BF16), ``a`` (then the polynomial scaled by ``2^k``,
+        :func:`exp_polynomial_shift`) is multiplied by ``2^(n-k)`` on the PE's multiplier.
     ``NEGATIVE_MAGNITUDE``
         ``-min(|a|, 2^7)``, NaN clamped too (:func:`negative_magnitude`): the argument of exp in SiLU and
         softplus, which never overflows.
@@ -226,7 +230,8 @@ class FunctionConstants:
     log2e: int
     round_constant: int                   # C: t + C rounds t to an integer n held in C + n's mantissa
     ln2_parts: tuple[int, ...]            # ln 2 = sum of parts; n · part exact for the first of two
-    exp_coefficients: tuple[int, ...]     # e^r ≈ sum_k c_k r^k, c_0 = 1 first
+    exp_coefficients: tuple[int, ...]     # e^r ≈ sum_k c_k r^k, c_0 = 1 first (all times 2^k, c_0 = 2^k,
+                                          # k = exp_polynomial_shift(fmt): BF16's gives 2^63·e^r)
     softplus_coefficients: tuple[int, ...]  # log1p(u)/u ≈ sum_k q_k u^k on [0, 1], q_0 first
     reciprocal_coefficients: tuple[int, ...]  # seed of 1/(1 + u) ≈ s_0 + s_1 u + s_2 u^2 on [0, 1]
     rsqrt_magic: int                      # RSQRT_SEED's integer constant
@@ -283,7 +288,7 @@ def _round_constant(fmt: FloatFormat) -> int:
     rounds t to the nearest integer n and C + n holds n in its low mantissa bits. Every n the format needs
     fits when 2^(p-2) > emax + man_bits + 3 (FP32, FP16). BF16 (p = 8) holds only |n| < 64 so: t in
     [64, 128) lands in [2^p, 2^(p+1)) (ulp 2: n even, still decoded by EXP_SCALE), t < -64 below 2^(p-1)
-    (EXP_SCALE gives +0: results below 2^-64 flush)."""
+    (EXP_SCALE gives +0, as it does n = -64: results below about 2^-63.5 flush)."""
     return _encode_value(1.5 * 2.0 ** (fmt.precision - 1), fmt)
 
 
@@ -415,9 +420,12 @@ def build_constants(*, fmt: FloatFormat, exp_degree: int = 3, softplus_degree: i
     def encode(values):
         return tuple(_encode_value(float(v), fmt) for v in values)
 
+    # Where EXP_SCALE multiplies by 2^(n-k), the polynomial gives 2^k·e^r: every coefficient times 2^k, which
+    # scales every Horner step exactly (no step is near the format's range ends).
+    exp_scale = 2.0 ** exp_polynomial_shift(fmt)
     return FunctionConstants(
         fmt=fmt, log2e=_encode_value(LOG2E, fmt), round_constant=_round_constant(fmt),
-        ln2_parts=_ln2_parts(fmt), exp_coefficients=encode(exp_values),
+        ln2_parts=_ln2_parts(fmt), exp_coefficients=encode(exp_scale * exp_values),
         softplus_coefficients=encode(softplus_values), reciprocal_coefficients=encode(reciprocal_values),
         rsqrt_magic=rsqrt_magic, rsqrt_coefficients=rsqrt_coefficients)
 
@@ -450,7 +458,8 @@ class _Builder:
 def _exp_passes(builder: _Builder, constants: FunctionConstants, argument: Operand) -> Operand:
     """exp(argument): ``C + n = x·log2e + C`` (the adder rounds t to the integer n), ``n = (C + n) - C``,
     ``r = x - n·ln2`` (one or two MULADDs), ``p = e^r`` by Horner (c_0 = 1), ``p · 2^n`` (EXP_SCALE reads n
-    from ``C + n``)."""
+    from ``C + n``; where :func:`exp_scale_on_multiplier`, ``p = 2^k·e^r`` with c_0 = 2^k and EXP_SCALE is
+    ``p · 2^(n-k)``, :func:`exp_polynomial_shift`)."""
     fmt = constants.fmt
     c = constants.exp_coefficients
     degree = len(c) - 1
@@ -566,6 +575,40 @@ def exp_int_bits(fmt: FloatFormat) -> int:
     return fmt.exp_bits + 1
 
 
+def exp_scale_on_multiplier(fmt: FloatFormat) -> bool:
+    """Whether EXP_SCALE is ``mul(a, 2^(n-k))`` on the PE's multiplier (the lane only builds the factor from
+    ``b = C + n``; the exp polynomial is scaled by ``2^k``, :func:`exp_polynomial_shift`) rather than
+    ``a · 2^n`` on ``a``'s exponent field in the lane. With ``k = bias + 2^(p-1) - C`` the factor's exponent
+    field is ``C + n``'s mantissa field itself in C's binade, and ``2^(p-1) + 2·mantissa`` in the next one
+    (no adder): it is where every mantissa field is an exponent field below all ones, ``2^m < exp_max``: BF16
+    (``k = 63``; the factor field 0 of n = -64 is the factor +0, so results of n <= -64 flush). FP32 and
+    FP16 fail it, and no ``k`` would serve them: their results span ``2^emin`` to just below
+    ``2^(emax+1)``, one more value of n than there are normal powers of two; their lane adds ``n`` to
+    ``a``'s exponent field."""
+    return (1 << fmt.man_bits) < fmt.exp_max
+
+
+def exp_polynomial_shift(fmt: FloatFormat) -> int:
+    """``k``: exp's polynomial gives ``2^k·e^r`` and EXP_SCALE multiplies it by ``2^(n-k)``, where
+    :func:`exp_scale_on_multiplier` (``bias + 2^(p-1) - C`` = ``bias - 2^(p-2)``, 63 in BF16); else 0."""
+    return fmt.bias - (1 << (fmt.precision - 2)) if exp_scale_on_multiplier(fmt) else 0
+
+
+def _exp_scale_factor(b_value, constants: FunctionConstants):
+    """``(inside, above, field)`` of EXP_SCALE on the multiplier: ``field = n - k + bias`` is the factor
+    ``2^(n-k)``'s exponent field (0: the factor is +0), used where ``b`` lies in ``C + n``'s two binades
+    ``[2^(p-1), 2^(p+1))`` and ``field < exp_max``; above: +Inf, a larger ``b``, or ``field >= exp_max``."""
+    fmt = constants.fmt
+    low = 2.0 ** (fmt.precision - 1)
+    high = low * 4
+    n = b_value - _decode_value(constants.round_constant, fmt)
+    window = (b_value >= low) & (b_value < high)
+    field = n - exp_polynomial_shift(fmt) + fmt.bias
+    inside = window & (field < fmt.exp_max)
+    above = (b_value >= high) | (window & (field >= fmt.exp_max))
+    return inside, above, field
+
+
 def exp_scale(a, b, constants: FunctionConstants) -> torch.Tensor:
     """EXP_SCALE: ``a · 2^n`` on ``a``'s fields, ``n = b - C``, where ``b`` must lie in ``[2^(p-1), 2^(p+1))``
     (two binades, see :func:`_round_constant`) and ``-2^exp_bits <= n < 2^exp_bits`` (:func:`exp_int_bits`;
@@ -577,10 +620,22 @@ def exp_scale(a, b, constants: FunctionConstants) -> torch.Tensor:
     (both of ``a``'s sign). ``a`` is taken by its fields alone (a NaN, Inf, zero or subnormal ``a`` is not
     special): in the programs ``a`` is the exp polynomial's value, a positive normal number near 1, whenever
     ``b`` is inside the window, and there this is exactly ``ldexp(a, n)`` with the contract's overflow and
-    flush."""
+    flush.
+
+    Where :func:`exp_scale_on_multiplier` (BF16): ``b`` NaN -> NaN; ``b`` below ``2^(p-1)`` -> +0; ``b`` at
+    or above ``2^(p+1)``, or ``2^(n-k)`` above the format's largest power of two -> +Inf; otherwise the
+    contract's ``mul(a, 2^(n-k))``, the factor +0 where ``2^(n-k)`` is below the normal range
+    (:func:`exp_polynomial_shift`; in the programs ``a`` is the polynomial's value times ``2^k``, so this is
+    ``ldexp(a / 2^k, n)`` with the contract's overflow and flush, and +0 for n = -64)."""
     fmt = constants.fmt
     a = torch.as_tensor(a, dtype=torch.int64)
     b_value = fp.decode(b, fmt)
+    if exp_scale_on_multiplier(fmt):
+        inside, above, field = _exp_scale_factor(b_value, constants)
+        factor = torch.where(inside, field, 0.0).to(torch.int64) << fmt.man_bits
+        out = fp.mul(a, factor, fmt)
+        out = torch.where(inside, out, torch.where(above, fmt.inf, 0))
+        return torch.where(torch.isnan(b_value), fmt.canonical_nan, out)
     low = 2.0 ** (fmt.precision - 1)
     high = low * 4
     n = b_value - _decode_value(constants.round_constant, fmt)
@@ -729,6 +784,18 @@ def exp_scale_values(a, b, constants: FunctionConstants):
     high = low * 4
     limit = 2 ** (exp_int_bits(fmt) - 1)
     b = fp._float64(b)
+    if exp_scale_on_multiplier(fmt):
+        # mul(a, 2^(n-k)): exact in float64 (a NaN, Inf or zero stays so), the contract's range check; a
+        # factor field of 0 is the factor +0 (Inf times it: NaN).
+        inside, above, field = _exp_scale_factor(b, constants)
+        shift = xp.where(inside, field - fmt.bias, 0.0)
+        a = fp._float64(a)
+        scaled = np.ldexp(a, shift.astype(np.int32)) if xp is np else torch.ldexp(a, shift)
+        scaled = xp.where(field == 0, a * 0.0, scaled)
+        out = fp.round_values(scaled, fmt)
+        out = xp.where(inside, out, xp.where(above, xp.inf, 0.0))
+        out = xp.where(xp.isnan(b), xp.nan, out)
+        return out.astype(np.float32) if xp is np else out.to(torch.float32)
     n = b - _round_constant_value(constants.round_constant, fmt)  # exact: b and C are integers below 2^25
     inside = (b >= low) & (b < high)
     shift = xp.where(inside, n, 0.0).clip(-limit, limit - 1)

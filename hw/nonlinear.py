@@ -8,24 +8,29 @@ broadcast to every lane; what a PE cannot do with them is the bit logic in :clas
 lane, selected by the beat's ``function`` field when the op is ``ElementwiseOp.FUNCTION``:
 
 * ``EXP_SCALE``: ``a · 2^n`` where ``b = C + n`` holds ``n`` in its low mantissa bits (the exp program's
-  rounding sum): the bits are the integer, so no float-to-integer shifter; one small exponent adder with
-  overflow to Inf and flush to zero.
+  rounding sum): the bits are the integer, so no float-to-integer shifter. FP32 and FP16: one small
+  exponent adder with overflow to Inf and flush to zero; BF16: the factor ``2^(n-k)`` (its exponent field
+  is ``b``'s mantissa field, wiring), which the PE's multiplier applies to the polynomial scaled by
+  ``2^k``, its own overflow and flush doing the rest.
 * ``NEGATIVE_MAGNITUDE``: ``-min(|a|, 128)`` (a sign bit and one exponent compare).
 * ``RSQRT_SEED``: ``magic - (|a| >> 1)`` on the exponent and top mantissa bits (one constant subtractor):
   rsqrt's bit-trick seed.
 * ``RSQRT_SELECT``: rsqrt's special cases by ``b = x`` (NaN or negative -> NaN, ±0 -> ±Inf, +Inf -> +0),
   else ``a``.
 
-The four share one output datapath (``a``'s fields passed on with the exponent field replaced or forced,
-or the seed), and the array reads the result through its adder (``add(x, -0)``: NaNs canonical,
-subnormals signed zeros), so the lane leaves NaN payloads and subnormals to that read; the golden
-sub-operations (:func:`marca.golden.nonlinear.lane_function`) are what the array reads. No per-lane
-table: every constant is a broadcast operand. Build it for the array with
+The lane is combinational and sits in front of the PE's multiplier: its two outputs are the multiplier's
+operands of a FUNCTION beat, ``result`` (``a`` passed on with its exponent field replaced, forced to a
+finite value, or the seed) and ``factor`` (1, EXP_SCALE's ``2^(n-k)``, or the NaN, ±Inf or +0 by which
+``b`` decides EXP_SCALE and RSQRT_SELECT). The array reads them as any operands (NaNs canonical,
+subnormals signed zeros) and runs ``mul(result, factor)`` and ``add(·, -0)``, so the lane has no register,
+no output mux into the array's datapath, and leaves NaN payloads, subnormals, and BF16's exponent sum with
+its overflow and flush to the multiplier; the golden sub-operations
+(:func:`marca.golden.nonlinear.lane_function`) are what the array gives. No per-lane table: every constant
+is a broadcast operand. Build it for the array with
 ``PEArray(..., lane_extension=FunctionLane.factory(config))``.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
-from amaranth.hdl import EnableInserter
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from marca.golden.nonlinear import (
@@ -34,6 +39,7 @@ from marca.golden.nonlinear import (
     LaneFunction,
     build_constants,
     exp_int_bits,
+    exp_scale_on_multiplier,
     rsqrt_seed_dropped_bits,
 )
 
@@ -42,7 +48,7 @@ from marca.formats import FloatFormat
 __all__ = ["FAULTS", "FunctionLane"]
 
 FAULTS = (None, "scale_no_overflow", "scale_window_unchecked", "magnitude_no_clamp", "rsqrt_seed_no_shift",
-          "nan_without_mantissa")
+          "nan_without_mantissa", "result_unforced", "factor_binade")
 """Deliberately broken variants, kept so the tests can prove they catch each kind of mistake."""
 
 
@@ -73,29 +79,28 @@ class FunctionLane(wiring.Component):
     _fault : str or None
         A deliberately broken variant (:data:`FAULTS`), for tests only.
     _omit : iterable of LaneFunction
-        Sub-operations left out (their code passes ``a`` on), for the cost breakdown of
+        Sub-operations left out (their code passes ``a`` on, times 1), for the cost breakdown of
         ``marca bench nonlinear`` only.
 
     Attributes
     ----------
     function : In(function_bits)
         :class:`marca.golden.nonlinear.LaneFunction` code.
-    a, b, c : In(fmt.width)
-        Operands (``c`` is unused).
-    enable : In(1), init 1
-        Clock enable of the result register.
-    result : Out(fmt.width)
-        Registered result, ``latency`` enabled cycles after the operands; its contract read (canonical NaN,
-        subnormals as signed zeros: the array's ``add(x, -0)``) is the golden sub-operation's result.
+    a, b : In(fmt.width)
+        Operands (at the array's input stage).
+    result, factor : Out(fmt.width)
+        The PE multiplier's two operands for a FUNCTION beat (combinational): the array's result of the
+        beat is the contract's ``mul(result, factor)``, which is the golden sub-operation's result. A NaN
+        here is any NaN pattern and a subnormal stands for its zero (the multiplier reads them so).
     function_bits : int
         2.
     latency : int
-        1 (combinational logic, then the result register; the array joins the result to its adder's ``x`` at
-        the comparator stage, so a deeper pipeline would only add registers).
+        0: no register of its own; the array runs the result through the PE's multiplier and adder like
+        any operand (``mul(result, factor)``, then ``add(·, -0)``).
     """
 
     function_bits = FUNCTION_BITS
-    latency = 1
+    latency = 0
 
     def __init__(self, *, fmt: FloatFormat, exp_degree: int = 3, softplus_degree: int = 4,
                  _fault: str | None = None, _omit=()):
@@ -110,9 +115,10 @@ class FunctionLane(wiring.Component):
         self._omit = frozenset(omit)
         self.fmt = fmt
         self._fault = _fault
+        self.on_multiplier = exp_scale_on_multiplier(fmt)
         self.constants = build_constants(fmt=fmt, exp_degree=exp_degree, softplus_degree=softplus_degree)
         super().__init__({"function": In(FUNCTION_BITS), "a": In(fmt.width), "b": In(fmt.width),
-                          "c": In(fmt.width), "enable": In(1, init=1), "result": Out(fmt.width)})
+                          "result": Out(fmt.width), "factor": Out(fmt.width)})
         self._MustUse__silence = False
 
     @classmethod
@@ -125,46 +131,52 @@ class FunctionLane(wiring.Component):
 
     # Sub-operations ---------------------------------------------------------------------------------------
 
-    def _exp_scale(self, m: Module, a: _Fields, b: _Fields):
-        """EXP_SCALE's pieces (golden ``exp_scale``): ``(exponent, b_up, b_down)``, where ``exponent`` is
-        ``a``'s exponent field plus ``n`` (signed) and ``b_up`` / ``b_down`` say that ``b`` alone decides
-        +Inf / +0 (outside the window; ``b``'s NaN is decided by the caller).
+    def _exp_window(self, m: Module, b: _Fields):
+        """EXP_SCALE's reading of ``b = C + n`` (golden ``exp_scale``): ``(n, b_up, b_down)``, where ``n`` is
+        the signed integer (None on the multiplier, whose factor field is read from ``b``'s mantissa) and
+        ``b_up`` / ``b_down`` say that ``b`` alone decides +Inf / +0 (outside the window; ``b``'s NaN is
+        decided by the caller).
 
-        ``b = C + n``, C = 1.5·2^(p-1): in the binade of C (exponent field E0 = bias + p - 1, ulp 1) the
-        mantissa field is ``2^(m-1) + n``, so ``n`` is the mantissa with its top bit flipped, read as a
-        signed number: no shifter. The next binade (ulp 2) is ``n = 2^(m-1) + 2·mantissa``, only within
-        the window in BF16."""
+        C = 1.5·2^(p-1): in the binade of C (exponent field E0 = bias + p - 1, ulp 1) the mantissa field is
+        ``2^(m-1) + n``, so ``n`` is the mantissa with its top bit flipped, read as a signed number: no
+        shifter. The next binade (ulp 2) is ``n = 2^(m-1) + 2·mantissa``, only within the window in BF16.
+        The window is ``|n| < 2^exp_bits`` for the field sum; on the multiplier, every mantissa of C's
+        binade and, in the next, those whose factor field ``2^m + 2·mantissa`` is below all ones."""
         fmt = self.fmt
-        man, int_bits = fmt.man_bits, exp_int_bits(fmt)
-        limit = 1 << (int_bits - 1)
+        man = fmt.man_bits
+        int_bits = exp_int_bits(fmt)
         base_field = fmt.bias + fmt.precision - 1
         in_low = ~b.sign & (b.exponent == base_field)
         in_high = ~b.sign & (b.exponent == base_field + 1)
         below = b.sign | (b.exponent < base_field)
         above = ~b.sign & (b.exponent > base_field + 1)            # +Inf too (NaN is decided first)
-        # Low binade: n = mantissa - 2^(m-1), an m-bit signed number; inside the window when its bits
-        # above int_bits - 1 are copies of its sign.
         n_low = Cat(b.mantissa[:man - 1], ~b.mantissa[man - 1])
-        low_top = n_low[min(int_bits - 1, man - 1):]
-        low_inside = (low_top == 0) | (low_top == (1 << len(low_top)) - 1)
+        high_first = 1 << (man - 1)
+        if self.on_multiplier:
+            n = None
+            low_inside = Const(1, 1)
+            high_inside = b.mantissa < (fmt.exp_max - (1 << man) + 1) // 2
+        else:
+            # Low binade: n = mantissa - 2^(m-1), an m-bit signed number; inside the window when its bits
+            # above int_bits - 1 are copies of its sign.
+            limit = 1 << (int_bits - 1)
+            low_top = n_low[min(int_bits - 1, man - 1):]
+            low_inside = (low_top == 0) | (low_top == (1 << len(low_top)) - 1)
+            n = Signal(signed(int_bits), name="scale_n")
+            if high_first < limit:
+                high_value = Signal(man + 2, name="scale_n_high")
+                m.d.comb += high_value.eq(Cat(Const(0, 1), b.mantissa) + high_first)
+                high_inside = high_value < limit
+                m.d.comb += n.eq(Mux(in_high, high_value, n_low[:min(man, int_bits)].as_signed()))
+            else:
+                high_inside = Const(0, 1)
+                m.d.comb += n.eq(n_low[:min(man, int_bits)].as_signed())
         if self._fault == "scale_window_unchecked":
             low_inside = Const(1, 1)
-        n = Signal(signed(int_bits), name="scale_n")
-        high_first = 1 << (man - 1)
-        if high_first < limit:
-            high_value = Signal(man + 2, name="scale_n_high")
-            m.d.comb += high_value.eq(Cat(Const(0, 1), b.mantissa) + high_first)
-            high_inside = high_value < limit
-            m.d.comb += n.eq(Mux(in_high, high_value, n_low[:min(man, int_bits)].as_signed()))
-        else:
-            high_inside = Const(0, 1)
-            m.d.comb += n.eq(n_low[:min(man, int_bits)].as_signed())
         # Low binade outside the window: the sign of n (the mantissa's top bit) says which way.
         b_up = above | (in_low & ~low_inside & b.mantissa[man - 1]) | (in_high & ~high_inside)
         b_down = below | (in_low & ~low_inside & ~b.mantissa[man - 1])
-        exponent = Signal(signed(max(fmt.exp_bits, int_bits) + 1), name="scale_exponent")
-        m.d.comb += exponent.eq(a.exponent + n)
-        return exponent, b_up, b_down
+        return n, b_up, b_down
 
     def _rsqrt_seed(self, a: _Fields):
         """``magic - (|a| >> 1)`` with the shifted operand's low ``rsqrt_seed_dropped_bits`` bits taken as
@@ -177,12 +189,13 @@ class FunctionLane(wiring.Component):
         return Const(self.constants.rsqrt_magic, fmt.width) - Cat(Const(0, dropped), kept)
 
     def elaborate(self, platform):
-        """The four sub-operations share one output: sign, exponent field and mantissa are each chosen
-        from ``a``'s fields (EXP_SCALE, NEGATIVE_MAGNITUDE and RSQRT_SELECT pass ``a`` on with its
-        exponent replaced or forced, decided by ``b``'s or ``a``'s classification), forced patterns, or
-        RSQRT_SEED's integer. The array reads the result through its adder (``add(x, -0)``), which makes
-        NaNs canonical and subnormals signed zeros, so a NaN here is any NaN pattern and a subnormal
-        stands for its zero (the golden sub-operations are what that read gives)."""
+        """Two outputs, the multiplier's operands. ``factor`` is 1 but where ``b`` decides: EXP_SCALE's and
+        RSQRT_SELECT's special cases (NaN, ±Inf, +0 by ``b``; then ``result`` is a positive finite number,
+        so the product is the factor whatever ``a`` is) and, on the multiplier (BF16), EXP_SCALE's
+        ``2^(n-k)``. ``result`` is
+        ``a``'s fields passed on (EXP_SCALE, RSQRT_SELECT), with the exponent field replaced (EXP_SCALE's
+        field sum ``a + n`` with its overflow and flush; NEGATIVE_MAGNITUDE's clamp) and the sign set
+        (NEGATIVE_MAGNITUDE), or RSQRT_SEED's integer."""
         m = Module()
         fmt = self.fmt
         man, exp_bits = fmt.man_bits, fmt.exp_bits
@@ -193,46 +206,78 @@ class FunctionLane(wiring.Component):
                          LaneFunction.RSQRT_SELECT))
         b_nan = b.is_nan
 
-        # EXP_SCALE: b NaN -> NaN; b outside the window -> +Inf / +0; else a's fields with exponent + n.
-        exponent, b_up, b_down = self._exp_scale(m, a, b)
-        overflow = exponent >= fmt.exp_max
-        if self._fault == "scale_no_overflow":
-            overflow = Const(0, 1)
-        underflow = exponent <= 0
-        # NEGATIVE_MAGNITUDE: a | sign, clamped to -2^7 from 2^7 up (Inf and NaN too).
-        clamp = a.exponent >= MAGNITUDE_BOUND_EXPONENT + fmt.bias
-        if self._fault == "magnitude_no_clamp":
-            clamp = a.is_inf
+        # EXP_SCALE: b NaN -> NaN; b outside the window -> +Inf / +0 (by the factor); else a·2^n.
+        n, b_up, b_down = self._exp_window(m, b)
+        scale_inside = scale & ~b_nan & ~b_up & ~b_down
         # RSQRT_SELECT (a = the Newton result r, b = x): x NaN or below zero -> NaN; x zero -> Inf of x's
         # sign; x = +Inf -> +0; else r.
         x_zero = b.is_zero
         select_nan = (b.sign & ~x_zero) | b_nan
         select_zero = b.is_special & ~b.sign          # +Inf (NaN is decided first)
+        select_decides = b.sign | x_zero | b.is_special
+        decides = (scale & ~scale_inside) | (select & select_decides)
+        if self._fault == "result_unforced":         # a NaN or Inf a spoils the factor's decision
+            decides = Const(0, 1)
 
+        # The factor: 1, or the forced special (its exponent field all ones or zero), or 2^(n-k).
         nan = (scale & b_nan) | (select & select_nan)
-        ones = nan | (scale & (b_up | (overflow & ~b_down))) | (select & x_zero)
-        zeros = (scale & (b_down | underflow)) | (select & select_zero)
-        kept_exponent = Mux(scale, exponent[:exp_bits],
-                            Mux(magnitude & clamp, MAGNITUDE_BOUND_EXPONENT + fmt.bias, a.exponent))
-        kept_mantissa = Mux(ones | zeros | (magnitude & clamp), 0, a.mantissa)
-        seed_value = self._rsqrt_seed(a)
-        sign = Signal(name="sign")
-        with m.If(magnitude):
-            m.d.comb += sign.eq(1)
-        with m.Elif(select & x_zero):
-            m.d.comb += sign.eq(b.sign)
-        with m.Elif(seed | (scale & (b_up | b_down)) | (select & select_zero)):
-            m.d.comb += sign.eq(0)
-        with m.Else():
-            m.d.comb += sign.eq(a.sign)
         if self._fault == "nan_without_mantissa":        # a forced NaN comes out as Inf
             nan = Const(0, 1)
-        value = Signal(fmt.width, name="value")
-        with m.If(seed):
-            m.d.comb += value.eq(seed_value)
+        ones = (scale & b_nan) | (scale & b_up & ~b_down) | (select & (select_nan | x_zero))
+        zeros = (scale & b_down & ~b_nan) | (select & select_zero & ~select_nan)
+        factor_exponent = Signal(exp_bits, name="factor_exponent")
+        with m.If(ones):
+            m.d.comb += factor_exponent.eq(fmt.exp_max)
+        with m.Elif(zeros):
+            m.d.comb += factor_exponent.eq(0)
+        if self.on_multiplier:
+            # 2^(n-k): its exponent field is b's mantissa field in C's binade, 2^m + 2·mantissa in the next
+            # (exp_polynomial_shift): wiring, no adder.
+            base_field = fmt.bias + fmt.precision - 1
+            low_binade = b.exponent[0] == (base_field & 1)
+            if self._fault == "factor_binade":      # the next binade read as C's
+                low_binade = Const(1, 1)
+            with m.Elif(scale & low_binade):
+                m.d.comb += factor_exponent.eq(b.mantissa)
+            with m.Elif(scale):
+                m.d.comb += factor_exponent.eq(Cat(Const(0, 1), b.mantissa) + (1 << man))
         with m.Else():
-            m.d.comb += value.eq(Cat(
-                kept_mantissa[:man - 1], kept_mantissa[man - 1] | nan,
-                Mux(ones, fmt.exp_max, Mux(zeros, 0, kept_exponent)), sign))
-        m.d.sync += self.result.eq(value)
-        return EnableInserter(self.enable)(m)
+            m.d.comb += factor_exponent.eq(fmt.bias)
+        m.d.comb += self.factor.eq(Cat(Const(0, man - 1), nan, factor_exponent, select & x_zero & b.sign))
+
+        # The result.
+        clamp = a.exponent >= MAGNITUDE_BOUND_EXPONENT + fmt.bias     # NEGATIVE_MAGNITUDE: Inf and NaN too
+        if self._fault == "magnitude_no_clamp":
+            clamp = a.is_inf
+        clamped = magnitude & clamp
+        if self.on_multiplier:
+            overflow = underflow = Const(0, 1)
+            sum_exponent = a.exponent
+        else:
+            exponent = Signal(signed(max(exp_bits, exp_int_bits(fmt)) + 1), name="scale_exponent")
+            m.d.comb += exponent.eq(a.exponent + n)
+            overflow = scale & (exponent >= fmt.exp_max)
+            if self._fault == "scale_no_overflow":
+                overflow = Const(0, 1)
+            underflow = scale & (exponent <= 0)
+            sum_exponent = Mux(scale, exponent[:exp_bits], a.exponent)
+        result_exponent = Signal(exp_bits, name="result_exponent")
+        with m.If(decides):
+            # Where the factor decides (its Inf, zero or NaN), the result is any positive finite nonzero
+            # number: a's exponent field with its top bit cleared and its lowest set (a normal one).
+            m.d.comb += result_exponent.eq(Cat(Const(1, 1), a.exponent[1:exp_bits - 1], Const(0, 1)))
+        with m.Elif(overflow):
+            m.d.comb += result_exponent.eq(fmt.exp_max)
+        with m.Elif(underflow):
+            m.d.comb += result_exponent.eq(0)
+        with m.Elif(clamped):
+            m.d.comb += result_exponent.eq(MAGNITUDE_BOUND_EXPONENT + fmt.bias)
+        with m.Else():
+            m.d.comb += result_exponent.eq(sum_exponent)
+        kept_mantissa = Mux(~decides & (overflow | underflow | clamped), 0, a.mantissa)
+        sign = magnitude | (a.sign & ~decides)
+        with m.If(seed):
+            m.d.comb += self.result.eq(self._rsqrt_seed(a))
+        with m.Else():
+            m.d.comb += self.result.eq(Cat(kept_mantissa, result_exponent, sign))
+        return m

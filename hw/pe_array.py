@@ -305,9 +305,9 @@ class ProcessingElement(wiring.Component):
     enable, hold, use_held, product_uses_b, min_max, is_min, select_or_keep_a, function_sel : In(1)
         Pipeline enable; write the held tile (a beat accepted with ``hold_a``); read ``a`` from it;
         control decoded once for all PEs (input stage: the multiplier's ``b`` is the operand, not 1;
-        comparator stage: op is MIN/MAX, MIN, CMP_SELECT; op is FUNCTION at the stage where the
-        extension's result joins: the comparator stage when the extension answers by then, else the
-        output stage).
+        comparator stage: op is MIN/MAX, MIN, CMP_SELECT; an element-wise FUNCTION beat at the stage where
+        the extension's result joins: the input stage for a combinational extension, the comparator stage
+        when the extension answers by then, else the output stage).
     op : In(ElementwiseOp)
         The op at the input stage (chooses the adder's second element-wise operand).
     function : In(function_bits)
@@ -358,11 +358,26 @@ class ProcessingElement(wiring.Component):
         multiplier = m.submodules.multiplier = FloatMultiplier(fmt=fmt)
         comparator = m.submodules.comparator = FloatCompare(fmt=fmt)
         adder = m.submodules.adder = FloatAdder(fmt=fmt)
+        # ADD, SUB, PASS, CMP_SELECT run a through the multiplier as mul(a, 1) = read(a).
+        multiplier_a = a_lane
+        multiplier_b = Mux(self.product_uses_b, b_lane, one)
+        # A combinational lane extension (latency 0) gives the multiplier's operands of a FUNCTION beat:
+        # its result (and its factor, when it has one, else 1), so FUNCTION is mul(result, factor), then
+        # add(·, −0), like PASS: the extension's results are read as any operand and need no register.
+        extension = self._extension
+        join_at_input = extension is not None and extension.latency == 0
+        if join_at_input:
+            m.submodules.extension = extension
+            m.d.comb += [extension.a.eq(a_lane), extension.b.eq(b_lane)]
+            if "function" in self.signature.members:
+                m.d.comb += extension.function.eq(self.function)
+            multiplier_a = Mux(self.function_sel, extension.result, a_lane)
+            if "factor" in extension.signature.members:
+                multiplier_b = Mux(self.function_sel, extension.factor, multiplier_b)
         m.d.comb += [
             multiplier.enable.eq(self.enable), comparator.enable.eq(self.enable), adder.enable.eq(self.enable),
-            multiplier.a.eq(a_lane),
-            # ADD, SUB, PASS, CMP_SELECT run a through the multiplier as mul(a, 1) = read(a).
-            multiplier.b.eq(Mux(self.product_uses_b, b_lane, one)),
+            multiplier.a.eq(multiplier_a),
+            multiplier.b.eq(multiplier_b),
             comparator.a.eq(a_lane),
             comparator.b.eq(b_lane),
             adder.subtract.eq(0),
@@ -389,12 +404,11 @@ class ProcessingElement(wiring.Component):
         # x is the product unless the op is MIN/MAX (the chosen operand) or CMP_SELECT with
         # a < b (−0); y is the addend unless the op is CMP_SELECT with a >= b (−0). Both
         # alternatives are known at stage C, when the comparator answers.
-        # A lane extension that answers by stage C joins here as x, so its result needs no registers of its
-        # own: FUNCTION's y is −0 and add(x, −0) = x for every contract output (which the extension's
-        # results must be). A slower extension is delayed to the output stage and selected there.
-        extension = self._extension
-        join_at_c = extension is not None and stage_i + extension.latency <= stage_c
-        if extension is not None:
+        # A registered lane extension that answers by stage C joins here as x, so its result needs no
+        # registers of its own: FUNCTION's y is −0 and add(x, −0) = x for every contract output (which the
+        # extension's results must be). A slower extension is delayed to the output stage and selected there.
+        join_at_c = extension is not None and not join_at_input and stage_i + extension.latency <= stage_c
+        if extension is not None and not join_at_input:
             m.submodules.extension = extension
             m.d.comb += [
                 extension.enable.eq(self.enable),
@@ -425,7 +439,7 @@ class ProcessingElement(wiring.Component):
         ]
 
         lane_sum = delayed(adder.result, lat_ew - (stage_s + adder.latency), "lane_result")
-        if extension is not None and not join_at_c:
+        if extension is not None and not join_at_c and not join_at_input:
             extension_result = delayed(extension.result, lat_ew - stage_i - extension.latency, "extension")
             lane_sum = Mux(self.function_sel, extension_result, lane_sum)
         m.d.comb += self.lane_result.eq(lane_sum)
@@ -449,14 +463,16 @@ class PEArray(wiring.Component):
         ``accumulators`` independent accumulation chains (e.g. row tiles of a GEMV) can be interleaved
         at one beat per cycle.
     lane_extension : callable, optional
-        Returns a new :class:`~amaranth.lib.wiring.Component` per lane with ports ``function``
-        (``In(function_bits)``), ``a``, ``b``, ``c`` (``In(width)``), ``enable`` (``In(1)``), ``result``
-        (``Out(width)``) and int attributes ``function_bits`` and ``latency``. Element-wise op
-        ``FUNCTION`` takes each lane's result from its extension (the nonlinear units, issue #4). An
-        extension whose latency is at most the comparator's feeds the adder's ``x`` (with ``y = −0``, an
-        identity on the contract's outputs: its results must be such, canonical NaN and no subnormals),
-        so it needs no registers of its own; a slower one is delayed to the output stage and can
-        return any bits.
+        Returns a new :class:`~amaranth.lib.wiring.Component` per lane with int attributes
+        ``function_bits`` and ``latency``, ports ``function`` (``In(function_bits)``), ``a``, ``b``
+        (``In(width)``) and ``result`` (``Out(width)``), and, by latency: a **combinational** extension
+        (latency 0, the nonlinear units of issues #4 and 13) may have ``factor`` (``Out(width)``); its
+        ``result`` and ``factor`` (else 1) are the multiplier's operands of a ``FUNCTION`` beat, whose
+        result is then ``add(mul(result, factor), −0)``: read as any operands (any NaN, subnormals as
+        zeros), no registers of its own. A registered one (latency ≥ 1) has ``c`` (``In(width)``) and
+        ``enable`` (``In(1)``); at most the comparator's latency, it feeds the adder's ``x`` (with
+        ``y = −0``, an identity on the contract's outputs: its results must be such, canonical NaN and no
+        subnormals); a slower one is delayed to the output stage and can return any bits.
 
     Ports
     -----
@@ -671,7 +687,11 @@ class PEArray(wiring.Component):
         # Whether the lanes take the extension's result: at stage C as the adder's x when the extension
         # answers by then (ProcessingElement), else at the output stage (decoded one stage early and
         # registered).
-        if self._extensions and stage_i + self.extension_latency <= stage_c:
+        if self._extensions and self.extension_latency == 0:
+            # The multiplier's operands come from the extension: element-wise FUNCTION beats only (a linear
+            # beat's op field means nothing).
+            function_sel = (control[stage_i].mode == ArrayMode.ELEMENTWISE) & (op_i == ElementwiseOp.FUNCTION)
+        elif self._extensions and stage_i + self.extension_latency <= stage_c:
             function_sel = op_c == ElementwiseOp.FUNCTION
         else:
             function_sel = registered_early(control[lat_ew - 1].op == ElementwiseOp.FUNCTION, "function_out")

@@ -6,7 +6,7 @@ default; 700,000 gives the 1,050,000-input run of docs/nonlinear.md, ~10 minutes
 as many uniform values in [-40, 100], corner cases, segment edges, range bounds and every binade's ends;
 BF16 (FPGA_SMALL) and FP16 (TINY) on every one of the 65,536 inputs. Each program's every pass is compared
 (tb/nonlinear.py). A lane whose EXP_SCALE forgets its window check, and one whose forced NaNs lack their
-mantissa bit (read as Inf by the array), must fail."""
+mantissa bit (read as Inf by the PE's multiplier), must fail."""
 
 import dataclasses
 import os
@@ -66,8 +66,8 @@ def test_programs_on_array(tmp_path, label):
 @pytest.mark.parametrize("fault", ["scale_window_unchecked", "nan_without_mantissa"])
 def test_broken_lane_is_caught(tmp_path, fault):
     """A lane whose EXP_SCALE forgets the window check of n (exp of x < -22 wraps around instead of
-    flushing to +0), or whose forced NaNs lack their mantissa bit (the array's add(x, -0) then reads exp(NaN)
-    as Inf): exp's last pass must mismatch on a 1x1 FP16 array (every 16th input)."""
+    flushing to +0), or whose forced NaNs lack their mantissa bit (the PE's multiplier then reads the NaN
+    factor of exp(NaN) as Inf): exp's last pass must mismatch on a 1x1 FP16 array (every 16th input)."""
     config = dataclasses.replace(TINY, name="tiny-broken")
     label = f"fp16-broken-{fault}"
     with pytest.raises(AssertionError, match=f"{label}/exp: pass \\d+ \\(FUNCTION, function 0\\)"):

@@ -34,9 +34,9 @@ def test_exp_exact_points(fmt):
     x = torch.tensor([0, fmt.sign_bit, 1, fmt.sign_bit | 1, fmt.inf, fmt.inf | fmt.sign_bit,
                       fmt.canonical_nan, fmt.largest_finite, fmt.largest_finite | fmt.sign_bit])
     out = nl.exp(x, constants).tolist()
-    assert out[:4] == [fmt.one] * 4                       # exp(±0) = exp(±subnormal) = 1 exactly (c0 = 1)
+    assert out[:4] == [fmt.one] * 4                       # exp(±0) = exp(±subnormal) = 1 exactly (c0 = 2^k)
     assert out[4:] == [fmt.inf, 0, fmt.canonical_nan, fmt.inf, 0]
-    assert constants.exp_coefficients[0] == fmt.one
+    assert constants.exp_coefficients[0] == fmt.one + (nl.exp_polynomial_shift(fmt) << fmt.man_bits)
 
 
 def _all_exponents(fmt, count, seed):
@@ -212,7 +212,12 @@ def _lane_vectors(fmt, count, seed):
                             generator=generator).double()
     sums = fp.encode(offsets + fp.decode(torch.tensor([constants.round_constant]), fmt), fmt)
     b = torch.where(torch.rand(count, generator=generator) < 0.6, sums, b)
-    c = fp.random_bits(count, fmt, generator)
+    # Every C + n of the window's two binades (at most 512, evenly spaced), with random a.
+    base = (fmt.bias + fmt.precision - 1) << fmt.man_bits
+    window = base + torch.arange(0, 2 << fmt.man_bits, max(1, (2 << fmt.man_bits) // 512))
+    a = torch.cat([a, fp.random_bits(len(window), fmt, generator)])
+    b = torch.cat([b, window])
+    c = fp.random_bits(len(a), fmt, generator)
     # Around the magnitude bound and powers of two.
     edges = _bits([v * s for v in (0.5, 1.0, 2.0, 64.0, 128.0, 256.0) for s in (1, -1)], fmt)
     nudged = torch.cat([edges, edges + 1, edges - 1])
@@ -222,61 +227,66 @@ def _lane_vectors(fmt, count, seed):
     return a, b, c
 
 
-def _simulate_lane(lane, codes, a, b, c):
+def _simulate_lane(lane, codes, a, b):
+    """The lane's (combinational) outputs ``result`` and ``factor`` for every code and operand pair: two
+    tensors [codes, operands]."""
     out = []
-
-    inputs = [(int(code), x, y, z) for code in codes for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())]
+    inputs = [(int(code), x, y) for code in codes for x, y in zip(a.tolist(), b.tolist())]
 
     async def bench(ctx):
-        # The result of the inputs set before tick t is read after tick t + latency - 1.
-        for index in range(len(inputs) + lane.latency - 1):
-            if index < len(inputs):
-                code, x, y, z = inputs[index]
-                ctx.set(lane.function, code)
-                ctx.set(lane.a, x)
-                ctx.set(lane.b, y)
-                ctx.set(lane.c, z)
-            await ctx.tick()
-            if index >= lane.latency - 1:
-                out.append(ctx.get(lane.result))
+        for code, x, y in inputs:
+            ctx.set(lane.function, code)
+            ctx.set(lane.a, x)
+            ctx.set(lane.b, y)
+            out.append((ctx.get(lane.result), ctx.get(lane.factor)))
 
     simulator = Simulator(lane)
-    simulator.add_clock(1e-6)
     simulator.add_testbench(bench)
     simulator.run()
-    return torch.tensor(out, dtype=torch.int64).reshape(len(codes), -1)
+    result, factor = torch.tensor(out, dtype=torch.int64).reshape(len(codes), -1, 2).unbind(-1)
+    return result, factor
+
+
+def _array_result(lane, codes, a, b):
+    """What the array makes of a FUNCTION beat: the contract's ``mul(result, factor)`` (then ``add(·, -0)``,
+    the identity on contract outputs)."""
+    result, factor = _simulate_lane(lane, codes, a, b)
+    return fp.mul(result, factor, lane.fmt)
 
 
 def _read(bits, fmt):
-    """The contract's read (canonical NaN, subnormals as zeros of their sign): how the array takes the
-    lane's result (its adder's ``add(x, -0)``)."""
     return fp.encode(fp.decode(bits, fmt), fmt)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 def test_lane_matches_golden(fmt):
-    """The lane's result as the array reads it (the contract read: its NaNs may carry any payload, its
-    subnormals stand for signed zeros) equals the golden sub-operation, whose results are contract outputs
-    (read(golden) = golden)."""
+    """The lane's two outputs through the PE's multiplier (``mul(result, factor)``, as the array runs a
+    FUNCTION beat) equal the golden sub-operation, whose results are contract outputs (read(golden) =
+    golden)."""
     lane = FunctionLane(fmt=fmt)
     codes = list(nl.LaneFunction)
     a, b, c = _lane_vectors(fmt, 300, seed=fmt.width + fmt.exp_bits)
-    got = _simulate_lane(lane, codes, a, b, c)
+    got = _array_result(lane, codes, a, b)
     for row, code in zip(got, codes):
         want = nl.lane_function(code, a, b, c, lane.constants)
         assert torch.equal(_read(want, fmt), want), code.name
-        wrong = (_read(row, fmt) != want).nonzero().flatten().tolist()
+        wrong = (row != want).nonzero().flatten().tolist()
         assert not wrong, (f"{code.name}: a={hex(int(a[wrong[0]]))} b={hex(int(b[wrong[0]]))} "
                            f"got {hex(int(row[wrong[0]]))} want {hex(int(want[wrong[0]]))}")
 
 
-@pytest.mark.parametrize("fault", [fault for fault in FAULTS if fault])
-def test_lane_broken_variants_are_caught(fault):
-    fmt = FP16
+# Each broken lane on the format whose datapath it breaks: the field sum and its window in FP16, the
+# multiplier's factor in BF16.
+BROKEN = [(fault, FP16) for fault in FAULTS if fault and fault != "factor_binade"] + \
+    [("factor_binade", BF16), ("result_unforced", BF16)]
+
+
+@pytest.mark.parametrize("fault, fmt", BROKEN, ids=lambda v: getattr(v, "name", v))
+def test_lane_broken_variants_are_caught(fault, fmt):
     lane = FunctionLane(fmt=fmt, _fault=fault)
     codes = list(nl.LaneFunction)
     a, b, c = _lane_vectors(fmt, 300, seed=3)
-    got = _simulate_lane(lane, codes, a, b, c)
-    mismatches = sum(int((_read(row, fmt) != nl.lane_function(code, a, b, c, lane.constants)).sum())
+    got = _array_result(lane, codes, a, b)
+    mismatches = sum(int((row != nl.lane_function(code, a, b, c, lane.constants)).sum())
                      for row, code in zip(got, codes))
     assert mismatches > 0

@@ -223,12 +223,15 @@ def test_golden_gemv_is_close_to_float_reference():
     assert torch.allclose(fp.decode(bits, FP32), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_real_nonlinear_lane_extension_plugs_in():
-    """The nonlinear units (issue #4) as the lane extension: FUNCTION beats give their golden results."""
-    from marca.config import TINY
+@pytest.mark.parametrize("preset", ["TINY", "FPGA_SMALL"])
+def test_real_nonlinear_lane_extension_plugs_in(preset):
+    """The nonlinear units (issue #4) as the lane extension: FUNCTION beats give their golden results
+    (FP16: EXP_SCALE's field sum in the lane; BF16: its factor on the PE's multiplier)."""
+    from marca import config as presets
     from marca.golden.nonlinear import LaneFunction, constants_for, lane_function
     from marca.hw.nonlinear import FunctionLane
-    constants = constants_for(TINY)
+    config = getattr(presets, preset)
+    constants = constants_for(config)
 
     def extension(function, a, b, c, fmt):
         out = torch.zeros_like(a)
@@ -236,7 +239,7 @@ def test_real_nonlinear_lane_extension_plugs_in():
             out = torch.where(function == int(code), lane_function(code, a, b, c, constants), out)
         return out
 
-    dut = PEArray(rows=2, cols=2, fmt=TINY.compute_format, lane_extension=FunctionLane.factory(TINY))
+    dut = PEArray(rows=2, cols=2, fmt=config.compute_format, lane_extension=FunctionLane.factory(config))
     beats = random_beats(rows=2, cols=2, fmt=dut.fmt, count=80, generator=torch.Generator().manual_seed(9),
                          function_bits=dut.function_bits, slots=dut.accumulators, linear_share=0.2)
     beats["op"] = torch.where(torch.rand(len(beats["op"])) < 0.6, int(ElementwiseOp.FUNCTION), beats["op"])
