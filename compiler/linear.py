@@ -131,7 +131,7 @@ def _few_tokens(area: WeightArea, rows, chunks, tokens: int) -> bool:
     rounds to hide the array's latency (a decode step's LINEARs)."""
     (j_lo, j_hi), (k_lo, k_hi) = rows, chunks
     count, tiles = k_hi - k_lo, j_hi - j_lo
-    if count > area.half_lines:
+    if count > area.half_lines or tiles < 1:
         return False
     J = min(tiles, area.half_lines // count)
     last = tiles % J or J          # the last group's tiles
