@@ -127,13 +127,13 @@ def _log(message: str) -> None:
 
 # nextpnr's placer and router unless ``--nextpnr-opts`` names its own: on the accelerator, the analytic
 # "static" placer left 20-25 % less wire than the default HeAP placer, with a 5-10 % better Fmax
-# estimate, and router2 gets much further than router1 in the same time (docs/fpga.md, "Measured").
+# estimate (docs/fpga.md, "Measured"). fpga-small routes only just on the 85F: with router2, whether it
+# routes depended on the seed (83a8e08: seed 2; f701834: seed 7 only); the RTL of b893754 (the
+# FunctionLane in front of the multiplier) routes with none of seeds 7, 8, 9 under router2 (its overuse
+# stalls at 500-1,000 wires) and with router1 and seed 7 in 518 s at 67.7 MHz. Another RTL can want
+# another seed or router (``--seed``, ``--nextpnr-opts "--router router2"``).
 DEFAULT_PLACER = "static"
-DEFAULT_ROUTER = "router2"
-# fpga-small routes only just on the 85F, so whether it routes depends on the placement: at commit 83a8e08
-# seed 2 routed (seed 1 left router2 stuck); the current RTL did not route with seeds 2 and 6 (nor an
-# earlier one with 3, 4, 5) and routes with seed 7 (51.5 MHz; docs/fpga.md, "Measured numbers"). Another RTL
-# can want another seed.
+DEFAULT_ROUTER = "router1"
 DEFAULT_SEED = 7
 
 
@@ -143,8 +143,8 @@ def nextpnr_options(*, seed: int, extra: str = "") -> str:
     options = ["--report report.json", "--timing-allow-fail", f"--seed {seed}"]
     if "--placer" not in extra:
         options.append(f"--placer {DEFAULT_PLACER}")
-    if "--router" not in extra.replace("--router2", ""):
-        options.append(f"--router {DEFAULT_ROUTER}")
+    if "--router" not in extra.replace("--router2", ""):       # router2's own options ask for router2
+        options.append(f"--router {'router2' if '--router2-' in extra else DEFAULT_ROUTER}")
     return " ".join(options + ([extra] if extra else []))
 
 

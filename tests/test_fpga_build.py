@@ -106,10 +106,10 @@ def test_placement_estimate_warning(tmp_path, capsys):
 
 def test_nextpnr_options():
     assert build.nextpnr_options(seed=3) == ("--report report.json --timing-allow-fail --seed 3 "
-                                             "--placer static --router router2")
+                                             "--placer static --router router1")
     # A placer or router named by the user replaces the default instead of being given twice.
-    chosen = build.nextpnr_options(seed=1, extra="--placer heap --router router1")
-    assert chosen.count("--placer") == 1 and chosen.count("--router ") == 1 and chosen.endswith("router1")
+    chosen = build.nextpnr_options(seed=1, extra="--placer heap --router router2")
+    assert chosen.count("--placer") == 1 and chosen.count("--router ") == 1 and chosen.endswith("router2")
     assert "--router router2 --router2-heatmap h" in build.nextpnr_options(seed=1, extra="--router2-heatmap h")
 
 
