@@ -243,7 +243,11 @@ class FunctionLane(wiring.Component):
                 m.d.comb += factor_exponent.eq(Cat(Const(0, 1), b.mantissa) + (1 << man))
         with m.Else():
             m.d.comb += factor_exponent.eq(fmt.bias)
-        m.d.comb += self.factor.eq(Cat(Const(0, man - 1), nan, factor_exponent, select & x_zero & b.sign))
+        # Named: the factor's bits cross into the PE by their own names (an unnamed one would be a numbered
+        # port, a different module for every lane to the Verilog deduplication).
+        factor_nan, factor_sign = Signal(name="factor_nan"), Signal(name="factor_sign")
+        m.d.comb += [factor_nan.eq(nan), factor_sign.eq(select & x_zero & b.sign)]
+        m.d.comb += self.factor.eq(Cat(Const(0, man - 1), factor_nan, factor_exponent, factor_sign))
 
         # The result.
         clamp = a.exponent >= MAGNITUDE_BOUND_EXPONENT + fmt.bias     # NEGATIVE_MAGNITUDE: Inf and NaN too

@@ -104,10 +104,11 @@ class _FakeSession:
 
 
 def test_iss_model_drives_one_session_per_sequence(monkeypatch):
-    calls, compiled_with = [], []
+    calls, compiled_with, sessions_with = [], [], []
 
     class _Compiled:
-        def session(self):
+        def session(self, **options):
+            sessions_with.append(options)
             return _FakeSession(calls)
 
     def fake_compile(model, mamba_config, config, *, prompt_length, logits):
@@ -121,6 +122,9 @@ def test_iss_model_drives_one_session_per_sequence(monkeypatch):
     logits, sessions = forward(torch.tensor([[1, 2, 3], [4, 5, 6]]), None)
     assert logits.shape == (2, 3, 256) and logits.dtype == torch.float32
     assert logits[1, :, 0].tolist() == [4.0, 5.0, 6.0] and len(sessions) == 2
+    # tiny (16-bit formats) replays: both sessions share one dict of traces.
+    assert [options["replay"] for options in sessions_with] == [True, True]
+    assert sessions_with[0]["traces"] is sessions_with[1]["traces"]
     logits, sessions = forward(torch.tensor([[7], [8]]), sessions)
     assert logits[:, 0, 0].tolist() == [-7.0, -8.0]
     assert calls == [("prefill", [1, 2, 3]), ("prefill", [4, 5, 6]), ("decode", 7), ("decode", 8)]
