@@ -33,11 +33,14 @@ from marca import isa
 from marca.isa import Buffer, LinearInit
 
 from . import fp
+from .iss import _NONLINEAR_GOLDEN, access_indices
 
 __all__ = ["Trace"]
 
 _LOAD, _STORE, _GATHER, _LINEAR, _ELEMENTWISE, _NONLINEAR = range(6)
 _FIELDS = 12
+_WRITES = {_LOAD: 1, _GATHER: 0, _LINEAR: 2, _ELEMENTWISE: 0, _NONLINEAR: 1}
+"""Which index array of a lowered instruction holds the buffer elements it writes."""
 
 
 @intrinsic
@@ -107,14 +110,14 @@ def _replay(sequence, meta, pool, memory, values, load, nonlinear, rounding, enc
     for step in range(sequence.shape[0]):
         row = meta[sequence[step]]
         kind, base, n = row[0], row[1], row[2]
-        if kind == _LOAD:
-            size, f = row[3], row[4]
+        if kind == _LOAD:                       # 16-bit formats: 2-byte memory elements
+            f = row[4]
             for e in range(n):
                 address = pool[base + e]
                 bits = np.int64(memory[address]) | (np.int64(memory[address + 1]) << 8)
                 values[pool[base + n + e]] = load[f, bits]
         elif kind == _STORE:
-            size, f = row[3], row[4]
+            f = row[4]
             for e in range(n):
                 value = _round(values[pool[base + e]], rounding[f, 0], rounding[f, 1], rounding[f, 2])
                 bits = _encode(value, encoding[f, 0], encoding[f, 1], encoding[f, 2], encoding[f, 3],
@@ -202,7 +205,6 @@ def _replay(sequence, meta, pool, memory, values, load, nonlinear, rounding, enc
 
 
 def _indices(access: isa.BufferAccess, bases: dict) -> np.ndarray:
-    from .iss import access_indices
     return (access_indices(access) + bases[access.buffer]).numpy()
 
 
@@ -212,7 +214,6 @@ class Trace:
     instructions)."""
 
     def __init__(self, config, instructions, counters: dict):
-        from .iss import _NONLINEAR_GOLDEN
         formats = (config.storage_format, config.compute_format)
         for name, fmt in zip(("storage_format", "compute_format"), formats):
             if fmt.width != 16:
@@ -253,9 +254,9 @@ class Trace:
                     rows.append(row)
                     pool.extend(parts)
                     size += sum(len(p) for p in parts)
-                    largest = max(largest, self._work(row))
-                    for target in self._targets(row, parts):
-                        written[target] = True
+                    largest = max(largest, row[2])       # results held until all are computed
+                    if row[0] in _WRITES:
+                        written[parts[_WRITES[row[0]]]] = True
             if ids[key] >= 0:
                 sequence.append(ids[key])
         self._instructions = instructions          # ids stay valid while the objects live
@@ -300,7 +301,6 @@ class Trace:
             row[2:9] = [T * J * config.array_rows, T, J, K, config.array_rows, config.array_cols, int(has_bias)]
             return row, parts
         if isinstance(i, isa.Elementwise):
-            from .iss import access_indices
             accesses = {a.name: a for a in isa.buffer_accesses(i, config)}
             C = config.array_cols
             lane = np.arange(lanes)
@@ -327,24 +327,6 @@ class Trace:
         if isinstance(i, (isa.Barrier, isa.Halt)):
             return None, None
         raise ValueError(f"replay cannot lower {type(i).__name__}")
-
-    @staticmethod
-    def _work(row) -> int:
-        """Scratch values an instruction needs (results held until all are computed)."""
-        return row[2]
-
-    @staticmethod
-    def _targets(row, parts):
-        kind = row[0]
-        if kind in (_LOAD,):
-            return [parts[1]]
-        if kind in (_GATHER, _ELEMENTWISE):
-            return [parts[0]]
-        if kind == _LINEAR:
-            return [parts[2]]
-        if kind == _NONLINEAR:
-            return [parts[1]]
-        return []
 
     def run(self, machine) -> dict:
         """Replay the program on ``machine`` (a :class:`marca.golden.iss.Machine` on the CPU, just
